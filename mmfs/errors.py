@@ -1,0 +1,101 @@
+"""The exceptions of mmfs, each knowing how it surfaces to a user.
+
+Every layer raises the most specific child of :class:`MmfsError`; the FUSE adapter turns
+it into ``errno``, the HTTP servers into ``status`` with the message as the body, the CLI
+into a one-line message and a non-zero exit::
+
+    MmfsError
+    ├── InvalidName          malformed repo id, revision or path       EINVAL / 400
+    ├── NotFound             unknown repo, revision or file            ENOENT / 404
+    │   ├── RepoNotFound
+    │   ├── RevisionNotFound
+    │   └── EntryNotFound
+    ├── AccessDenied         gated or private repo without a token     EACCES / 403
+    ├── UpstreamError        upstream or backend failed for good       EIO    / 502
+    │   └── TransientError   timeouts, resets, 5xx, 429: worth a retry EAGAIN / 503
+    ├── IntegrityError       bytes that fail their hash                EIO    / 502
+    └── CacheError           the local cache cannot store or read      EIO    / 500
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class MmfsError(Exception):
+    """Base of every error mmfs raises on purpose."""
+
+    errno: int = _errno.EIO
+    status: int = 500
+    #: The Hub's ``X-Error-Code`` for this error, when the Hub has one.
+    hub_code: str | None = None
+
+
+class InvalidName(MmfsError):
+    errno = _errno.EINVAL
+    status = 400
+
+
+class NotFound(MmfsError):
+    errno = _errno.ENOENT
+    status = 404
+
+
+class RepoNotFound(NotFound):
+    hub_code = "RepoNotFound"
+
+
+class RevisionNotFound(NotFound):
+    hub_code = "RevisionNotFound"
+
+
+class EntryNotFound(NotFound):
+    hub_code = "EntryNotFound"
+
+
+class AccessDenied(MmfsError):
+    errno = _errno.EACCES
+    status = 403
+    hub_code = "GatedRepo"
+
+
+class UpstreamError(MmfsError):
+    errno = _errno.EIO
+    status = 502
+
+
+class TransientError(UpstreamError):
+    errno = _errno.EAGAIN
+    status = 503
+
+
+class IntegrityError(MmfsError):
+    errno = _errno.EIO
+    status = 502
+
+
+class CacheError(MmfsError):
+    errno = _errno.EIO
+    status = 500
+
+
+_BY_HUB_CODE: dict[str, type[MmfsError]] = {
+    cls.hub_code: cls
+    for cls in (RepoNotFound, RevisionNotFound, EntryNotFound, AccessDenied)
+    if cls.hub_code
+}
+
+
+def from_http(status: int, message: str, hub_code: str | None = None) -> MmfsError:
+    """Map an HTTP answer from the Hub or a backend to the most specific error."""
+    if hub_code in _BY_HUB_CODE:
+        return _BY_HUB_CODE[hub_code](message)
+    if status == 400:
+        return InvalidName(message)
+    if status in (401, 403):
+        return AccessDenied(message)
+    if status == 404:
+        return NotFound(message)
+    if status == 429 or status >= 500:
+        return TransientError(message)
+    return UpstreamError(message)

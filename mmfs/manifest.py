@@ -1,0 +1,152 @@
+"""What a commit of a model repo holds: every file with its size, content hash and chunking.
+
+A manifest is immutable once made (a commit never changes), so nodes cache it forever and
+ship it over the wire as JSON. Chunks are named by the file's *content* hash, not its path
+or commit: identical files across revisions share their cached chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .names import RepoRef
+
+#: Default chunk size: small enough that the first tensor of a cold file arrives after one
+#: short upstream request, big enough that per-request overhead stays a few percent.
+DEFAULT_CHUNK_SIZE = 4 << 20
+MANIFEST_FORMAT = 1
+
+SHA256 = "sha256"  # LFS files: the Hub's X-Linked-Etag
+GIT_SHA1 = "git-sha1"  # regular files: the git blob id
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkKey:
+    """Chunk ``index`` of the content ``content_id`` cut into ``chunk_size`` pieces."""
+
+    content_id: str
+    chunk_size: int
+    index: int
+
+    def encode(self) -> bytes:
+        return f"{self.content_id}:{self.chunk_size}:{self.index}".encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "ChunkKey":
+        content_id, chunk_size, index = raw.decode().rsplit(":", 2)
+        return cls(content_id, int(chunk_size), int(index))
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One file of a commit."""
+
+    path: str
+    size: int
+    hash_algo: str  # SHA256 or GIT_SHA1
+    hash: str  # lowercase hex
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    @property
+    def is_lfs(self) -> bool:
+        return self.hash_algo == SHA256
+
+    @property
+    def content_id(self) -> str:
+        return f"{self.hash_algo}-{self.hash}"
+
+    @property
+    def chunk_count(self) -> int:
+        return (self.size + self.chunk_size - 1) // self.chunk_size
+
+    def chunk_key(self, index: int) -> ChunkKey:
+        return ChunkKey(self.content_id, self.chunk_size, index)
+
+    def chunk_span(self, index: int) -> tuple[int, int]:
+        """Byte range ``[start, end)`` of chunk ``index``."""
+        if not 0 <= index < self.chunk_count:
+            raise IndexError(f"chunk {index} out of range for {self.path} ({self.chunk_count} chunks)")
+        start = index * self.chunk_size
+        return start, min(start + self.chunk_size, self.size)
+
+    def chunks_for(self, offset: int, length: int) -> range:
+        """Indices of the chunks covering ``[offset, offset+length)`` clipped to the file."""
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return range(0)
+        return range(offset // self.chunk_size, (end - 1) // self.chunk_size + 1)
+
+    def new_hasher(self) -> "hashlib._Hash":
+        """A hasher that, fed the whole content, must end in :attr:`hash`."""
+        if self.hash_algo == SHA256:
+            return hashlib.sha256()
+        hasher = hashlib.sha1()
+        hasher.update(b"blob %d\0" % self.size)
+        return hasher
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "hash_algo": self.hash_algo, "hash": self.hash,
+                "chunk_size": self.chunk_size}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "FileEntry":
+        return cls(data["path"], int(data["size"]), data["hash_algo"], data["hash"], int(data["chunk_size"]))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Every file of ``repo`` at ``commit``, sorted by path."""
+
+    repo: RepoRef
+    commit: str
+    files: tuple[FileEntry, ...]
+    _by_path: dict[str, FileEntry] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_path", {f.path: f for f in self.files})
+
+    def file(self, path: str) -> FileEntry | None:
+        return self._by_path.get(path)
+
+    def directories(self) -> Iterator[str]:
+        """Every directory implied by the file paths (not the root)."""
+        seen: set[str] = set()
+        for entry in self.files:
+            parts = entry.path.split("/")[:-1]
+            for depth in range(1, len(parts) + 1):
+                directory = "/".join(parts[:depth])
+                if directory not in seen:
+                    seen.add(directory)
+                    yield directory
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "provider": self.repo.provider,
+            "repo": self.repo.repo_id,
+            "commit": self.commit,
+            "files": [f.to_json() for f in self.files],
+        }
+
+    def dumps(self) -> bytes:
+        return json.dumps(self.to_json(), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Manifest":
+        from .names import parse_repo_id
+
+        if data.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"unsupported manifest format {data.get('format')!r}")
+        files = tuple(sorted((FileEntry.from_json(f) for f in data["files"]), key=lambda f: f.path))
+        return cls(parse_repo_id(data["repo"], data["provider"]), data["commit"], files)
+
+    @classmethod
+    def loads(cls, raw: bytes) -> "Manifest":
+        return cls.from_json(json.loads(raw))

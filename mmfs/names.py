@@ -1,0 +1,95 @@
+"""Validation of the names users hand us: providers, repo ids, revisions, file paths.
+
+Everything that becomes a URL, a directory or an LMDB key passes through here first, so
+``..``, absolute paths, NUL bytes and over-long names are refused with
+:class:`~mmfs.errors.InvalidName` before they reach the network or the disk.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import InvalidName
+
+PROVIDERS = ("huggingface",)
+#: Longest single path component Linux accepts (NAME_MAX) and longest path (PATH_MAX).
+NAME_MAX = 255
+PATH_MAX = 4096
+#: The Hub caps each half of a repo id at 96 characters.
+REPO_PART_MAX = 96
+
+_REPO_PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?$")
+_REVISION = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9._/-]*$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True, slots=True)
+class RepoRef:
+    """A model repository: ``huggingface/<org>/<name>``."""
+
+    provider: str
+    org: str
+    name: str
+
+    @property
+    def repo_id(self) -> str:
+        return f"{self.org}/{self.name}"
+
+    def __str__(self) -> str:
+        return f"{self.provider}/{self.org}/{self.name}"
+
+
+def check_provider(provider: str) -> str:
+    if provider not in PROVIDERS:
+        raise InvalidName(f"unknown provider {provider!r} (known: {', '.join(PROVIDERS)})")
+    return provider
+
+
+def check_repo_part(part: str, what: str = "repo name") -> str:
+    if "\0" in part:
+        raise InvalidName(f"{what} contains a NUL byte")
+    if len(part) > REPO_PART_MAX:
+        raise InvalidName(f"{what} is longer than {REPO_PART_MAX} characters")
+    if not _REPO_PART.match(part) or ".." in part or "--" in part:
+        raise InvalidName(f"invalid {what} {part!r}: use letters, digits, '-', '_' and '.'")
+    return part
+
+
+def parse_repo_id(repo_id: str, provider: str = "huggingface") -> RepoRef:
+    """Parse ``org/name`` into a :class:`RepoRef`."""
+    parts = repo_id.split("/")
+    if len(parts) != 2:
+        raise InvalidName(f"invalid repo id {repo_id!r}: expected <org>/<name>")
+    return RepoRef(check_provider(provider), check_repo_part(parts[0], "organisation"), check_repo_part(parts[1]))
+
+
+def check_revision(revision: str) -> str:
+    """A branch, tag or commit as the Hub accepts it (``refs/pr/1`` included)."""
+    if "\0" in revision:
+        raise InvalidName("revision contains a NUL byte")
+    if not revision or len(revision) > NAME_MAX:
+        raise InvalidName(f"revision must be 1 to {NAME_MAX} characters")
+    if not _REVISION.match(revision) or ".." in revision.split("/") or "//" in revision or revision.endswith("/"):
+        raise InvalidName(f"invalid revision {revision!r}")
+    return revision
+
+
+def is_commit(revision: str) -> bool:
+    return bool(_COMMIT.match(revision))
+
+
+def check_path(path: str) -> str:
+    """A file path inside a repo: relative, no ``.``/``..`` components, no NUL, bounded."""
+    if "\0" in path:
+        raise InvalidName("path contains a NUL byte")
+    if not path or len(path.encode()) > PATH_MAX:
+        raise InvalidName(f"path must be 1 to {PATH_MAX} bytes")
+    if path.startswith("/"):
+        raise InvalidName(f"path {path!r} is absolute; paths are relative to the repo")
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            raise InvalidName(f"invalid path {path!r}: empty, '.' or '..' component")
+        if len(part.encode()) > NAME_MAX:
+            raise InvalidName(f"path component longer than {NAME_MAX} bytes in {path[:64]!r}…")
+    return path
