@@ -27,8 +27,12 @@ class MmfsError(Exception):
 
     errno: int = _errno.EIO
     status: int = 500
-    #: The Hub's ``X-Error-Code`` for this error, when the Hub has one.
-    hub_code: str | None = None
+
+    @classmethod
+    def code(cls) -> str:
+        """The ``X-Error-Code`` header value: the Hub's own codes where it has one, else
+        the class name, so a node maps a backend's error back to the same class."""
+        return cls.__name__
 
 
 class InvalidName(MmfsError):
@@ -42,21 +46,24 @@ class NotFound(MmfsError):
 
 
 class RepoNotFound(NotFound):
-    hub_code = "RepoNotFound"
+    pass
 
 
 class RevisionNotFound(NotFound):
-    hub_code = "RevisionNotFound"
+    pass
 
 
 class EntryNotFound(NotFound):
-    hub_code = "EntryNotFound"
+    pass
 
 
 class AccessDenied(MmfsError):
     errno = _errno.EACCES
     status = 403
-    hub_code = "GatedRepo"
+
+    @classmethod
+    def code(cls) -> str:
+        return "GatedRepo"
 
 
 class UpstreamError(MmfsError):
@@ -79,17 +86,17 @@ class CacheError(MmfsError):
     status = 500
 
 
-_BY_HUB_CODE: dict[str, type[MmfsError]] = {
-    cls.hub_code: cls
-    for cls in (RepoNotFound, RevisionNotFound, EntryNotFound, AccessDenied)
-    if cls.hub_code
+_BY_CODE: dict[str, type[MmfsError]] = {
+    cls.code(): cls
+    for cls in (MmfsError, InvalidName, NotFound, RepoNotFound, RevisionNotFound, EntryNotFound,
+                AccessDenied, UpstreamError, TransientError, IntegrityError, CacheError)
 }
 
 
-def from_http(status: int, message: str, hub_code: str | None = None) -> MmfsError:
-    """Map an HTTP answer from the Hub or a backend to the most specific error."""
-    if hub_code in _BY_HUB_CODE:
-        return _BY_HUB_CODE[hub_code](message)
+def from_http(status: int, message: str, code: str | None = None) -> MmfsError:
+    """Map an HTTP answer (status, body message, ``X-Error-Code``) to the most specific error."""
+    if code in _BY_CODE:
+        return _BY_CODE[code](message)
     if status == 400:
         return InvalidName(message)
     if status in (401, 403):
@@ -99,3 +106,17 @@ def from_http(status: int, message: str, hub_code: str | None = None) -> MmfsErr
     if status == 429 or status >= 500:
         return TransientError(message)
     return UpstreamError(message)
+
+
+def first_error(group: BaseExceptionGroup) -> MmfsError | None:
+    """The first :class:`MmfsError` in a (nested) exception group from a nursery, if any.
+
+    Readers that fan out over chunks want one errno, not a group."""
+    for exc in group.exceptions:
+        if isinstance(exc, MmfsError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = first_error(exc)
+            if found is not None:
+                return found
+    return None

@@ -1,0 +1,411 @@
+"""The fetch engine: "chunk k of file F at commit C" into verified bytes.
+
+One engine, two deployments. The node daemon runs it with the backend as its remote (or,
+embedded, the Hub); the backend server runs it with the Hub as its remote. For each
+chunk it asks the tiers in order (memory, then disk), then the remote, and writes what it
+found back into the faster tiers::
+
+    read_chunk ─▶ memory ─▶ disk ─▶ remote (single-flight, capped concurrency)
+                   ▲          ▲          │ blake3 checked against the remote's digest
+                   └──────────┴──────────┘ write-back
+
+Verification. A chunk from a remote that vouches for a blake3 digest is checked against
+it. A whole file is checked against its upstream hash (LFS sha256 or git blob id) by
+hashing chunks in order as they arrive; a file's *last* chunk is held back until that
+check passes, so a reader of a whole file never completes on corrupted bytes. On a
+mismatch every tier forgets the file and readers get :class:`IntegrityError` (EIO).
+When the remote is a backend, it does the whole-file check and holds the tail back
+itself (``Remote.verifies_files``).
+
+Use it as an async context manager: it owns a nursery in which fetches run, so a reader
+that is cancelled never cancels a fetch other readers wait on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Sequence
+
+import blake3
+import trio
+
+from .errors import CacheError, IntegrityError, MmfsError, NotFound, first_error
+from .manifest import ChunkKey, FileEntry, Manifest
+from .metadata import MetadataStore
+from .names import RepoRef, is_commit
+from .remote.base import FetchedChunk, FileSource, Remote
+from .singleflight import SingleFlight
+from .tiers.base import ChunkTier, TierStatistics
+
+log = logging.getLogger(__name__)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    #: Chunks fetched from the remote at once, across all files.
+    max_concurrent_fetches: int = 16
+    #: Seconds a branch or tag resolution is trusted before asking the remote again.
+    ref_ttl: float = 30.0
+    #: Never ask the remote to resolve a revision; use what the metadata DB remembers.
+    offline: bool = False
+    #: Who holds chunks in memory, recorded per file (``POD_NAME``, else the host name).
+    holder: str = ""
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> "EngineConfig":
+        defaults = {"offline": _env_flag("HF_HUB_OFFLINE"),
+                    "holder": os.environ.get("POD_NAME") or socket.gethostname()}
+        return cls(**{**defaults, **overrides})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStatistics:
+    remote_fetches: int
+    remote_bytes: int
+    coalesced: int
+    inflight: int
+    integrity_failures: int
+    files_verified: int
+    tiers: tuple[TierStatistics, ...]
+
+
+class _FileHash:
+    """Whole-file hash of one content, advanced as chunks arrive in order."""
+
+    def __init__(self, entry: FileEntry) -> None:
+        self.hasher = entry.new_hasher()
+        self.next_index = 0
+        self.lock = trio.Lock()
+
+
+class FetchEngine:
+    def __init__(self, tiers: Sequence[ChunkTier], remote: Remote, metadata: MetadataStore | None = None,
+                 config: EngineConfig = EngineConfig()) -> None:
+        self.tiers = list(tiers)
+        self.remote = remote
+        self.metadata = metadata
+        self.config = config
+        self._fetch_limiter = trio.CapacityLimiter(config.max_concurrent_fetches)
+        self._chunk_flights: SingleFlight[ChunkKey, bytes] = SingleFlight()
+        self._meta_flights: SingleFlight[tuple, object] = SingleFlight()
+        self._refs: dict[tuple[RepoRef, str], tuple[str, float]] = {}
+        self._manifests: dict[tuple[RepoRef, str], Manifest] = {}
+        self._file_hashes: dict[str, _FileHash] = {}
+        self._verified: set[str] = set()
+        self._recorded: set[str] = set()
+        self._nursery: trio.Nursery | None = None
+        self._nursery_cm: trio.Nursery | None = None
+        self._remote_fetches = self._remote_bytes = self._integrity_failures = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> "FetchEngine":
+        self._nursery_cm = trio.open_nursery()
+        self._nursery = await self._nursery_cm.__aenter__()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool | None:
+        assert self._nursery is not None and self._nursery_cm is not None
+        self._nursery.cancel_scope.cancel()
+        try:
+            return await self._nursery_cm.__aexit__(exc_type, exc, tb)
+        finally:
+            self._nursery = None
+            for tier in self.tiers:
+                await tier.aclose()
+            await self.remote.aclose()
+            if self.metadata is not None:
+                self.metadata.close()
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise RuntimeError("FetchEngine used outside 'async with'")
+        return self._nursery
+
+    # -- revisions and manifests --------------------------------------------------------
+
+    async def resolve(self, repo: RepoRef, revision: str, *, auth: str | None = None) -> str:
+        """The commit ``revision`` names now; branches are re-checked after ``ref_ttl``.
+
+        When the remote cannot be reached (or in offline mode) the last commit the
+        metadata DB remembers is used, so warm nodes keep working without a backend.
+        """
+        if is_commit(revision):
+            return revision
+        cached = self._refs.get((repo, revision))
+        if cached and time.monotonic() - cached[1] < self.config.ref_ttl:
+            return cached[0]
+        remembered = self.metadata.get_ref(repo, revision) if self.metadata else None
+        if self.config.offline:
+            if remembered is None:
+                raise NotFound(f"{repo}@{revision} is not in the local cache and HF_HUB_OFFLINE is set")
+            return remembered.commit
+
+        async def ask_remote() -> str:
+            return await self.remote.resolve(repo, revision, auth=auth)
+
+        try:
+            commit = await self._meta_flights.run(("resolve", repo, revision, auth), ask_remote, self.nursery)
+        except NotFound:
+            raise
+        except MmfsError as exc:
+            if remembered is None:
+                raise
+            log.warning("cannot resolve %s@%s (%s); using last known commit %s", repo, revision, exc,
+                        remembered.commit)
+            return remembered.commit
+        assert isinstance(commit, str)
+        self._refs[(repo, revision)] = (commit, time.monotonic())
+        if self.metadata and (remembered is None or remembered.commit != commit):
+            if remembered is not None:
+                log.info("%s@%s moved from %s to %s", repo, revision, remembered.commit, commit)
+            await trio.to_thread.run_sync(self.metadata.put_ref, repo, revision, commit)
+        return commit
+
+    async def manifest(self, repo: RepoRef, revision: str, *, auth: str | None = None) -> Manifest:
+        """The manifest of the commit ``revision`` resolves to (cached for good per commit)."""
+        commit = await self.resolve(repo, revision, auth=auth)
+        found = self._manifests.get((repo, commit))
+        if found is not None:
+            return found
+        if self.metadata is not None:
+            found = self.metadata.get_manifest(repo, commit)
+        if found is None:
+            async def ask_remote() -> Manifest:
+                manifest = await self.remote.manifest(repo, commit, auth=auth)
+                if self.metadata is not None:
+                    await trio.to_thread.run_sync(self.metadata.put_manifest, manifest)
+                return manifest
+
+            found = await self._meta_flights.run(("manifest", repo, commit, auth), ask_remote, self.nursery)
+        assert isinstance(found, Manifest)
+        self._manifests[(repo, commit)] = found
+        return found
+
+    def known_manifests(self) -> list[Manifest]:
+        return list(self._manifests.values())
+
+    # -- chunks -------------------------------------------------------------------------
+
+    async def read(self, source: FileSource, offset: int, size: int, *, auth: str | None = None) -> bytes:
+        """Bytes ``[offset, offset+size)`` of a file, short only at end of file."""
+        entry = source.entry
+        indices = entry.chunks_for(offset, size)
+        if not indices:
+            return b""
+        end = min(offset + size, entry.size)
+        if len(indices) == 1:
+            data = await self.read_chunk(source, indices[0], auth=auth)
+            base = indices[0] * entry.chunk_size
+            return data[offset - base:end - base]
+        parts: dict[int, bytes] = {}
+
+        async def fetch(index: int) -> None:
+            parts[index] = await self.read_chunk(source, index, auth=auth)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for index in indices:
+                    nursery.start_soon(fetch, index)
+        except BaseExceptionGroup as group:
+            error = first_error(group)
+            if error is None:
+                raise
+            raise error from None
+        whole = b"".join(parts[i] for i in indices)
+        base = indices[0] * entry.chunk_size
+        return whole[offset - base:end - base]
+
+    async def read_chunk(self, source: FileSource, index: int, *, auth: str | None = None) -> bytes:
+        """Chunk ``index`` of ``source``, verified; a file's last chunk only once the file is."""
+        data = await self._chunk(source, index, auth)
+        entry = source.entry
+        if index == entry.chunk_count - 1 and not self.remote.verifies_files:
+            await self._verify_file(source, auth)
+        return data
+
+    def prefetch(self, source: FileSource, indices: range, *, auth: str | None = None) -> None:
+        """Start fetching chunks in the background; errors surface when they are read."""
+        for index in indices:
+            key = source.entry.chunk_key(index)
+            if key in self._chunk_flights or self.tiers and self.tiers[0].peek(key) is not None:
+                continue
+            self._chunk_flights.start(key, lambda i=index: self._load(source, i, auth), self.nursery)
+
+    async def _chunk(self, source: FileSource, index: int, auth: str | None) -> bytes:
+        key = source.entry.chunk_key(index)
+        if self.tiers:
+            data = await self.tiers[0].get(key)
+            if data is not None:
+                return data
+        return await self._chunk_flights.run(key, lambda: self._load(source, index, auth), self.nursery)
+
+    async def _load(self, source: FileSource, index: int, auth: str | None) -> bytes:
+        """Find a chunk below the first tier, or fetch it; write it back to faster tiers."""
+        key = source.entry.chunk_key(index)
+        for depth, tier in enumerate(self.tiers):
+            if depth == 0:
+                continue  # the caller already missed it
+            data = await tier.get(key)
+            if data is not None:
+                await self._store(key, data, self.tiers[:depth])
+                await self._advance_hash(source, index, data)
+                return data
+        data = await self._fetch(source, index, auth)
+        await self._store(key, data, self.tiers)
+        await self._advance_hash(source, index, data)
+        return data
+
+    async def _fetch(self, source: FileSource, index: int, auth: str | None) -> bytes:
+        start, end = source.entry.chunk_span(index)
+        async with self._fetch_limiter:
+            try:
+                fetched = await self.remote.fetch_chunk(source, index, auth=auth)
+            except IntegrityError:
+                await self._forget(source.entry, "the remote reported a failed verification")
+                raise
+        if len(fetched.data) != end - start:
+            raise IntegrityError(f"{source.entry.path}: chunk {index} has {len(fetched.data)} bytes, "
+                                 f"expected {end - start}")
+        if fetched.blake3 is not None:
+            digest = await trio.to_thread.run_sync(_blake3_hex, fetched.data)
+            if digest != fetched.blake3:
+                self._integrity_failures += 1
+                log.error("integrity: %s@%s %s chunk %d: blake3 %s, remote said %s", source.repo,
+                          source.commit, source.entry.path, index, digest, fetched.blake3)
+                raise IntegrityError(f"{source.entry.path}: chunk {index} failed its blake3 check")
+        self._remote_fetches += 1
+        self._remote_bytes += len(fetched.data)
+        await self._record_download(source, fetched)
+        return fetched.data
+
+    async def _record_download(self, source: FileSource, fetched: FetchedChunk) -> None:
+        """Note where a file came from, once per content and process."""
+        content_id = source.entry.content_id
+        if self.metadata is None or content_id in self._recorded:
+            return
+        self._recorded.add(content_id)
+        record = self.metadata.get_file(content_id)
+        if record is not None and record.downloaded_at:
+            return
+        await trio.to_thread.run_sync(lambda: self.metadata.update_file(  # type: ignore[union-attr]
+            content_id, source_url=fetched.source_url, etag=fetched.etag, last_modified=fetched.last_modified,
+            downloaded_at=time.time(), holder=self.config.holder, inflight_download=""))
+
+    async def _store(self, key: ChunkKey, data: bytes, tiers: Sequence[ChunkTier]) -> None:
+        for tier in tiers:
+            try:
+                await tier.put(key, data)
+            except CacheError as exc:
+                # Disk full or broken: keep serving from the other tiers.
+                log.error("%s tier cannot store %s: %s", tier.name, key.content_id, exc)
+
+    # -- whole-file verification --------------------------------------------------------
+
+    def is_verified(self, entry: FileEntry) -> bool:
+        if entry.content_id in self._verified:
+            return True
+        if self.metadata is not None:
+            record = self.metadata.get_file(entry.content_id)
+            if record is not None and record.verified:
+                self._verified.add(entry.content_id)
+                return True
+        return False
+
+    async def _advance_hash(self, source: FileSource, index: int, data: bytes) -> None:
+        """Feed the file's running hash if this chunk is the next one it needs."""
+        entry = source.entry
+        if self.remote.verifies_files or entry.content_id in self._verified:
+            return
+        state = self._file_hashes.setdefault(entry.content_id, _FileHash(entry))
+        if state.next_index != index or state.lock.locked():
+            return
+        async with state.lock:
+            if state.next_index != index:
+                return
+            await trio.to_thread.run_sync(state.hasher.update, data)
+            state.next_index += 1
+            # Chunks that arrived early (parallel read-ahead) are still in memory: catch up.
+            while self.tiers and state.next_index < entry.chunk_count:
+                ahead = self.tiers[0].peek(entry.chunk_key(state.next_index))
+                if ahead is None:
+                    break
+                await trio.to_thread.run_sync(state.hasher.update, ahead)
+                state.next_index += 1
+
+    async def _verify_file(self, source: FileSource, auth: str | None) -> None:
+        entry = source.entry
+        if self.is_verified(entry):
+            return
+
+        async def verify() -> None:
+            state = self._file_hashes.setdefault(entry.content_id, _FileHash(entry))
+            async with state.lock:
+                while state.next_index < entry.chunk_count:
+                    index = state.next_index
+                    data = await self._chunk_unlocked(source, index, auth)
+                    await trio.to_thread.run_sync(state.hasher.update, data)
+                    state.next_index += 1
+                digest = state.hasher.hexdigest()
+            self._file_hashes.pop(entry.content_id, None)
+            if digest != entry.hash:
+                self._integrity_failures += 1
+                log.error("integrity: %s@%s %s: %s is %s, upstream said %s; purged from every tier",
+                          source.repo, source.commit, entry.path, entry.hash_algo, digest, entry.hash)
+                await self._forget(entry, f"{entry.hash_algo} mismatch: got {digest}")
+                raise IntegrityError(f"{entry.path}: content does not match its {entry.hash_algo} {entry.hash}")
+            self._verified.add(entry.content_id)
+            if self.metadata is not None:
+                await trio.to_thread.run_sync(lambda: self.metadata.update_file(  # type: ignore[union-attr]
+                    entry.content_id, verified=True))
+
+        await self._meta_flights.run(("verify", entry.content_id), verify, self.nursery)
+
+    async def _chunk_unlocked(self, source: FileSource, index: int, auth: str | None) -> bytes:
+        """A chunk for hashing: through the tiers and single-flight, without re-entering the hash."""
+        key = source.entry.chunk_key(index)
+        for tier in self.tiers:
+            data = await tier.get(key)
+            if data is not None:
+                return data
+        return await self._chunk_flights.run(key, lambda: self._load(source, index, auth), self.nursery)
+
+    async def _forget(self, entry: FileEntry, why: str) -> None:
+        self._file_hashes.pop(entry.content_id, None)
+        self._verified.discard(entry.content_id)
+        self._recorded.discard(entry.content_id)
+        for tier in self.tiers:
+            await tier.discard(entry.content_id)
+        if self.metadata is not None:
+            record = self.metadata.get_file(entry.content_id)
+            failures = (record.failures if record else 0) + 1
+            await trio.to_thread.run_sync(lambda: self.metadata.update_file(  # type: ignore[union-attr]
+                entry.content_id, verified=False, failures=failures, last_failure=why, downloaded_at=0.0))
+
+    # -- observability ------------------------------------------------------------------
+
+    def statistics(self) -> EngineStatistics:
+        return EngineStatistics(
+            remote_fetches=self._remote_fetches,
+            remote_bytes=self._remote_bytes,
+            coalesced=self._chunk_flights.coalesced,
+            inflight=len(self._chunk_flights),
+            integrity_failures=self._integrity_failures,
+            files_verified=len(self._verified),
+            tiers=tuple(tier.statistics() for tier in self.tiers),
+        )
+
+
+def _blake3_hex(data: bytes) -> str:
+    return blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()

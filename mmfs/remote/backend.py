@@ -1,0 +1,62 @@
+"""The cluster backend server as a remote: what a node daemon reads through.
+
+The node-facing protocol (also documented in the README):
+
+* ``GET /v1/resolve/<provider>/<org>/<name>/<revision>`` -> ``{"commit": "<40 hex>"}``
+* ``GET /v1/manifest/<provider>/<org>/<name>/<commit>`` -> the manifest JSON
+* ``GET /v1/chunk/<provider>/<org>/<name>/<commit>/<path>?index=N`` -> the chunk's bytes,
+  with ``X-Mmfs-Blake3`` (hex digest of the body). A file's last chunk is only served
+  once the whole file matched its upstream hash.
+
+Errors carry ``X-Error-Code`` (the :mod:`mmfs.errors` class name, or the Hub's code) and a
+JSON ``{"error": message}`` body, so the node raises the same error the backend did.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from ..errors import UpstreamError
+from ..manifest import Manifest
+from ..names import RepoRef
+from ._http import RetryPolicy, make_client, request
+from .base import FetchedChunk, FileSource, Remote
+
+BLAKE3_HEADER = "X-Mmfs-Blake3"
+
+
+class BackendRemote(Remote):
+    verifies_files = True
+
+    def __init__(self, url: str, *, policy: RetryPolicy = RetryPolicy(), auth: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self._policy = policy
+        self._auth = auth
+        self._client = make_client(policy)
+
+    def _headers(self, auth: str | None) -> dict[str, str]:
+        value = auth or self._auth
+        return {"Authorization": value} if value else {}
+
+    async def resolve(self, repo: RepoRef, revision: str, *, auth: str | None = None) -> str:
+        url = f"{self.url}/v1/resolve/{repo}/{quote(revision, safe='')}"
+        response = await request(self._client, self._policy, "GET", url, headers=self._headers(auth))
+        return str(response.json()["commit"])
+
+    async def manifest(self, repo: RepoRef, commit: str, *, auth: str | None = None) -> Manifest:
+        url = f"{self.url}/v1/manifest/{repo}/{commit}"
+        response = await request(self._client, self._policy, "GET", url, headers=self._headers(auth))
+        try:
+            return Manifest.loads(response.content)
+        except (ValueError, KeyError) as exc:
+            raise UpstreamError(f"backend {self.url} sent an unreadable manifest for {repo}@{commit}") from exc
+
+    async def fetch_chunk(self, source: FileSource, index: int, *, auth: str | None = None) -> FetchedChunk:
+        start, end = source.entry.chunk_span(index)
+        url = f"{self.url}/v1/chunk/{source.repo}/{source.commit}/{quote(source.entry.path)}?index={index}"
+        response = await request(self._client, self._policy, "GET", url, headers=self._headers(auth),
+                                 expect_length=end - start)
+        return FetchedChunk(data=response.content, blake3=response.headers.get(BLAKE3_HEADER), source_url=url)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,99 @@
+"""The Hugging Face Hub (or anything speaking its API) as a remote.
+
+Uses the Hub's public download API only: ``/api/models/<repo>/revision/<rev>?blobs=true``
+for resolution and listing (one request gives the commit, every file, its size and its
+LFS sha256 or git blob id), and ranged ``GET /<repo>/resolve/<commit>/<path>`` for bytes,
+following the Hub's redirect to its LFS storage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from urllib.parse import quote
+
+from ..errors import InvalidName, RevisionNotFound, UpstreamError
+from ..manifest import DEFAULT_CHUNK_SIZE, GIT_SHA1, SHA256, FileEntry, Manifest
+from ..names import RepoRef, check_path, is_commit
+from ._http import RetryPolicy, make_client, request
+from .base import FetchedChunk, FileSource, Remote
+
+log = logging.getLogger(__name__)
+
+PUBLIC_HUB = "https://huggingface.co"
+
+
+def hub_endpoint() -> str:
+    """The Hub URL, from ``HF_ENDPOINT`` as the Hub's own clients read it."""
+    return os.environ.get("HF_ENDPOINT", PUBLIC_HUB).rstrip("/")
+
+
+class HubRemote(Remote):
+    def __init__(self, endpoint: str | None = None, token: str | None = None, *,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, policy: RetryPolicy = RetryPolicy()) -> None:
+        self.url = (endpoint or hub_endpoint()).rstrip("/")
+        self._token = token if token is not None else os.environ.get("HF_TOKEN") or None
+        self._chunk_size = chunk_size
+        self._policy = policy
+        self._client = make_client(policy)
+
+    def _headers(self, auth: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:
+        headers = {"User-Agent": "mmfs/0.1", **(extra or {})}
+        if auth:
+            headers["Authorization"] = auth
+        elif self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        return headers
+
+    async def _revision_info(self, repo: RepoRef, revision: str, auth: str | None, blobs: bool) -> dict:
+        url = f"{self.url}/api/models/{repo.repo_id}/revision/{quote(revision, safe='')}"
+        if blobs:
+            url += "?blobs=true"
+        response = await request(self._client, self._policy, "GET", url, headers=self._headers(auth))
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise UpstreamError(f"{self.url} answered {repo}@{revision} with invalid JSON") from exc
+
+    async def resolve(self, repo: RepoRef, revision: str, *, auth: str | None = None) -> str:
+        info = await self._revision_info(repo, revision, auth, blobs=False)
+        commit = str(info.get("sha", ""))
+        if not is_commit(commit):
+            raise RevisionNotFound(f"{self.url} gave no commit for {repo}@{revision}")
+        return commit
+
+    async def manifest(self, repo: RepoRef, commit: str, *, auth: str | None = None) -> Manifest:
+        info = await self._revision_info(repo, commit, auth, blobs=True)
+        files = []
+        for sibling in info.get("siblings", []):
+            path = sibling.get("rfilename", "")
+            try:
+                check_path(path)
+            except InvalidName as exc:
+                raise UpstreamError(f"{repo}@{commit} lists an unusable path: {exc}") from exc
+            lfs = sibling.get("lfs")
+            if lfs:
+                entry = FileEntry(path, int(lfs["size"]), SHA256, lfs["sha256"], self._chunk_size)
+            elif "blobId" in sibling and "size" in sibling:
+                entry = FileEntry(path, int(sibling["size"]), GIT_SHA1, sibling["blobId"], self._chunk_size)
+            else:
+                raise UpstreamError(f"{self.url} listed {path} without size or hash (blobs=true ignored?)")
+            files.append(entry)
+        files.sort(key=lambda f: f.path)
+        return Manifest(repo, str(info.get("sha", commit)), tuple(files))
+
+    async def fetch_chunk(self, source: FileSource, index: int, *, auth: str | None = None) -> FetchedChunk:
+        start, end = source.entry.chunk_span(index)
+        url = f"{self.url}/{source.repo.repo_id}/resolve/{source.commit}/{quote(source.entry.path)}"
+        headers = self._headers(auth, {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"})
+        response = await request(self._client, self._policy, "GET", url, headers=headers,
+                                 expect_length=end - start)
+        return FetchedChunk(
+            data=response.content,
+            source_url=url,
+            etag=response.headers.get("ETag", ""),
+            last_modified=response.headers.get("Last-Modified", ""),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,85 @@
+"""In-memory LRU of chunks, bounded by bytes, with an optional time to live.
+
+The node uses it as tier 1 (no TTL: the kernel page cache sits above it anyway); the
+backend uses it as its hot tier with a TTL, so a burst of cold-start traffic is served
+from memory and the memory is handed back once the rollout is over.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Callable
+
+from ..manifest import ChunkKey
+from .base import ChunkTier, TierStatistics
+
+
+class MemoryTier(ChunkTier):
+    name = "memory"
+
+    def __init__(self, limit_bytes: int, ttl_seconds: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._limit = limit_bytes
+        self._ttl = ttl_seconds
+        self._clock = clock
+        # key -> (data, stored_at); order is recency, oldest first.
+        self._entries: OrderedDict[ChunkKey, tuple[bytes, float]] = OrderedDict()
+        self._used = 0
+        self._hits = self._misses = self._hit_bytes = self._evictions = 0
+
+    async def get(self, key: ChunkKey) -> bytes | None:
+        entry = self._entries.get(key)
+        if entry is not None and self._ttl is not None and self._clock() - entry[1] > self._ttl:
+            self._remove(key)
+            entry = None
+        if entry is None:
+            self._misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self._hits += 1
+        self._hit_bytes += len(entry[0])
+        return entry[0]
+
+    def peek(self, key: ChunkKey) -> bytes | None:
+        entry = self._entries.get(key)
+        return entry[0] if entry is not None else None
+
+    async def put(self, key: ChunkKey, data: bytes) -> None:
+        if len(data) > self._limit:
+            return
+        if key in self._entries:
+            self._remove(key)
+        self._entries[key] = (data, self._clock())
+        self._used += len(data)
+        self._expire()
+        while self._used > self._limit:
+            self._remove(next(iter(self._entries)))
+            self._evictions += 1
+
+    async def discard(self, content_id: str) -> int:
+        doomed = [k for k in self._entries if k.content_id == content_id]
+        for key in doomed:
+            self._remove(key)
+        return len(doomed)
+
+    def _expire(self) -> None:
+        if self._ttl is None:
+            return
+        deadline = self._clock() - self._ttl
+        # Insertion refreshes position, so stale entries cluster at the front only roughly;
+        # scan from the oldest and stop at the first fresh one: cheap and good enough.
+        while self._entries:
+            key, (_, stored_at) = next(iter(self._entries.items()))
+            if stored_at > deadline:
+                break
+            self._remove(key)
+            self._evictions += 1
+
+    def _remove(self, key: ChunkKey) -> None:
+        data, _ = self._entries.pop(key)
+        self._used -= len(data)
+
+    def statistics(self) -> TierStatistics:
+        return TierStatistics(self.name, self._hits, self._misses, self._hit_bytes, self._used,
+                              self._limit, len(self._entries), self._evictions, 0)
