@@ -126,8 +126,8 @@ def make_synthetic_model(repo_dir: Path | str, total_bytes: int, n_shards: int =
         weight_map.update({tensor: name for tensor, _, _ in plan})
     index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
     (repo / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    config = {"architectures": ["SyntheticModel"], "model_type": "synthetic", "seed": seed,
-              "num_shards": n_shards, "torch_dtype": "float16"}
+    config = {"architectures": ["SyntheticModel"], "model_type": "synthetic", "seed": seed, "num_shards": n_shards,
+              "torch_dtype": "float16"}
     (repo / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (repo / "tokenizer").mkdir(exist_ok=True)
     (repo / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 512, "seed": seed}) + "\n")

@@ -1,0 +1,1058 @@
+"""A Hub-compatible HTTP server over a folder of model repos, for tests, benchmarks and the demo.
+
+Layout: every ``ROOT/<org>/<name>/`` is a model repo. Names starting with ``.hub`` and
+``.git`` folders are not repo content (``.gitattributes`` is). Optional control files:
+
+- ``ROOT/<org>/<name>/.hub/gated``: the repo is gated; the file holds the one token that
+  may download it. As on the Hub, metadata (model info, tree) stays public; ``resolve``
+  answers 401 ``GatedRepo`` without ``Authorization: Bearer <token>``, 403 with a wrong one.
+- ``ROOT/<org>/<name>/.hub/refs.json``: a JSON list of extra branch/tag names (``"v1.0"``,
+  ``"refs/pr/1"``) that, like ``main``, resolve to the current commit.
+
+**Commits.** A repo's commit is ``sha1`` over its sorted ``"<path>\\0<git blob id>\\n"``
+lines, the blob id being git's (of the LFS pointer for LFS files). The listing is
+re-scanned on every request and the hashes are cached by ``(path, size, mtime, inode)``,
+so changing a file moves ``main`` to a new commit. Only the *current* commit is served:
+an older one answers 404 ``RevisionNotFound`` (its bytes are gone from disk anyway).
+
+**LFS rule.** A file is LFS when its size is at least ``lfs_threshold`` (1 MiB by
+default; the real model's ``model.safetensors`` is, its ``tokenizer.json`` is not) —
+``.gitattributes`` is served but not interpreted. ``resolve`` answers an LFS file as
+the Hub does: ``302`` to a signed URL on a second listening port (another origin, like
+the Hub's CDN), with ``X-Linked-Etag: "<sha256>"``, ``X-Linked-Size`` and
+``X-Repo-Commit``. huggingface_hub's ``HEAD`` follows only *same-origin* redirects and
+reads the file's metadata from the 302 when it points elsewhere, so a second origin is
+what makes the client behave exactly as against huggingface.co (auth header dropped
+on the CDN request included).
+
+**Control.** Counters (:class:`HubStats`), fault injection (:class:`Faults`) and the
+rate cap are reachable in-process (:class:`TestHub`) and over HTTP, for a hub run as a
+separate process (:class:`HubProcess`, ``python -m mmfs.testing.hub``)::
+
+    GET  /_hub/stats     counters as JSON          POST /_hub/reset   zero the counters
+    GET  /_hub/faults    the current faults        POST /_hub/faults  replace them (JSON)
+    GET  /_hub/info      url, cdn_url, rate...     POST /_hub/config  {"rate": "100MB/s" | null}
+
+Requests to ``/_hub/`` are neither counted nor subject to faults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Mapping
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+
+from ..errors import AccessDenied, EntryNotFound, MmfsError, NotFound, RepoNotFound, RevisionNotFound
+from ..names import check_path, check_repo_part, check_revision
+from ..sizes import parse_rate
+
+DEFAULT_LFS_THRESHOLD = 1 << 20
+#: Corrupted responses flip the first byte of the body and every byte whose file offset
+#: is a multiple of this, so any body of at least one byte changes.
+CORRUPT_STRIDE = 4096
+#: Bytes read per block when hashing or corrupting, and per ``sendfile`` when uncapped.
+_BLOCK = 1 << 20
+_UNCAPPED_SLICE = 64 << 20
+
+
+# ---------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass(frozen=True, slots=True)
+class HubFile:
+    """One file of a repo as the hub serves it."""
+
+    path: str  # inside the repo, '/'-separated
+    abspath: Path
+    size: int
+    mtime_ns: int
+    blob_id: str  # git blob id: of the content, or of the LFS pointer for LFS files
+    sha256: str | None  # LFS files only
+    pointer_size: int | None  # LFS files only
+
+    @property
+    def is_lfs(self) -> bool:
+        return self.sha256 is not None
+
+    @property
+    def etag(self) -> str:
+        """What the Hub's (``X-Linked-``)``ETag`` carries: the sha256 for LFS, else the blob id."""
+        return self.sha256 or self.blob_id
+
+
+@dataclass(frozen=True)
+class RepoSnapshot:
+    """A repo at its current commit."""
+
+    repo_id: str
+    commit: str
+    files: Mapping[str, HubFile]  # sorted by path
+    last_modified: float
+    gated_token: str | None
+    refs: tuple[str, ...]
+
+    @property
+    def directories(self) -> list[str]:
+        dirs = {"/".join(p.split("/")[:i]) for p in self.files for i in range(1, p.count("/") + 1)}
+        return sorted(dirs)
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Faults to inject into *content* requests (GETs that answer file bytes).
+
+    ``corrupt``: file selectors whose bytes are served flipped (see :data:`CORRUPT_STRIDE`):
+    a repo path (``"model.safetensors"``), ``"<org>/<name>/<path>"``, a sha256 or blob id,
+    or ``"*"`` for every file. ``fail_next``: the next N content requests answer
+    ``fail_status`` (500 or 503). ``reset_next``: the next N content requests send half
+    their body, then reset the connection (TCP RST). ``latency_s``: added before every
+    request's answer. ``fail_next`` and ``reset_next`` count down as they fire.
+    """
+
+    corrupt: tuple[str, ...] = ()
+    fail_next: int = 0
+    fail_status: int = 503
+    reset_next: int = 0
+    latency_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "corrupt", tuple(self.corrupt))
+        if self.fail_status not in (500, 502, 503, 504):
+            raise ValueError(f"fail_status must be 500, 502, 503 or 504, not {self.fail_status}")
+        if self.fail_next < 0 or self.reset_next < 0 or self.latency_s < 0:
+            raise ValueError("fail_next, reset_next and latency_s must not be negative")
+
+    def corrupts(self, repo_id: str, entry: HubFile) -> bool:
+        return bool(self.corrupt) and not {"*", entry.path, f"{repo_id}/{entry.path}", entry.blob_id,
+                                           entry.sha256}.isdisjoint(self.corrupt)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "corrupt": list(self.corrupt)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Faults":
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown fault fields: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class HubStats:
+    """What the hub has served since it started or was last reset.
+
+    ``requests_by_kind`` keys: ``model_info``, ``tree``, ``resolve_head``, ``resolve_get``,
+    ``lfs_head``, ``lfs_get``, ``other``. ``bytes_served`` counts file bytes actually sent
+    (bodies of resolve and LFS GETs), ``bytes_by_path`` per ``"<org>/<name>/<path>"``,
+    ``bytes_by_hash`` per sha256 (LFS) or blob id. ``faults`` counts injected
+    ``failed``, ``reset`` and ``corrupted`` responses.
+    """
+
+    requests: int = 0
+    requests_by_kind: Mapping[str, int] = field(default_factory=dict)
+    statuses: Mapping[int, int] = field(default_factory=dict)
+    bytes_served: int = 0
+    bytes_by_path: Mapping[str, int] = field(default_factory=dict)
+    bytes_by_hash: Mapping[str, int] = field(default_factory=dict)
+    faults: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def content_requests(self) -> int:
+        return self.requests_by_kind.get("resolve_get", 0) + self.requests_by_kind.get("lfs_get", 0)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["statuses"] = {str(k): v for k, v in self.statuses.items()}
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "HubStats":
+        return cls(**{**data, "statuses": {int(k): v for k, v in data["statuses"].items()}})
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._requests = 0
+            self._kinds: Counter[str] = Counter()
+            self._statuses: Counter[int] = Counter()
+            self._bytes = 0
+            self._by_path: Counter[str] = Counter()
+            self._by_hash: Counter[str] = Counter()
+            self._faults: Counter[str] = Counter()
+
+    def request(self, kind: str) -> None:
+        with self._lock:
+            self._requests += 1
+            self._kinds[kind] += 1
+
+    def status(self, status: int) -> None:
+        with self._lock:
+            self._statuses[status] += 1
+
+    def sent(self, path: str, content_hash: str, n: int) -> None:
+        with self._lock:
+            self._bytes += n
+            self._by_path[path] += n
+            self._by_hash[content_hash] += n
+
+    def fault(self, kind: str) -> None:
+        with self._lock:
+            self._faults[kind] += 1
+
+    def snapshot(self) -> HubStats:
+        with self._lock:
+            return HubStats(self._requests, dict(self._kinds), dict(self._statuses), self._bytes,
+                            dict(self._by_path), dict(self._by_hash), dict(self._faults))
+
+
+class RateLimiter:
+    """An aggregate bandwidth cap shared by every response of a hub.
+
+    Each sender reserves its next slice on one shared timeline and sleeps until its turn,
+    so concurrent streams interleave slice by slice and their sum never exceeds the rate
+    (no burst credit accumulates while idle). ``rate=None`` disables the cap.
+    """
+
+    def __init__(self, rate: float | None = None) -> None:
+        self._lock = threading.Lock()
+        self._next = 0.0
+        self.rate = rate
+
+    @property
+    def rate(self) -> float | None:
+        return self._rate
+
+    @rate.setter
+    def rate(self, rate: float | None) -> None:
+        if rate is not None and rate <= 0:
+            raise ValueError("rate must be positive")
+        self._rate = rate
+        #: Slice size: about 10 ms of the rate, so streams share at a fine grain.
+        self.slice = _UNCAPPED_SLICE if rate is None else int(min(max(rate / 100, 16 << 10), 1 << 20))
+
+    def acquire(self, n: int) -> None:
+        rate = self._rate
+        if rate is None:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + n / rate
+        if start > now:
+            time.sleep(start - now)
+
+
+# ---------------------------------------------------------------------------------------
+# The hub's model: repos on disk
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".hub") or name == ".git"
+
+
+def git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+class Hub:
+    """The hub without HTTP: scans repos, resolves revisions, keeps counters and faults."""
+
+    def __init__(self, root: Path | str, *, lfs_threshold: int = DEFAULT_LFS_THRESHOLD,
+                 rate: float | str | None = None) -> None:
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"hub root {self.root} is not a directory")
+        self.lfs_threshold = lfs_threshold
+        self.limiter = RateLimiter(parse_rate(rate) if isinstance(rate, str) else rate)
+        self.counters = _Counters()
+        self.secret = secrets.token_bytes(16)
+        self.closed = False
+        self._faults = Faults()
+        self._faults_lock = threading.Lock()
+        self._hash_cache: dict[tuple[str, int, int, int, bool], tuple[str, str | None]] = {}
+        self._snapshots: dict[str, tuple[tuple[Any, ...], RepoSnapshot]] = {}
+        self._lfs_by_sha: dict[str, HubFile] = {}
+        self._lock = threading.Lock()
+        self._repo_locks: dict[str, threading.Lock] = {}
+
+    # -- faults
+
+    @property
+    def faults(self) -> Faults:
+        with self._faults_lock:
+            return self._faults
+
+    def set_faults(self, faults: Faults) -> None:
+        with self._faults_lock:
+            self._faults = faults
+
+    def take_fault(self) -> str | None:
+        """For one content request: ``"fail"``, ``"reset"`` or ``None``, counting down."""
+        with self._faults_lock:
+            if self._faults.fail_next:
+                self._faults = replace(self._faults, fail_next=self._faults.fail_next - 1)
+                return "fail"
+            if self._faults.reset_next:
+                self._faults = replace(self._faults, reset_next=self._faults.reset_next - 1)
+                return "reset"
+        return None
+
+    # -- repos
+
+    def snapshot(self, org: str, name: str) -> RepoSnapshot:
+        """The repo ``org/name`` at its current commit; :class:`RepoNotFound` if absent."""
+        check_repo_part(org, "organisation")
+        check_repo_part(name)
+        repo_id = f"{org}/{name}"
+        repo_dir = self.root / org / name
+        if not repo_dir.is_dir():
+            raise RepoNotFound(f"Repository {repo_id} not found")
+        with self._lock:
+            repo_lock = self._repo_locks.setdefault(repo_id, threading.Lock())
+        with repo_lock:
+            listing = self._scan(repo_dir)
+            key = tuple((rel, st.st_size, st.st_mtime_ns, st.st_ino) for rel, _, st in listing)
+            key += tuple(self._control_file(repo_dir / ".hub" / name) for name in ("gated", "refs.json"))
+            cached = self._snapshots.get(repo_id)
+            if cached and cached[0] == key:
+                return cached[1]
+            snap = self._build(repo_id, repo_dir, listing)
+            self._snapshots[repo_id] = (key, snap)
+        with self._lock:
+            for entry in snap.files.values():
+                if entry.sha256:
+                    self._lfs_by_sha[entry.sha256] = entry
+        return snap
+
+    def commit(self, repo_id: str) -> str:
+        org, _, name = repo_id.partition("/")
+        return self.snapshot(org, name).commit
+
+    def resolve(self, snap: RepoSnapshot, revision: str) -> str:
+        """The commit ``revision`` names in ``snap``; :class:`RevisionNotFound` otherwise."""
+        check_revision(revision)
+        if revision in ("main", snap.commit) or revision in snap.refs:
+            return snap.commit
+        raise RevisionNotFound(f"Invalid rev id: {revision}")
+
+    def lfs_file(self, sha256: str) -> HubFile | None:
+        """The LFS file with this sha256, if it is still on disk unchanged."""
+        with self._lock:
+            entry = self._lfs_by_sha.get(sha256)
+        if entry is None:
+            return None
+        try:
+            st = entry.abspath.stat()
+        except OSError:
+            return None
+        return entry if (st.st_size, st.st_mtime_ns) == (entry.size, entry.mtime_ns) else None
+
+    def sign(self, sha256: str) -> str:
+        return hmac.new(self.secret, sha256.encode(), hashlib.sha256).hexdigest()[:32]
+
+    @staticmethod
+    def _control_file(path: Path) -> tuple[int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    @staticmethod
+    def _scan(repo_dir: Path) -> list[tuple[str, Path, os.stat_result]]:
+        listing = []
+        for dirpath, dirnames, filenames in os.walk(repo_dir, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+            for name in filenames:
+                if _is_hidden(name):
+                    continue
+                path = Path(dirpath) / name
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue  # a dangling link, or a file removed while we looked
+                if stat.S_ISREG(st.st_mode):
+                    listing.append((path.relative_to(repo_dir).as_posix(), path, st))
+        listing.sort(key=lambda item: item[0])
+        return listing
+
+    def _hashes(self, path: Path, st: os.stat_result, lfs: bool) -> tuple[str, str | None]:
+        key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino, lfs)
+        cached = self._hash_cache.get(key)
+        if cached:
+            return cached
+        with open(path, "rb") as f:
+            if lfs:
+                sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+                result = (git_blob_id(lfs_pointer(sha256, st.st_size)), sha256)
+            else:
+                hasher = hashlib.sha1(b"blob %d\0" % st.st_size)
+                result = (hashlib.file_digest(f, lambda: hasher).hexdigest(), None)
+        self._hash_cache[key] = result
+        return result
+
+    def _build(self, repo_id: str, repo_dir: Path, listing: list[tuple[str, Path, os.stat_result]]) -> RepoSnapshot:
+        files: dict[str, HubFile] = {}
+        for rel, path, st in listing:
+            lfs = st.st_size >= self.lfs_threshold
+            blob_id, sha256 = self._hashes(path, st, lfs)
+            pointer_size = len(lfs_pointer(sha256, st.st_size)) if sha256 else None
+            files[rel] = HubFile(rel, path, st.st_size, st.st_mtime_ns, blob_id, sha256, pointer_size)
+        commit = hashlib.sha1("".join(f"{p}\0{f.blob_id}\n" for p, f in files.items()).encode()).hexdigest()
+        gated = repo_dir / ".hub" / "gated"
+        token = gated.read_text().strip() if gated.is_file() else None
+        refs_file = repo_dir / ".hub" / "refs.json"
+        refs = tuple(json.loads(refs_file.read_text())) if refs_file.is_file() else ()
+        last_modified = max((st.st_mtime for _, _, st in listing), default=repo_dir.stat().st_mtime)
+        return RepoSnapshot(repo_id, commit, files, last_modified, token, refs)
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def model_info_json(snap: RepoSnapshot, blobs: bool) -> dict[str, Any]:
+    """``GET /api/models/<repo>[/revision/<rev>]`` as the Hub shapes it."""
+    siblings = []
+    for entry in snap.files.values():
+        sibling: dict[str, Any] = {"rfilename": entry.path}
+        if blobs:
+            sibling.update(size=entry.size, blobId=entry.blob_id)
+            if entry.sha256:
+                sibling["lfs"] = {"sha256": entry.sha256, "size": entry.size, "pointerSize": entry.pointer_size}
+        siblings.append(sibling)
+    org = snap.repo_id.split("/")[0]
+    return {
+        "_id": hashlib.sha1(snap.repo_id.encode()).hexdigest()[:24],
+        "id": snap.repo_id,
+        "modelId": snap.repo_id,
+        "author": org,
+        "sha": snap.commit,
+        "lastModified": _iso(snap.last_modified),
+        "createdAt": _iso(snap.last_modified),
+        "private": False,
+        "gated": "manual" if snap.gated_token else False,
+        "disabled": False,
+        "downloads": 0,
+        "likes": 0,
+        "tags": [],
+        "library_name": None,
+        "siblings": siblings,
+        "spaces": [],
+        "usedStorage": sum(f.size for f in snap.files.values()),
+    }
+
+
+def tree_json(snap: RepoSnapshot, path: str, recursive: bool) -> list[dict[str, Any]]:
+    """``GET /api/models/<repo>/tree/<rev>[/<path>]``: every entry at once, no pagination."""
+    prefix = f"{path}/" if path else ""
+    if path and path not in snap.directories:
+        raise EntryNotFound(f"{path} does not exist on {snap.commit}" if path not in snap.files
+                            else f"{path} is a file, not a folder")
+
+    def wanted(p: str) -> bool:
+        return p.startswith(prefix) and (recursive or "/" not in p[len(prefix):])
+
+    entries: list[dict[str, Any]] = []
+    for directory in snap.directories:
+        if wanted(directory):
+            inside = sorted(f.blob_id for p, f in snap.files.items() if p.startswith(directory + "/"))
+            oid = hashlib.sha1(f"{directory}\0{''.join(inside)}".encode()).hexdigest()
+            entries.append({"type": "directory", "oid": oid, "size": 0, "path": directory})
+    for entry in snap.files.values():
+        if wanted(entry.path):
+            item: dict[str, Any] = {"type": "file", "oid": entry.blob_id, "size": entry.size, "path": entry.path}
+            if entry.sha256:
+                item["lfs"] = {"oid": entry.sha256, "size": entry.size, "pointerSize": entry.pointer_size}
+            entries.append(item)
+    entries.sort(key=lambda e: e["path"])
+    return entries
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
+    """``(start, end_exclusive)`` for one satisfiable range, ``None`` to serve the whole
+    file (no or unparseable or multi-range header), ``"unsatisfiable"`` for 416."""
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    first, sep, last = header[len("bytes="):].strip().partition("-")
+    if not sep or not (first.isdigit() or last.isdigit()) or (first and not first.isdigit()) \
+            or (last and not last.isdigit()):
+        return None
+    if not first:  # suffix: the last N bytes
+        n = int(last)
+        return (max(size - n, 0), size) if n and size else "unsatisfiable"
+    start = int(first)
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        return "unsatisfiable"
+    return start, min(int(last) + 1, size) if last else size
+
+
+# ---------------------------------------------------------------------------------------
+# HTTP
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256
+
+    def __init__(self, address: tuple[str, int], hub: Hub, role: str, verbose: bool) -> None:
+        self.hub = hub
+        self.role = role  # "api" or "cdn"
+        self.verbose = verbose
+        self.cdn_origin = ""  # set once the CDN listens
+        self.conns: set[socket.socket] = set()
+        self.conns_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def close_connections(self) -> None:
+        with self.conns_lock:
+            conns = list(self.conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class _NotLoggedIn(AccessDenied):
+    """A gated repo asked for without a token: the Hub says 401, not 403."""
+
+    status = 401
+
+
+class _Reset(Exception):
+    """The connection was reset on purpose (fault injection)."""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "mmfs-testhub/1"
+    server: _Server
+    _counted = False
+
+    # -- plumbing
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self.server.conns_lock:
+            self.server.conns.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.conns_lock:
+            self.server.conns.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+    def _head(self, status: int, headers: Mapping[str, str | int], body: bytes = b"") -> None:
+        """Write the status line, headers and (unless HEAD) ``body`` in one send."""
+        if self._counted:
+            self.server.hub.counters.status(status)
+        lines = [f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}",
+                 f"Date: {self.date_time_string()}", f"Server: {self.server_version}"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        if self.close_connection:
+            lines.append("Connection: close")
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(data + body if self.command != "HEAD" else data)
+
+    def _json(self, status: int, payload: Any, headers: Mapping[str, str | int] | None = None) -> None:
+        body = json.dumps(payload).encode()
+        self._head(status, {"Content-Type": "application/json; charset=utf-8", "Content-Length": len(body),
+                            **(headers or {})}, body)
+
+    def _error(self, err: MmfsError, headers: Mapping[str, str | int] | None = None) -> None:
+        message = str(err)
+        extra: dict[str, str | int] = {"X-Error-Message": message.encode("ascii", "replace").decode()}
+        extra["X-Error-Code"] = err.code()  # the Hub's codes: RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo
+        self._json(err.status, {"error": message}, {**extra, **(headers or {})})
+
+    def _read_body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    # -- dispatch
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        self._counted = False
+        url = urlsplit(self.path)
+        segments = [unquote(s) for s in url.path.split("/")[1:]]
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        body = self._read_body() if self.command == "POST" else b""
+        hub = self.server.hub
+        try:
+            if segments[:1] == ["_hub"]:
+                return self._control(segments[1:], body)
+            self._counted = True
+            kind = self._kind(segments)
+            hub.counters.request(kind)
+            latency = hub.faults.latency_s
+            if latency:
+                time.sleep(latency)
+            if self.command == "POST" or kind == "other":
+                raise NotFound(f"no route for {self.command} {url.path}")
+            if kind in ("lfs_head", "lfs_get"):
+                return self._lfs(segments[1], query)
+            if kind in ("model_info", "tree"):
+                return self._api(segments[2], segments[3], segments[4:], query)
+            return self._resolve(segments[0], segments[1], segments[3], "/".join(segments[4:]))
+        except MmfsError as err:
+            self._error(err)
+        except (ConnectionError, _Reset):
+            self.close_connection = True
+
+    def _kind(self, segments: list[str]) -> str:
+        verb = "head" if self.command == "HEAD" else "get"
+        if self.server.role == "cdn":
+            return f"lfs_{verb}" if len(segments) == 2 and segments[0] == "lfs" else "other"
+        if len(segments) >= 4 and segments[:2] == ["api", "models"]:
+            rest = segments[4:]
+            if not rest or (rest[0] == "revision" and len(rest) >= 2):
+                return "model_info"
+            return "tree" if rest[0] == "tree" and len(rest) >= 2 else "other"
+        if len(segments) >= 5 and segments[2] == "resolve":
+            return f"resolve_{verb}"
+        return "other"
+
+    # -- control
+
+    def _control(self, segments: list[str], body: bytes) -> None:
+        hub = self.server.hub
+        route = (self.command, "/".join(segments))
+        try:
+            if route == ("GET", "stats"):
+                return self._json(200, hub.counters.snapshot().to_json())
+            if route == ("POST", "reset"):
+                hub.counters.reset()
+                return self._json(200, {})
+            if route == ("GET", "faults"):
+                return self._json(200, hub.faults.to_json())
+            if route == ("POST", "faults"):
+                hub.set_faults(Faults.from_json(json.loads(body or b"{}")))
+                return self._json(200, hub.faults.to_json())
+            if route == ("POST", "config"):
+                config = json.loads(body or b"{}")
+                if "rate" in config:
+                    rate = config["rate"]
+                    hub.limiter.rate = parse_rate(rate) if isinstance(rate, str) else rate
+                return self._json(200, {"rate": hub.limiter.rate})
+            if route == ("GET", "info"):
+                return self._json(200, {"root": str(hub.root), "cdn_url": self.server.cdn_origin,
+                                        "rate": hub.limiter.rate, "lfs_threshold": hub.lfs_threshold})
+        except (ValueError, TypeError) as err:
+            return self._json(400, {"error": str(err)})
+        self._json(404, {"error": f"no control route {route[0]} /_hub/{route[1]}"})
+
+    # -- the Hub API
+
+    def _api(self, org: str, name: str, rest: list[str], query: Mapping[str, str]) -> None:
+        hub = self.server.hub
+        snap = hub.snapshot(org, name)
+        if not rest:
+            return self._json(200, model_info_json(snap, query.get("blobs") == "true"))
+        if rest[0] == "revision":
+            hub.resolve(snap, "/".join(rest[1:]))
+            return self._json(200, model_info_json(snap, query.get("blobs") == "true"))
+        hub.resolve(snap, rest[1])
+        path = "/".join(rest[2:]).strip("/")
+        if path:
+            check_path(path)
+        self._json(200, tree_json(snap, path, query.get("recursive", "false").lower() in ("true", "1")))
+
+    def _resolve(self, org: str, name: str, revision: str, path: str) -> None:
+        hub = self.server.hub
+        snap = hub.snapshot(org, name)
+        self._check_gate(snap)
+        commit = hub.resolve(snap, revision)
+        check_path(path)
+        entry = snap.files.get(path)
+        if entry is None:
+            return self._error(EntryNotFound(f"{path} does not exist on {commit}"), {"X-Repo-Commit": commit})
+        headers: dict[str, str | int] = {"X-Repo-Commit": commit, "Accept-Ranges": "bytes"}
+        if entry.sha256:
+            host = (self.headers.get("Host") or "").rpartition(":")[0] or self.server.server_address[0]
+            cdn = self.server.cdn_origin.replace("{host}", host)
+            target = f"{cdn}/lfs/{entry.sha256}?" + urlencode(
+                {"repo": snap.repo_id, "path": entry.path, "sig": hub.sign(entry.sha256)})
+            headers.update({"Location": target, "ETag": f'"{entry.sha256}"', "X-Linked-Etag": f'"{entry.sha256}"',
+                            "X-Linked-Size": entry.size, "Content-Length": 0})
+            return self._head(302, headers)
+        headers["ETag"] = f'"{entry.blob_id}"'
+        self._serve_file(snap.repo_id, entry, headers)
+
+    def _check_gate(self, snap: RepoSnapshot) -> None:
+        if snap.gated_token is None:
+            return
+        auth = self.headers.get("Authorization")
+        if auth is None:
+            raise _NotLoggedIn(f"Access to model {snap.repo_id} is restricted. You must have access to it and be "
+                               "authenticated to access it. Please log in.")
+        if not hmac.compare_digest(auth.encode(), f"Bearer {snap.gated_token}".encode()):
+            raise AccessDenied(f"Access to model {snap.repo_id} is restricted and you are not in the authorized list.")
+
+    def _lfs(self, sha256: str, query: Mapping[str, str]) -> None:
+        hub = self.server.hub
+        if not hmac.compare_digest(query.get("sig", ""), hub.sign(sha256)):
+            return self._json(403, {"error": "bad or missing signature"})
+        entry = hub.lfs_file(sha256)
+        if entry is None:
+            raise EntryNotFound(f"no LFS object {sha256}")
+        headers: dict[str, str | int] = {"ETag": f'"{sha256}"', "Accept-Ranges": "bytes",
+                                         "Content-Disposition": f'inline; filename="{entry.path.rsplit("/", 1)[-1]}"'}
+        self._serve_file(query.get("repo", ""), entry, headers)
+
+    # -- file bodies
+
+    def _serve_file(self, repo_id: str, entry: HubFile, headers: dict[str, str | int]) -> None:
+        hub = self.server.hub
+        span = parse_range(self.headers.get("Range"), entry.size)
+        if span == "unsatisfiable":
+            headers["Content-Range"] = f"bytes */{entry.size}"
+            return self._json(416, {"error": f"range not satisfiable for a file of {entry.size} bytes"}, headers)
+        status = 200
+        start, end = 0, entry.size
+        if isinstance(span, tuple):
+            start, end = span
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{entry.size}"
+        headers.update({"Content-Type": "application/octet-stream", "Content-Length": end - start})
+        if self.command == "HEAD":
+            return self._head(status, headers)
+        fault = hub.take_fault()
+        faults = hub.faults
+        if fault == "fail":
+            hub.counters.fault("failed")
+            return self._json(faults.fail_status, {"error": "injected fault"})
+        corrupt = faults.corrupts(repo_id, entry)
+        if corrupt:
+            hub.counters.fault("corrupted")
+        if fault == "reset":
+            hub.counters.fault("reset")
+        self._head(status, headers)
+        sent = 0
+        try:
+            sent = self._send_range(entry, start, end if fault != "reset" else start + (end - start) // 2, corrupt)
+        finally:
+            hub.counters.sent(f"{repo_id}/{entry.path}", entry.etag, sent)
+        if fault == "reset":
+            self._abort()
+        if sent != end - start:  # the file shrank under us: the promised length is a lie now
+            self.close_connection = True
+
+    def _send_range(self, entry: HubFile, start: int, end: int, corrupt: bool) -> int:
+        hub = self.server.hub
+        limiter = hub.limiter
+        out = self.connection.fileno()
+        sent = 0
+        with open(entry.abspath, "rb") as f:
+            fd = f.fileno()
+            while start + sent < end and not hub.closed:
+                n = min(limiter.slice, end - start - sent)
+                if corrupt:
+                    n = min(n, _BLOCK)
+                limiter.acquire(n)
+                if corrupt:
+                    block = bytearray(os.pread(fd, n, start + sent))
+                    if not block:
+                        break
+                    _flip(block, start + sent, first=sent == 0)
+                    self.connection.sendall(block)
+                    sent += len(block)
+                    continue
+                done = 0
+                while done < n:
+                    k = os.sendfile(out, fd, start + sent + done, n - done)
+                    if k == 0:
+                        return sent + done
+                    done += k
+                sent += done
+        return sent
+
+    def _abort(self) -> None:
+        """Reset the connection: RST, not FIN, like a dropped peer."""
+        self.close_connection = True
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.rfile.close()  # the makefile holds a reference that would keep the socket open
+        self.connection.close()
+        raise _Reset()
+
+
+def _flip(block: bytearray, offset: int, first: bool) -> None:
+    first_hit = -offset % CORRUPT_STRIDE
+    block[first_hit::CORRUPT_STRIDE] = bytes(b ^ 0xFF for b in block[first_hit::CORRUPT_STRIDE])
+    if first and first_hit != 0:
+        block[0] ^= 0xFF
+
+
+# ---------------------------------------------------------------------------------------
+# Running it
+
+
+class _Control:
+    """Stats, faults and rate of a hub; the in-process and the HTTP flavours share it."""
+
+    def stats(self) -> HubStats:
+        raise NotImplementedError
+
+    def reset_stats(self) -> None:
+        raise NotImplementedError
+
+    def _put_faults(self, faults: Faults) -> Faults:
+        raise NotImplementedError
+
+    def set_rate(self, rate: float | str | None) -> None:
+        raise NotImplementedError
+
+    def set_faults(self, faults: Faults | None = None, **fields: Any) -> Faults:
+        """Replace the faults: ``set_faults(fail_next=2)``, ``set_faults()`` to clear them all."""
+        return self._put_faults(faults if faults is not None else Faults(**fields))
+
+    def clear_faults(self) -> None:
+        self._put_faults(Faults())
+
+
+class TestHub(_Control):
+    """The hub in this process, on background threads; a context manager.
+
+    ``port=0`` (the default) binds a free port; ``url`` and ``cdn_url`` say where.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, root: Path | str, *, host: str = "127.0.0.1", port: int = 0, cdn_port: int = 0,
+                 rate: float | str | None = None, lfs_threshold: int = DEFAULT_LFS_THRESHOLD,
+                 verbose: bool = False) -> None:
+        self.hub = Hub(root, lfs_threshold=lfs_threshold, rate=rate)
+        self._host, self._port, self._cdn_port, self._verbose = host, port, cdn_port, verbose
+        self._servers: list[_Server] = []
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def url(self) -> str:
+        host, port = self._servers[0].server_address[:2]
+        return f"http://{_url_host(host)}:{port}"
+
+    @property
+    def cdn_url(self) -> str:
+        host, port = self._servers[1].server_address[:2]
+        return f"http://{_url_host(host)}:{port}"
+
+    def start(self) -> "TestHub":
+        api = _Server((self._host, self._port), self.hub, "api", self._verbose)
+        cdn = _Server((self._host, self._cdn_port), self.hub, "cdn", self._verbose)
+        self._servers = [api, cdn]
+        api.cdn_origin = cdn.cdn_origin = "http://{host}:%d" % cdn.server_address[1]
+        for server in self._servers:
+            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                      name=f"testhub-{server.role}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> None:
+        self.hub.closed = True
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+            server.close_connections()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._threads = []
+
+    def __enter__(self) -> "TestHub":
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def commit(self, repo_id: str) -> str:
+        """The current commit of ``repo_id`` (what ``main`` resolves to)."""
+        return self.hub.commit(repo_id)
+
+    def stats(self) -> HubStats:
+        return self.hub.counters.snapshot()
+
+    def reset_stats(self) -> None:
+        self.hub.counters.reset()
+
+    @property
+    def faults(self) -> Faults:
+        return self.hub.faults
+
+    def _put_faults(self, faults: Faults) -> Faults:
+        self.hub.set_faults(faults)
+        return faults
+
+    def set_rate(self, rate: float | str | None) -> None:
+        self.hub.limiter.rate = parse_rate(rate) if isinstance(rate, str) else rate
+
+
+class HubClient(_Control):
+    """Stats and faults of a hub running elsewhere, over its ``/_hub/`` endpoints."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def _call(self, method: str, route: str, payload: Any = None) -> Any:
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(f"{self.url}/_hub/{route}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def stats(self) -> HubStats:
+        return HubStats.from_json(self._call("GET", "stats"))
+
+    def reset_stats(self) -> None:
+        self._call("POST", "reset", {})
+
+    @property
+    def faults(self) -> Faults:
+        return Faults.from_json(self._call("GET", "faults"))
+
+    def _put_faults(self, faults: Faults) -> Faults:
+        return Faults.from_json(self._call("POST", "faults", faults.to_json()))
+
+    def set_rate(self, rate: float | str | None) -> None:
+        self._call("POST", "config", {"rate": rate})
+
+
+class HubProcess(HubClient):
+    """The hub as a child process (``python -m mmfs.testing.hub``), free of this one's GIL.
+
+    Controlled over HTTP, so it offers the same ``stats``/``set_faults``/``set_rate`` as
+    :class:`TestHub`. A context manager; ``start`` waits for the "listening" line.
+    """
+
+    def __init__(self, root: Path | str, *, host: str = "127.0.0.1", port: int = 0,
+                 rate: float | str | None = None, lfs_threshold: int = DEFAULT_LFS_THRESHOLD,
+                 python: str = sys.executable) -> None:
+        super().__init__("")
+        self.argv = [python, "-m", "mmfs.testing.hub", "--root", str(root), "--host", host, "--port", str(port),
+                     "--lfs-threshold", str(lfs_threshold)]
+        if rate is not None:
+            self.argv += ["--rate", str(rate)]
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self, timeout: float = 30.0) -> "HubProcess":
+        env = dict(os.environ)
+        package_parent = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True, env=env)
+        line: list[str] = []
+        stdout = self.proc.stdout
+        assert stdout is not None
+        reader = threading.Thread(target=lambda: line.append(stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        prefix = "hub listening on "
+        if not line or not line[0].startswith(prefix):
+            self.stop()
+            raise RuntimeError(f"the hub did not start within {timeout} s: {line[0] if line else 'no output'!r}")
+        self.url = line[0][len(prefix):].strip()
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        self.proc = None
+
+    def __enter__(self) -> "HubProcess":
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mmfs.testing.hub", description=__doc__.split("\n")[0])
+    parser.add_argument("--root", required=True, type=Path, help="folder of <org>/<name>/ repos")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
+    parser.add_argument("--cdn-port", type=int, default=0, help="port of the LFS 'CDN' origin (default: free)")
+    parser.add_argument("--rate", default=None, help="aggregate bandwidth cap, e.g. 100MB/s (default: none)")
+    parser.add_argument("--lfs-threshold", type=int, default=DEFAULT_LFS_THRESHOLD,
+                        help="files of at least this many bytes are LFS (default: 1 MiB)")
+    parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    args = parser.parse_args(argv)
+    try:
+        hub = TestHub(args.root, host=args.host, port=args.port, cdn_port=args.cdn_port, rate=args.rate,
+                      lfs_threshold=args.lfs_threshold, verbose=args.verbose).start()
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"hub listening on {hub.url}", flush=True)
+    stop = threading.Event()
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    hub.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

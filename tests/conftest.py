@@ -1,0 +1,29 @@
+"""Fixtures shared by the whole suite. Keep each one small and documented here.
+
+- ``hub_root``: a fresh hub root (``tmp_path/"hub"``) holding a *copy* of the real
+  ``sentence-transformers/all-MiniLM-L6-v2``; add repos with
+  :func:`mmfs.testing.models.make_synthetic_model` (``hub_root / "org" / "name"``).
+- ``hub``: a running :class:`mmfs.testing.hub.TestHub` over ``hub_root`` on a free
+  loopback port, stopped after the test; ``hub.url`` is the ``HF_ENDPOINT``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from mmfs.testing.hub import TestHub
+from mmfs.testing.models import populate_hub_root
+
+
+@pytest.fixture
+def hub_root(tmp_path: Path) -> Path:
+    return populate_hub_root(tmp_path / "hub")
+
+
+@pytest.fixture
+def hub(hub_root: Path) -> Iterator[TestHub]:
+    with TestHub(hub_root) as running:
+        yield running
