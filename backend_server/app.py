@@ -1,0 +1,535 @@
+"""The backend's HTTP API over one :class:`~mmfs.engine.FetchEngine` whose remote is the Hub.
+
+Three faces, one engine (the full reference is ``docs/protocol.md``):
+
+* the node protocol (:mod:`mmfs.remote.backend` is its client): ``/v1/resolve``,
+  ``/v1/manifest``, ``/v1/chunk`` (one verified chunk with ``X-Mmfs-Blake3``), plus
+  ``/v1/file`` (a whole file or a ``Range``, streamed) and ``POST /v1/prefetch``;
+* the Hub's download API (``/api/models/...``, ``HEAD``/``GET /<org>/<name>/resolve/...``),
+  generated from the engine's manifest and served from the engine, so an unmodified
+  ``huggingface_hub`` pointed at the backend with ``HF_ENDPOINT`` reads through the
+  cluster cache;
+* operations: ``/healthz``, ``/metrics``, ``/v1/files``.
+
+Every name taken from a URL goes through :mod:`mmfs.names` before it reaches the engine.
+Streams send chunks in order while the next ones are fetched (:meth:`FetchEngine.prefetch`
+into the shared memory tier), so a stream holds one chunk of its own at a time. A failure
+after the headers went out (the file failed verification, the upstream gave up) aborts
+the connection mid-body: a client never sees a complete, wrong file.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import asdict
+from typing import Awaitable, Callable
+from urllib.parse import unquote
+
+import blake3
+import trio
+
+from mmfs.engine import FetchEngine
+from mmfs.errors import AccessDenied, EntryNotFound, InvalidName, MmfsError, NotFound, first_error
+from mmfs.manifest import ChunkKey, FileEntry, Manifest
+from mmfs.names import RepoRef, check_path, check_provider, check_repo_part, check_revision
+from mmfs.remote.backend import BLAKE3_HEADER
+from mmfs.remote.base import FileSource
+
+from .access import AccessControl
+from .http import Request, Response, Send
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+#: Bytes of read-ahead a stream keeps in flight (in chunks: at least 2, at most 32).
+READAHEAD_BYTES = 32 << 20
+#: Files warmed at once by ``POST /v1/prefetch``.
+PREFETCH_FILES = 4
+_DIGEST_CACHE = 65536
+
+
+class BadRange(InvalidName):
+    """A ``Range`` header the backend cannot honour (malformed, multiple, or past the end)."""
+
+    status = 416
+
+
+class MethodNotAllowed(InvalidName):
+    status = 405
+
+
+class BackendApp:
+    def __init__(self, engine: FetchEngine, access: AccessControl, metrics: Metrics, *,
+                 upstream: str = "", data_dir: str = "", readahead_bytes: int = READAHEAD_BYTES,
+                 stats: Callable[[], dict[str, int]] | None = None) -> None:
+        self.engine = engine
+        self.access = access
+        self.metrics = metrics
+        self.upstream = upstream
+        self.data_dir = data_dir
+        self.readahead_bytes = readahead_bytes
+        self.server_stats = stats or (lambda: {"connections": 0, "active_requests": 0})
+        self._digests: OrderedDict[ChunkKey, str] = OrderedDict()
+
+    # -- dispatch -----------------------------------------------------------------------
+
+    async def handle(self, request: Request) -> Response:
+        route = "other"
+        try:
+            segments = _segments(request.path)
+            route, handler = self._route(request.method, segments)
+            response = await handler(request, segments)
+        except MmfsError as err:
+            response = error_response(err)
+        response.route = route
+        return response
+
+    def _route(self, method: str, s: list[str]) -> tuple[str, Callable[[Request, list[str]], Awaitable[Response]]]:
+        def allow(route: str, handler: Callable, *methods: str):  # type: ignore[type-arg]
+            if method not in methods:
+                raise MethodNotAllowed(f"{method} is not allowed on {route}; use {' or '.join(methods)}")
+            return route, handler
+
+        if s == ["healthz"]:
+            return allow("healthz", self.healthz, "GET", "HEAD")
+        if s == ["metrics"]:
+            return allow("metrics", self.metrics_page, "GET")
+        if s[:1] == ["v1"]:
+            kind = s[1] if len(s) > 1 else ""
+            if kind == "files" and len(s) == 2:
+                return allow("files", self.files, "GET")
+            if kind in ("resolve", "manifest", "prefetch") and len(s) >= 6:
+                handler = {"resolve": self.v1_resolve, "manifest": self.v1_manifest,
+                           "prefetch": self.v1_prefetch}[kind]
+                return allow(kind, handler, "POST" if kind == "prefetch" else "GET")
+            if kind in ("chunk", "file") and len(s) >= 7:
+                if kind == "chunk":
+                    return allow("chunk", self.v1_chunk, "GET")
+                return allow("file", self.v1_file, "GET", "HEAD")
+            raise NotFound(f"no such endpoint: /{'/'.join(s)} (see docs/protocol.md)")
+        if s[:2] == ["api", "models"] and len(s) >= 4:
+            if len(s) == 4 or (s[4] == "revision" and len(s) >= 6):
+                return allow("hub_model_info", self.hub_model_info, "GET")
+            if s[4] == "tree" and len(s) >= 6:
+                return allow("hub_tree", self.hub_tree, "GET")
+        if len(s) >= 5 and s[2] == "resolve":
+            return allow("hub_resolve", self.hub_resolve, "GET", "HEAD")
+        raise NotFound(f"no such endpoint: /{'/'.join(s)}")
+
+    # -- operations ---------------------------------------------------------------------
+
+    async def healthz(self, request: Request, s: list[str]) -> Response:
+        stats = self.engine.statistics()
+        return Response.json({"status": "ok", "upstream": self.upstream, "data_dir": self.data_dir,
+                              "uptime_s": round(time.time() - self.metrics.started, 3),
+                              "tiers": {t.name: {"used_bytes": t.used_bytes, "limit_bytes": t.limit_bytes,
+                                                 "entries": t.entries} for t in stats.tiers},
+                              "inflight_fetches": stats.inflight})
+
+    async def metrics_page(self, request: Request, s: list[str]) -> Response:
+        server = self.server_stats()
+        self.metrics.access_checks.clear()
+        self.metrics.access_checks.update(self.access.outcomes)
+        text = self.metrics.render(self.engine.statistics(), connections=server["connections"],
+                                   active_requests=server["active_requests"])
+        return Response.text(text, content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def files(self, request: Request, s: list[str]) -> Response:
+        metadata = self.engine.metadata
+        if metadata is None:
+            return Response.json({"files": [], "refs": {}})
+
+        def collect() -> dict:
+            return {"files": [asdict(r) for r in metadata.files()],
+                    "refs": {k: asdict(v) for k, v in metadata.refs().items()}}
+
+        return Response.json(await trio.to_thread.run_sync(collect))
+
+    # -- the node protocol --------------------------------------------------------------
+
+    async def v1_resolve(self, request: Request, s: list[str]) -> Response:
+        repo = _repo(s[2], s[3], s[4])
+        revision = check_revision("/".join(s[5:]))
+        auth = request.header("authorization")
+        commit = await self._resolve(repo, revision, auth)
+        if self.access.is_restricted(repo):
+            await self._check_listing(repo, commit, auth)
+        return Response.json({"commit": commit})
+
+    async def v1_manifest(self, request: Request, s: list[str]) -> Response:
+        repo = _repo(s[2], s[3], s[4])
+        revision = check_revision("/".join(s[5:]))
+        auth = request.header("authorization")
+        manifest = await self._manifest(repo, revision, auth)
+        if self.access.is_restricted(repo):
+            await self._check_listing(repo, manifest.commit, auth)
+        return Response(200, [("Content-Type", "application/json"), ("X-Repo-Commit", manifest.commit)],
+                        manifest.dumps())
+
+    async def v1_chunk(self, request: Request, s: list[str]) -> Response:
+        repo = _repo(s[2], s[3], s[4])
+        revision = check_revision(s[5])
+        path = check_path("/".join(s[6:]))
+        raw_index = request.query_value("index")
+        if raw_index is None or not raw_index.isdigit() or len(raw_index) > 12:
+            raise InvalidName("the chunk endpoint needs ?index=N with N a chunk number (0, 1, ...)")
+        auth = request.header("authorization")
+        source, _ = await self._source(repo, revision, path, auth)
+        index = int(raw_index)
+        if index >= source.entry.chunk_count:
+            raise InvalidName(f"chunk {index} is out of range: {path} has {source.entry.chunk_count} chunks "
+                              f"of {source.entry.chunk_size} bytes")
+        tier = self._tier_of(source.entry.chunk_key(index))
+        data = await self._read_chunk(source, index, auth)
+        digest = await self._digest(source.entry.chunk_key(index), data)
+        self.metrics.served_bytes[tier] += len(data)
+        start, end = source.entry.chunk_span(index)
+        return Response(200, [("Content-Type", "application/octet-stream"), (BLAKE3_HEADER, digest),
+                              ("X-Repo-Commit", source.commit), ("X-Mmfs-Chunk-Range", f"{start}-{end - 1}"),
+                              ("X-Mmfs-Chunk-Size", str(source.entry.chunk_size))], data)
+
+    async def v1_file(self, request: Request, s: list[str]) -> Response:
+        repo = _repo(s[2], s[3], s[4])
+        revision = check_revision(s[5])
+        path = check_path("/".join(s[6:]))
+        auth = request.header("authorization")
+        source, _ = await self._source(repo, revision, path, auth)
+        return await self._serve_file(request, source, auth)
+
+    async def v1_prefetch(self, request: Request, s: list[str]) -> Response:
+        repo = _repo(s[2], s[3], s[4])
+        revision = check_revision("/".join(s[5:]))
+        patterns = request.query_values("include")
+        for pattern in patterns:
+            if not pattern or "\0" in pattern or len(pattern) > 1024:
+                raise InvalidName("include patterns must be 1 to 1024 characters without NUL")
+        auth = request.header("authorization")
+        manifest = await self._manifest(repo, revision, auth)
+        chosen = [f for f in manifest.files if not patterns or any(fnmatch.fnmatchcase(f.path, p) for p in patterns)]
+        started = time.perf_counter()
+        upstream_before = self.engine.statistics().remote_bytes
+        errors: list[str] = []
+        first: list[MmfsError] = []
+        queue = list(chosen)
+
+        async def worker() -> None:
+            while queue:
+                entry = queue.pop(0)
+                source = FileSource(repo, manifest.commit, entry)
+                try:
+                    await self.access.check(repo, manifest.commit, entry.path, auth, self.engine.nursery)
+                    await self._warm(source, auth)
+                except MmfsError as err:
+                    errors.append(f"{entry.path}: {err}")
+                    first.append(err)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(PREFETCH_FILES, len(chosen))):
+                nursery.start_soon(worker)
+        summary = {"repo": str(repo), "revision": revision, "commit": manifest.commit, "files": len(chosen),
+                   "bytes": sum(f.size for f in chosen),
+                   "upstream_bytes": self.engine.statistics().remote_bytes - upstream_before,
+                   "seconds": round(time.perf_counter() - started, 3), "errors": errors}
+        if first:
+            err = first[0]
+            summary["error"] = f"{len(errors)} of {len(chosen)} files failed; first: {errors[0]}"
+            return Response.json(summary, err.status, [("X-Error-Code", err.code())])
+        return Response.json(summary)
+
+    # -- the Hub's download API ---------------------------------------------------------
+
+    async def hub_model_info(self, request: Request, s: list[str]) -> Response:
+        repo = _repo("huggingface", s[2], s[3])
+        revision = check_revision("/".join(s[5:])) if len(s) > 4 else "main"
+        auth = request.header("authorization")
+        manifest = await self._manifest(repo, revision, auth)
+        restricted = self.access.is_restricted(repo)
+        if restricted:
+            await self._check_listing(repo, manifest.commit, auth)
+        blobs = (request.query_value("blobs") or "").lower() in ("true", "1")
+        return Response.json(model_info_json(manifest, blobs=blobs, gated=restricted),
+                             headers=[("X-Repo-Commit", manifest.commit)])
+
+    async def hub_tree(self, request: Request, s: list[str]) -> Response:
+        repo = _repo("huggingface", s[2], s[3])
+        revision = check_revision(s[5])
+        path = "/".join(s[6:]).strip("/")
+        if path:
+            check_path(path)
+        auth = request.header("authorization")
+        manifest = await self._manifest(repo, revision, auth)
+        if self.access.is_restricted(repo):
+            await self._check_listing(repo, manifest.commit, auth)
+        recursive = (request.query_value("recursive") or "").lower() in ("true", "1")
+        return Response.json(tree_json(manifest, path, recursive), headers=[("X-Repo-Commit", manifest.commit)])
+
+    async def hub_resolve(self, request: Request, s: list[str]) -> Response:
+        repo = _repo("huggingface", s[0], s[1])
+        revision = check_revision(s[3])
+        path = check_path("/".join(s[4:]))
+        auth = request.header("authorization")
+        manifest = await self._manifest(repo, revision, auth)
+        try:
+            source, _ = await self._source(repo, manifest.commit, path, auth)
+        except EntryNotFound as err:
+            # The Hub names the commit even on a 404, so clients can cache the absence.
+            return error_response(err, [("X-Repo-Commit", manifest.commit)])
+        return await self._serve_file(request, source, auth)
+
+    # -- serving files ------------------------------------------------------------------
+
+    async def _serve_file(self, request: Request, source: FileSource, auth: str | None) -> Response:
+        entry = source.entry
+        span = parse_range(request.header("range"), entry.size)
+        headers = [("Content-Type", "application/octet-stream"), ("Accept-Ranges", "bytes"),
+                   ("X-Repo-Commit", source.commit), ("ETag", f'"{entry.hash}"')]
+        if entry.is_lfs:
+            headers += [("X-Linked-Etag", f'"{entry.hash}"'), ("X-Linked-Size", str(entry.size))]
+        status, start, end = 200, 0, entry.size
+        if span is not None:
+            status, (start, end) = 206, span
+            headers.append(("Content-Range", f"bytes {start}-{end - 1}/{entry.size}"))
+        if request.method == "HEAD" or end == start:
+            return Response(status, headers, content_length=end - start)
+        stream = await self._open_stream(source, start, end, auth)
+        return Response(status, headers, stream=stream, content_length=end - start)
+
+    async def _open_stream(self, source: FileSource, start: int, end: int,
+                           auth: str | None) -> Callable[[Send], Awaitable[None]]:
+        """Fetch the first chunk (so its errors still become a status), return the body writer."""
+        entry = source.entry
+        size = entry.chunk_size
+        first, last = start // size, (end - 1) // size
+        ahead = max(2, min(32, self.readahead_bytes // size))
+        labels: dict[int, str] = {}
+        prefetched_to = first + 1
+
+        def read_ahead(index: int) -> None:
+            nonlocal prefetched_to
+            stop = min(last + 1, index + 1 + ahead)
+            if stop > prefetched_to:
+                wanted = range(prefetched_to, stop)
+                for j in wanted:
+                    labels[j] = self._tier_of(entry.chunk_key(j))
+                self.engine.prefetch(source, wanted, auth=auth)
+                prefetched_to = stop
+
+        labels[first] = self._tier_of(entry.chunk_key(first))
+        read_ahead(first)
+        held: list[bytes] = [await self._read_chunk(source, first, auth)]
+
+        async def body(send: Send) -> None:
+            for index in range(first, last + 1):
+                if index == first:
+                    data = held.pop()
+                else:
+                    read_ahead(index)
+                    data = await self._read_chunk(source, index, auth)
+                base = index * size
+                lo, hi = max(start - base, 0), min(end - base, len(data))
+                await send(memoryview(data)[lo:hi])
+                self.metrics.served_bytes[labels.pop(index, "memory")] += hi - lo
+                del data
+
+        return body
+
+    async def _warm(self, source: FileSource, auth: str | None) -> None:
+        """Read a whole file through the engine (and so verify it) without keeping it."""
+        entry = source.entry
+        if entry.size == 0:
+            return
+        ahead = max(2, min(32, self.readahead_bytes // entry.chunk_size))
+        for index in range(entry.chunk_count):
+            self.engine.prefetch(source, range(index + 1, min(entry.chunk_count, index + 1 + ahead)), auth=auth)
+            await self._read_chunk(source, index, auth)
+
+    def _tier_of(self, key: ChunkKey) -> str:
+        """Which tier would answer ``key`` now; ``upstream`` when none holds it."""
+        for tier in self.engine.tiers:
+            if tier.peek(key) is not None:
+                return tier.name
+            contains = getattr(tier, "contains", None)
+            if contains is not None and contains(key):
+                return tier.name
+        return "upstream"
+
+    async def _digest(self, key: ChunkKey, data: bytes) -> str:
+        digest = self._digests.get(key)
+        if digest is None:
+            if len(data) >= 256 << 10:
+                digest = await trio.to_thread.run_sync(_blake3_hex, data)
+            else:
+                digest = _blake3_hex(data)
+            self._digests[key] = digest
+            if len(self._digests) > _DIGEST_CACHE:
+                self._digests.popitem(last=False)
+        else:
+            self._digests.move_to_end(key)
+        return digest
+
+    # -- engine calls, with gated-repo bookkeeping --------------------------------------
+
+    async def _resolve(self, repo: RepoRef, revision: str, auth: str | None) -> str:
+        try:
+            return await self.engine.resolve(repo, revision, auth=auth)
+        except AccessDenied:
+            if not auth:
+                self.access.mark_restricted(repo)
+            raise
+
+    async def _manifest(self, repo: RepoRef, revision: str, auth: str | None) -> Manifest:
+        try:
+            return await self.engine.manifest(repo, revision, auth=auth)
+        except AccessDenied:
+            if not auth:
+                self.access.mark_restricted(repo)
+            raise
+
+    async def _source(self, repo: RepoRef, revision: str, path: str, auth: str | None) -> tuple[FileSource, Manifest]:
+        manifest = await self._manifest(repo, revision, auth)
+        entry = manifest.file(path)
+        if entry is None:
+            raise EntryNotFound(f"{path} does not exist in {repo.repo_id} at {manifest.commit}")
+        await self.access.check(repo, manifest.commit, path, auth, self.engine.nursery)
+        return FileSource(repo, manifest.commit, entry), manifest
+
+    async def _check_listing(self, repo: RepoRef, commit: str, auth: str | None) -> None:
+        manifest = await self._manifest(repo, commit, auth)
+        if manifest.files:
+            await self.access.check(repo, commit, manifest.files[0].path, auth, self.engine.nursery)
+
+    async def _read_chunk(self, source: FileSource, index: int, auth: str | None) -> bytes:
+        try:
+            return await self.engine.read_chunk(source, index, auth=auth)
+        except AccessDenied:
+            if not auth:
+                self.access.mark_restricted(source.repo)
+            raise
+        except BaseExceptionGroup as group:  # pragma: no cover - the engine unwraps its own groups
+            error = first_error(group)
+            if error is None:
+                raise
+            raise error from None
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _segments(path: str) -> list[str]:
+    """Split a percent-encoded path into decoded segments; bad encodings are a 400."""
+    if not path.startswith("/"):
+        raise InvalidName("the request target must be an absolute path")
+    try:
+        return [unquote(part, errors="strict") for part in path[1:].split("/")]
+    except UnicodeDecodeError as exc:
+        raise InvalidName(f"the path is not valid percent-encoded UTF-8: {exc.reason}") from None
+
+
+def _repo(provider: str, org: str, name: str) -> RepoRef:
+    return RepoRef(check_provider(provider), check_repo_part(org, "organisation"), check_repo_part(name))
+
+
+def _blake3_hex(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+def error_response(err: MmfsError, headers: list[tuple[str, str]] | None = None) -> Response:
+    message = str(err) or type(err).__name__
+    safe = message.encode("ascii", "replace").decode()[:1000]
+    return Response.json({"error": message}, err.status,
+                         [("X-Error-Code", err.code()), ("X-Error-Message", safe), *(headers or [])])
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``(start, end_exclusive)`` for a ``Range`` header, ``None`` without one.
+
+    One range only (``bytes=a-b``, ``bytes=a-``, ``bytes=-n``); anything else, or a range
+    outside the file, is :class:`BadRange` (416) with a message saying why.
+    """
+    if header is None:
+        return None
+    text = header.strip()
+    unit, eq, spec = text.partition("=")
+    if not eq or unit.strip().lower() != "bytes":
+        raise BadRange(f"malformed Range {header[:100]!r}: expected bytes=START-END")
+    if "," in spec:
+        raise BadRange("multiple ranges in one request are not supported; ask for one range at a time")
+    first, dash, last = spec.strip().partition("-")
+    first, last = first.strip(), last.strip()
+    if not dash or (first and not first.isdigit()) or (last and not last.isdigit()) or not (first or last) \
+            or len(first) > 20 or len(last) > 20:
+        raise BadRange(f"malformed Range {header[:100]!r}: expected bytes=START-END, bytes=START- or bytes=-N")
+    if not first:
+        n = int(last)
+        if n == 0 or size == 0:
+            raise BadRange(f"range {header[:100]!r} is not satisfiable for a file of {size} bytes")
+        return max(size - n, 0), size
+    start = int(first)
+    if last and int(last) < start:
+        raise BadRange(f"malformed Range {header[:100]!r}: the end comes before the start")
+    if start >= size:
+        raise BadRange(f"range {header[:100]!r} starts past the end of a file of {size} bytes")
+    return start, min(int(last) + 1, size) if last else size
+
+
+def lfs_pointer(entry: FileEntry) -> bytes:
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{entry.hash}\nsize {entry.size}\n".encode()
+
+
+def git_blob_id(entry: FileEntry) -> str:
+    """The file's git blob id: its own hash, or for LFS files the id of its pointer file."""
+    if not entry.is_lfs:
+        return entry.hash
+    pointer = lfs_pointer(entry)
+    return hashlib.sha1(b"blob %d\0" % len(pointer) + pointer).hexdigest()
+
+
+def model_info_json(manifest: Manifest, *, blobs: bool, gated: bool) -> dict:
+    siblings = []
+    for entry in manifest.files:
+        sibling: dict = {"rfilename": entry.path}
+        if blobs:
+            sibling.update(size=entry.size, blobId=git_blob_id(entry))
+            if entry.is_lfs:
+                sibling["lfs"] = {"sha256": entry.hash, "size": entry.size, "pointerSize": len(lfs_pointer(entry))}
+        siblings.append(sibling)
+    repo_id = manifest.repo.repo_id
+    return {"_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24], "id": repo_id, "modelId": repo_id,
+            "author": manifest.repo.org, "sha": manifest.commit, "private": False,
+            "gated": "manual" if gated else False, "disabled": False, "downloads": 0, "likes": 0, "tags": [],
+            "library_name": None, "siblings": siblings, "spaces": [], "usedStorage": manifest.total_size}
+
+
+def tree_json(manifest: Manifest, path: str, recursive: bool) -> list[dict]:
+    prefix = f"{path}/" if path else ""
+    directories = sorted(set(manifest.directories()))
+    if path and path not in directories:
+        if manifest.file(path) is not None:
+            raise EntryNotFound(f"{path} is a file, not a folder, in {manifest.repo.repo_id} at {manifest.commit}")
+        raise EntryNotFound(f"{path} does not exist in {manifest.repo.repo_id} at {manifest.commit}")
+
+    def wanted(p: str) -> bool:
+        return p.startswith(prefix) and (recursive or "/" not in p[len(prefix):])
+
+    entries: list[dict] = []
+    for directory in directories:
+        if wanted(directory):
+            inside = sorted(git_blob_id(f) for f in manifest.files if f.path.startswith(directory + "/"))
+            oid = hashlib.sha1(f"{directory}\0{''.join(inside)}".encode()).hexdigest()
+            entries.append({"type": "directory", "oid": oid, "size": 0, "path": directory})
+    for entry in manifest.files:
+        if wanted(entry.path):
+            item: dict = {"type": "file", "oid": git_blob_id(entry), "size": entry.size, "path": entry.path}
+            if entry.is_lfs:
+                item["lfs"] = {"oid": entry.hash, "size": entry.size, "pointerSize": len(lfs_pointer(entry))}
+            entries.append(item)
+    entries.sort(key=lambda e: e["path"])
+    return entries
+
+
+__all__ = ["BackendApp", "BadRange", "error_response", "git_blob_id", "model_info_json", "parse_range",
+           "tree_json"]

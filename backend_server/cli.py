@@ -1,0 +1,223 @@
+"""``mmfs-backend serve``: the cluster backend server.
+
+    mmfs-backend serve --listen 0.0.0.0:3000 --data-dir /data \\
+        [--memory-cache 8GiB] [--memory-ttl 600] [--chunk-size 4MiB] \\
+        [--max-upstream-fetches 16] [--disk-cache 500GiB]
+
+The upstream is the Hub at ``HF_ENDPOINT`` with ``HF_TOKEN``; ``HF_HUB_OFFLINE=1`` serves
+only what the data directory already holds. Under ``--data-dir``: ``chunks/`` (the cold
+tier: content-addressed chunks indexed in LMDB), ``metadata/`` (refs, manifests, file
+records) and ``access.json`` (repos found gated or private). On start it prints
+``mmfs-backend listening on http://HOST:PORT`` to stdout; logs go to stderr, one line
+per request. SIGTERM or SIGINT: stop accepting, let requests in progress finish (up to
+``--grace`` seconds), flush the stores, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import logging
+import os
+import shutil
+import signal
+import sys
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from mmfs.engine import EngineConfig, FetchEngine
+from mmfs.errors import MmfsError
+from mmfs.manifest import DEFAULT_CHUNK_SIZE
+from mmfs.metadata import MetadataStore
+from mmfs.remote.hub import HubRemote, hub_endpoint
+from mmfs.sizes import format_size, parse_size
+from mmfs.tiers.disk import DiskTier
+from mmfs.tiers.memory import MemoryTier
+
+from .access import AccessControl
+from .app import BackendApp
+from .http import HTTPServer
+from .metrics import Metrics
+
+log = logging.getLogger("backend_server")
+
+MIN_CHUNK = 64 << 10
+MAX_CHUNK = 256 << 20
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _chunk_size(text: str) -> int:
+    value = _size(text)
+    if not MIN_CHUNK <= value <= MAX_CHUNK:
+        raise argparse.ArgumentTypeError(f"chunk size {text!r} must be between 64KiB and 256MiB")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds must be a positive number, not {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid --listen {text!r}: expected HOST:PORT such as 0.0.0.0:3000")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmfs-backend", description="The mmfs cluster backend server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve models from the Hub through the cluster cache",
+                                description=__doc__.split("\n\n")[0])
+    serve.add_argument("--listen", type=_listen, default=("0.0.0.0", 3000), metavar="HOST:PORT",
+                       help="address to listen on (default 0.0.0.0:3000; port 0 picks a free one)")
+    serve.add_argument("--data-dir", type=Path, required=True, help="where the cold tier and metadata live")
+    serve.add_argument("--memory-cache", type=_size, default=parse_size("2GiB"), metavar="SIZE",
+                       help="hot tier size in memory (default 2GiB; 0 disables it)")
+    serve.add_argument("--memory-ttl", type=_seconds, default=600.0, metavar="SECONDS",
+                       help="how long a chunk stays in the hot tier (default 600)")
+    serve.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
+                       help=f"chunk size for new manifests (default {format_size(DEFAULT_CHUNK_SIZE)})")
+    serve.add_argument("--max-upstream-fetches", type=_positive_int, default=16, metavar="N",
+                       help="chunk fetches from the upstream at once (default 16)")
+    serve.add_argument("--disk-cache", type=_size, default=None, metavar="SIZE",
+                       help="cold tier size (default: 90%% of the data volume's size)")
+    serve.add_argument("--grace", type=_seconds, default=5.0, metavar="SECONDS",
+                       help="on SIGTERM, how long requests in progress may take to finish (default 5)")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def _tame_malloc() -> None:
+    """Give big buffers back to the OS when freed.
+
+    glibc raises its mmap threshold each time a large block is freed, after which
+    multi-MiB chunk buffers come from the heap, fragment it and keep the process's RSS
+    high long after they are gone. A fixed threshold keeps every chunk buffer mmapped.
+    """
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 256 << 10)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+async def serve(args: argparse.Namespace) -> int:
+    data_dir: Path = args.data_dir
+    host, port = args.listen
+    disk_limit = args.disk_cache or int(shutil.disk_usage(data_dir).total * 0.9)
+    config = EngineConfig.from_env(max_concurrent_fetches=args.max_upstream_fetches)
+    remote = HubRemote(chunk_size=args.chunk_size)
+    tiers = [MemoryTier(args.memory_cache, ttl_seconds=args.memory_ttl), DiskTier(data_dir / "chunks", disk_limit)]
+    metadata = MetadataStore(data_dir / "metadata")
+    access = AccessControl(remote.url, os.environ.get("HF_TOKEN") or None, data_dir / "access.json")
+    metrics = Metrics()
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise MmfsError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    async with FetchEngine(tiers, remote, metadata, config) as engine:
+        server: HTTPServer
+        app = BackendApp(engine, access, metrics, upstream=remote.url, data_dir=str(data_dir),
+                         stats=lambda: {"connections": server.connections, "active_requests": server.active_requests})
+        server = HTTPServer(app.handle, observer=lambda req, resp, sent, secs, done:
+                            metrics.observe(resp.route, req.method, resp.status, sent, done))
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_watch_signals, stop)
+
+            async def run_server(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                await server.serve(listeners, stop, grace=args.grace, task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            await nursery.start(run_server)
+            bound = listeners[0].socket.getsockname()
+            shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+            log.info("serving %s through %s; data in %s (memory %s, ttl %.0fs, disk %s, chunks %s, holder %s)",
+                     remote.url, f"http://{shown}:{bound[1]}", data_dir, format_size(args.memory_cache),
+                     args.memory_ttl, format_size(disk_limit), format_size(args.chunk_size), config.holder)
+            print(f"mmfs-backend listening on http://{shown}:{bound[1]}", flush=True)
+            nursery.start_soon(_expire_memory, tiers[0], args.memory_ttl)
+        await access.aclose()
+    log.info("stopped")
+    return 0
+
+
+async def _watch_signals(stop: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("%s: shutting down", signal.Signals(signum).name)
+            stop.set()
+            return
+
+
+async def _expire_memory(tier: MemoryTier, ttl: float) -> None:
+    """Hand memory back once chunks outlive their TTL, even when no request touches the tier."""
+    while True:
+        await trio.sleep(max(1.0, min(ttl / 4, 60.0)))
+        tier.expire()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not os.environ.get("HF_ENDPOINT"):
+        log.info("HF_ENDPOINT is not set: the upstream is %s", hub_endpoint())
+    try:
+        args.data_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(args.data_dir, os.W_OK):
+            raise MmfsError(f"--data-dir {args.data_dir} is not writable")
+    except OSError as exc:
+        print(f"mmfs-backend: error: cannot use --data-dir {args.data_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except MmfsError as exc:
+        print(f"mmfs-backend: error: {exc}", file=sys.stderr)
+        return 2
+    _tame_malloc()
+    try:
+        return trio.run(serve, args)
+    except MmfsError as exc:
+        print(f"mmfs-backend: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["build_parser", "main", "serve"]

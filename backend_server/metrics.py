@@ -1,0 +1,105 @@
+"""The backend's counters and their Prometheus text rendering (``GET /metrics``).
+
+Engine and tier counters are read from their ``statistics()`` snapshots at scrape time;
+the server adds what only it knows: requests by route and status, and bytes sent to
+clients by the tier that supplied them (``memory``, ``disk``, or ``upstream`` when the
+chunk had to be fetched, by this request or one it joined).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Iterable
+
+from mmfs.engine import EngineStatistics
+
+TIERS_SERVED = ("memory", "disk", "upstream")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.requests: Counter[tuple[str, str, int]] = Counter()  # (route, method, status)
+        self.served_bytes: Counter[str] = Counter({tier: 0 for tier in TIERS_SERVED})
+        self.response_bytes = 0
+        self.aborted_responses = 0
+        self.access_checks: Counter[str] = Counter()
+
+    def observe(self, route: str, method: str, status: int, sent: int, completed: bool) -> None:
+        self.requests[(route or "other", method, status)] += 1
+        self.response_bytes += sent
+        if not completed:
+            self.aborted_responses += 1
+
+    def render(self, engine: EngineStatistics, *, connections: int, active_requests: int) -> str:
+        out = _Writer()
+        out.metric("mmfs_backend_upstream_bytes_total", "counter", "Bytes fetched from the upstream (the Hub).",
+                   [({}, engine.remote_bytes)])
+        out.metric("mmfs_backend_upstream_fetches_total", "counter", "Chunk fetches from the upstream.",
+                   [({}, engine.remote_fetches)])
+        out.metric("mmfs_backend_inflight_fetches", "gauge", "Chunk loads in flight (single-flight entries).",
+                   [({}, engine.inflight)])
+        out.metric("mmfs_backend_coalesced_requests_total", "counter",
+                   "Chunk requests that joined a load already in flight instead of starting one.",
+                   [({}, engine.coalesced)])
+        out.metric("mmfs_backend_integrity_failures_total", "counter",
+                   "Chunks or files whose bytes failed their hash (purged, never served).",
+                   [({}, engine.integrity_failures)])
+        out.metric("mmfs_backend_files_verified", "gauge", "Files verified against their upstream hash.",
+                   [({}, engine.files_verified)])
+        out.metric("mmfs_backend_served_bytes_total", "counter",
+                   "File bytes sent to clients, by the tier that supplied them.",
+                   [({"tier": tier}, self.served_bytes[tier]) for tier in TIERS_SERVED])
+        tiers = engine.tiers
+        out.metric("mmfs_backend_tier_hits_total", "counter", "Chunk lookups a tier answered.",
+                   [({"tier": t.name}, t.hits) for t in tiers])
+        out.metric("mmfs_backend_tier_misses_total", "counter", "Chunk lookups a tier could not answer.",
+                   [({"tier": t.name}, t.misses) for t in tiers])
+        out.metric("mmfs_backend_tier_hit_bytes_total", "counter", "Bytes a tier answered lookups with.",
+                   [({"tier": t.name}, t.hit_bytes) for t in tiers])
+        out.metric("mmfs_backend_tier_used_bytes", "gauge", "Bytes a tier holds.",
+                   [({"tier": t.name}, t.used_bytes) for t in tiers])
+        out.metric("mmfs_backend_tier_limit_bytes", "gauge", "Capacity of a tier in bytes.",
+                   [({"tier": t.name}, t.limit_bytes) for t in tiers])
+        out.metric("mmfs_backend_tier_entries", "gauge", "Chunks a tier holds.",
+                   [({"tier": t.name}, t.entries) for t in tiers])
+        out.metric("mmfs_backend_tier_evictions_total", "counter", "Chunks a tier evicted (LRU or TTL).",
+                   [({"tier": t.name}, t.evictions) for t in tiers])
+        out.metric("mmfs_backend_tier_errors_total", "counter", "I/O or checksum errors in a tier.",
+                   [({"tier": t.name}, t.errors) for t in tiers])
+        out.metric("mmfs_backend_requests_total", "counter", "HTTP requests answered, by route, method and status.",
+                   [({"route": r, "method": m, "status": str(s)}, n) for (r, m, s), n in sorted(self.requests.items())])
+        out.metric("mmfs_backend_response_bytes_total", "counter", "Bytes of response bodies sent.",
+                   [({}, self.response_bytes)])
+        out.metric("mmfs_backend_aborted_responses_total", "counter",
+                   "Responses cut off mid-body (client gone, upstream failure, integrity failure).",
+                   [({}, self.aborted_responses)])
+        out.metric("mmfs_backend_access_checks_total", "counter",
+                   "Caller token checks against the upstream for gated repos, by outcome.",
+                   [({"outcome": k}, v) for k, v in sorted(self.access_checks.items())])
+        out.metric("mmfs_backend_open_connections", "gauge", "Client connections open.", [({}, connections)])
+        out.metric("mmfs_backend_active_requests", "gauge", "Requests being answered.", [({}, active_requests)])
+        out.metric("mmfs_backend_start_time_seconds", "gauge", "Unix time the server started.",
+                   [({}, self.started)])
+        return out.text()
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+
+    def metric(self, name: str, kind: str, help_text: str, samples: Iterable[tuple[dict[str, str], float]]) -> None:
+        self._lines.append(f"# HELP {name} {help_text}")
+        self._lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+            rendered = repr(float(value)) if isinstance(value, float) else str(int(value))
+            self._lines.append(f"{name}{{{label_text}}} {rendered}" if label_text else f"{name} {rendered}")
+
+    def text(self) -> str:
+        return "\n".join(self._lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
