@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Sequence
@@ -291,17 +292,24 @@ class FetchEngine:
         return fetched.data
 
     async def _record_download(self, source: FileSource, fetched: FetchedChunk) -> None:
-        """Note where a file came from, once per content and process."""
+        """Note where a file came from, once per content and process.
+
+        While the engine verifies files itself, the record also names the download in
+        flight (``<holder>:<id>``) until the whole file has passed its hash check."""
         content_id = source.entry.content_id
         if self.metadata is None or content_id in self._recorded:
             return
         self._recorded.add(content_id)
+        changes: dict[str, object] = {}
+        if not self.remote.verifies_files and content_id not in self._verified:
+            changes["inflight_download"] = f"{self.config.holder}:{uuid.uuid4().hex[:16]}"
         record = self.metadata.get_file(content_id)
-        if record is not None and record.downloaded_at:
-            return
-        await trio.to_thread.run_sync(lambda: self.metadata.update_file(  # type: ignore[union-attr]
-            content_id, source_url=fetched.source_url, etag=fetched.etag, last_modified=fetched.last_modified,
-            downloaded_at=time.time(), holder=self.config.holder, inflight_download=""))
+        if record is None or not record.downloaded_at:
+            changes.update(source_url=fetched.source_url, etag=fetched.etag, last_modified=fetched.last_modified,
+                           downloaded_at=time.time(), holder=self.config.holder)
+        if changes:
+            await trio.to_thread.run_sync(lambda: self.metadata.update_file(  # type: ignore[union-attr]
+                content_id, **changes))
 
     async def _store(self, key: ChunkKey, data: bytes, tiers: Sequence[ChunkTier]) -> None:
         for tier in tiers:
@@ -368,7 +376,7 @@ class FetchEngine:
             self._verified.add(entry.content_id)
             if self.metadata is not None:
                 await trio.to_thread.run_sync(lambda: self.metadata.update_file(  # type: ignore[union-attr]
-                    entry.content_id, verified=True))
+                    entry.content_id, verified=True, inflight_download=""))
 
         await self._meta_flights.run(("verify", entry.content_id), verify, self.nursery)
 
@@ -391,7 +399,8 @@ class FetchEngine:
             record = self.metadata.get_file(entry.content_id)
             failures = (record.failures if record else 0) + 1
             await trio.to_thread.run_sync(lambda: self.metadata.update_file(  # type: ignore[union-attr]
-                entry.content_id, verified=False, failures=failures, last_failure=why, downloaded_at=0.0))
+                entry.content_id, verified=False, failures=failures, last_failure=why, downloaded_at=0.0,
+                inflight_download=""))
 
     # -- observability ------------------------------------------------------------------
 

@@ -63,6 +63,13 @@ class MemoryTier(ChunkTier):
             self._remove(key)
         return len(doomed)
 
+    def expire(self) -> int:
+        """Drop chunks older than the TTL now; return how many. Owners with a TTL call it
+        periodically so an idle process hands its memory back (lookups and stores expire too)."""
+        before = len(self._entries)
+        self._expire()
+        return before - len(self._entries)
+
     def _expire(self) -> None:
         if self._ttl is None:
             return
