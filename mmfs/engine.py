@@ -165,6 +165,8 @@ class FetchEngine:
                 raise
             log.warning("cannot resolve %s@%s (%s); using last known commit %s", repo, revision, exc,
                         remembered.commit)
+            # Trust it for a TTL too: readers must not wait out the retries on every lookup.
+            self._refs[(repo, revision)] = (remembered.commit, time.monotonic())
             return remembered.commit
         assert isinstance(commit, str)
         self._refs[(repo, revision)] = (commit, time.monotonic())
@@ -227,6 +229,35 @@ class FetchEngine:
         whole = b"".join(parts[i] for i in indices)
         base = indices[0] * entry.chunk_size
         return whole[offset - base:end - base]
+
+    def read_cached(self, source: FileSource, offset: int, size: int) -> bytes | memoryview | None:
+        """:meth:`read` answered from the first tier alone, without waiting; ``None`` on a miss.
+
+        The fast path of the FUSE read loop: no task switch, no copy when the range lies in
+        one chunk (a ``memoryview`` into it). A range that reaches a file's last chunk is
+        only served once the file is verified, as in :meth:`read_chunk`.
+        """
+        entry = source.entry
+        indices = entry.chunks_for(offset, size)
+        if not indices:
+            return b""
+        get = getattr(self.tiers[0], "get_nowait", None) if self.tiers else None
+        if get is None:
+            return None
+        if indices[-1] == entry.chunk_count - 1 and not self.remote.verifies_files and not self.is_verified(entry):
+            return None
+        base = indices[0] * entry.chunk_size
+        end = min(offset + size, entry.size)
+        if len(indices) == 1:
+            data = get(entry.chunk_key(indices[0]))
+            return None if data is None else memoryview(data)[offset - base:end - base]
+        parts = []
+        for index in indices:
+            data = get(entry.chunk_key(index))
+            if data is None:
+                return None
+            parts.append(data)
+        return b"".join(parts)[offset - base:end - base]
 
     async def read_chunk(self, source: FileSource, index: int, *, auth: str | None = None) -> bytes:
         """Chunk ``index`` of ``source``, verified; a file's last chunk only once the file is."""

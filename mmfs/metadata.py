@@ -103,6 +103,17 @@ class MetadataStore:
         raw = self._get(self._manifests, self._repo_key(repo, commit))
         return Manifest.loads(raw) if raw else None
 
+    def manifest_keys(self) -> list[tuple[RepoRef, str]]:
+        """``(repo, commit)`` of every manifest stored, without parsing them (for listings)."""
+        keys = []
+        with self._env.begin(db=self._manifests) as txn:
+            for raw in txn.cursor().iternext(keys=True, values=False):
+                repo_text, _, commit = raw.decode().rpartition("@")
+                parts = repo_text.split("/")
+                if len(parts) == 3:
+                    keys.append((RepoRef(*parts), commit))
+        return keys
+
     def put_manifest(self, manifest: Manifest) -> None:
         self._put(self._manifests, self._repo_key(manifest.repo, manifest.commit), manifest.dumps())
 

@@ -29,6 +29,10 @@ class MemoryTier(ChunkTier):
         self._hits = self._misses = self._hit_bytes = self._evictions = 0
 
     async def get(self, key: ChunkKey) -> bytes | None:
+        return self.get_nowait(key)
+
+    def get_nowait(self, key: ChunkKey) -> bytes | None:
+        """:meth:`get` without the coroutine: for callers on a hot path that must not yield."""
         entry = self._entries.get(key)
         if entry is not None and self._ttl is not None and self._clock() - entry[1] > self._ttl:
             self._remove(key)

@@ -1,0 +1,198 @@
+"""The ``mmfs`` command: mount, unmount, prefetch, status.
+
+Errors end in a one-line message on stderr and a non-zero exit; ``--debug`` adds logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+from .errors import MmfsError
+from .sizes import format_size, parse_size
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmfs", description="The model filesystem for inference clusters.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mount = commands.add_parser("mount", help="mount the model namespace (foreground, until unmounted)",
+                                description="Mount MOUNTPOINT/huggingface/<org>/<name>/<rev>/<path> read-only.")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    mount.add_argument("--backend", metavar="URL", help="cluster backend URL (default: embedded mode, the Hub "
+                       "at HF_ENDPOINT directly)")
+    mount.add_argument("--cache-dir", metavar="DIR", default=None,
+                       help="disk chunk cache and metadata DB (default: /var/cache/mmfs)")
+    mount.add_argument("--cache-size", metavar="SIZE", type=_size, default=parse_size("50GiB"),
+                       help="disk cache bound (default: 50GiB)")
+    mount.add_argument("--memory-cache", metavar="SIZE", type=_size, default=parse_size("1GiB"),
+                       help="memory cache bound (default: 1GiB)")
+    mount.add_argument("--chunk-size", metavar="SIZE", type=_size, default=parse_size("4MiB"),
+                       help="chunk size in embedded mode (default: 4MiB; a backend picks its own)")
+    mount.add_argument("--read-ahead", metavar="SIZE", type=_size, default=parse_size("16MiB"),
+                       help="kernel readahead of the mount (default: 16MiB)")
+    mount.add_argument("--remote-timeout", metavar="SECONDS", type=float, default=60.0,
+                       help="longest a file-system call waits on the backend/Hub before EIO (default: 60)")
+    mount.add_argument("--max-tasks", metavar="N", type=int, default=64,
+                       help="FUSE requests served concurrently (default: 64)")
+    mount.add_argument("--debug", action="store_true", help="debug logging (and FUSE debug output)")
+
+    unmount = commands.add_parser("unmount", aliases=["umount"], help="unmount a running mmfs mount")
+    unmount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    unmount.add_argument("--lazy", "-z", action="store_true", help="detach even if busy")
+
+    prefetch = commands.add_parser("prefetch", help="warm the node cache (through a mount) or a backend",
+                                   description="Warm huggingface/<org>/<name>[@<rev>]: through a running mount "
+                                   "(default: the only mmfs mount) or, with --backend, the backend alone.")
+    prefetch.add_argument("model", metavar="huggingface/<org>/<name>[@<rev>]")
+    prefetch.add_argument("--include", metavar="GLOB", nargs="+", action="extend", default=[],
+                          help="only files matching one of these globs (path or file name)")
+    where = prefetch.add_mutually_exclusive_group()
+    where.add_argument("--mount", metavar="MOUNTPOINT", help="warm through this mount")
+    where.add_argument("--backend", metavar="URL", help="warm this backend (no mount needed)")
+    prefetch.add_argument("--jobs", "-j", metavar="N", type=int, default=8, help="parallel readers (default: 8)")
+    prefetch.add_argument("--debug", action="store_true")
+
+    status = commands.add_parser("status", help="what a mount holds: repos, cache use, hit rates")
+    status.add_argument("--mount", metavar="MOUNTPOINT", help="the mount (default: the only mmfs mount)")
+    status.add_argument("--json", action="store_true", help="raw JSON")
+    return parser
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not debug:
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def _mount(args: argparse.Namespace) -> int:
+    from .daemon import DEFAULT_CACHE_DIR, MountOptions, run
+
+    _setup_logging(args.debug)
+    if args.remote_timeout <= 0:
+        print("mmfs mount: --remote-timeout must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    options = MountOptions(mountpoint=args.mountpoint, backend=args.backend,
+                           cache_dir=args.cache_dir or DEFAULT_CACHE_DIR, cache_size=args.cache_size,
+                           memory_cache=args.memory_cache, chunk_size=args.chunk_size, read_ahead=args.read_ahead,
+                           remote_timeout=args.remote_timeout, max_tasks=args.max_tasks, debug=args.debug)
+    return run(options)
+
+
+def _unmount(args: argparse.Namespace) -> int:
+    from . import mountutil
+
+    info = mountutil.mount_at(args.mountpoint)
+    if info is None:
+        print(f"mmfs unmount: {args.mountpoint} is not mounted", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        mountutil.unmount(args.mountpoint, lazy=args.lazy or mountutil.is_dead(args.mountpoint))
+    except OSError as exc:
+        print(f"mmfs unmount: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+def _prefetch(args: argparse.Namespace) -> int:
+    from . import warm
+
+    if args.debug:
+        _setup_logging(True)
+    target = warm.parse_target(args.model)
+    if args.backend:
+        summary = warm.prefetch_backend(args.backend, target, args.include, args.jobs)
+        print(summary.line(f"{target} warmed in {args.backend}"), flush=True)
+    else:
+        mountpoint = warm.find_mount(args.mount)
+        summary = warm.prefetch_mount(mountpoint, target, args.include, args.jobs)
+        print(summary.line(f"{target} cached through {mountpoint}"), flush=True)
+    return 0
+
+
+def read_status(mountpoint: str) -> dict[str, Any]:
+    from .vfs import CONTROL_DIR, STATUS_FILE
+
+    path = os.path.join(mountpoint, CONTROL_DIR, STATUS_FILE)
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except OSError as exc:
+        raise MmfsError(f"cannot read {path}: {exc.strerror} (is {mountpoint} an mmfs mount?)") from None
+
+
+def format_status(status: dict[str, Any]) -> str:
+    lines = [f"mmfs at {status.get('mountpoint')} ({status.get('mode')}"
+             + (f" {status['backend']}" if status.get("backend") else "") + f"), pid {status.get('pid')}, "
+             f"up {status.get('uptime_s', 0):.0f} s" + (", offline" if status.get("offline") else "")]
+    if status.get("rss_bytes"):
+        lines[0] += f", RSS {format_size(status['rss_bytes'])}"
+    lines.append("repos:")
+    if not status.get("repos"):
+        lines.append("  (none yet)")
+    for repo in status.get("repos", []):
+        lines.append(f"  {repo['repo']}")
+        for ref, commit in repo.get("refs", {}).items():
+            lines.append(f"    {ref} -> {commit}")
+        for commit in repo.get("commits", []):
+            size = f", {commit['files']} files, {format_size(commit['bytes'])}" if commit.get("files") is not None else ""
+            lines.append(f"    {commit['commit']}{size}")
+    lines.append("cache:")
+    for tier in status.get("tiers", []):
+        lookups = tier["hits"] + tier["misses"]
+        lines.append(f"  {tier['name']:<7} {format_size(tier['used_bytes'])} of {format_size(tier['limit_bytes'])}, "
+                     f"{tier['entries']} chunks, hit rate {tier['hit_rate'] * 100:.1f}% of {lookups} lookups, "
+                     f"{tier['evictions']} evictions" + (f", {tier['errors']} errors" if tier.get("errors") else ""))
+    remote = status.get("remote", {})
+    lines.append(f"remote: {remote.get('url')}: {format_size(remote.get('bytes', 0))} in {remote.get('fetches', 0)} "
+                 f"chunk fetches ({remote.get('coalesced', 0)} coalesced, {remote.get('inflight', 0)} in flight)")
+    integrity = status.get("integrity", {})
+    lines.append(f"integrity: {integrity.get('failures', 0)} failures, {integrity.get('files_verified', 0)} files "
+                 "verified")
+    return "\n".join(lines)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .warm import find_mount
+
+    status = read_status(find_mount(args.mount))
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        print(format_status(status))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"mount": _mount, "unmount": _unmount, "umount": _unmount, "prefetch": _prefetch,
+               "status": _status}[args.command]
+    try:
+        return handler(args)
+    except MmfsError as exc:
+        print(f"mmfs {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"mmfs {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The node daemon: wires tiers, remote, engine, VFS and pyfuse3 together, and runs the mount.
+
+    MemoryTier(--memory-cache) ─ DiskTier(--cache-dir, --cache-size) ─ remote
+    remote = BackendRemote(--backend)  or, embedded, HubRemote(HF_ENDPOINT, HF_TOKEN)
+
+Life cycle: open the caches (fail before mounting if they are unusable), clear a dead
+mount left by a killed daemon, mount, raise the mount's readahead, print the ready line,
+serve until the mount goes away (``mmfs unmount``, ``fusermount3 -u``) or SIGTERM/SIGINT
+arrives, then unmount and exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from . import mountutil
+from .engine import EngineConfig, FetchEngine
+from .errors import MmfsError
+from .fuse_ops import Operations
+from .manifest import DEFAULT_CHUNK_SIZE
+from .metadata import MetadataStore
+from .prefetch import ReadAheadConfig
+from .remote._http import RetryPolicy
+from .remote.backend import BackendRemote
+from .remote.base import Remote
+from .remote.hub import HubRemote
+from .tiers.disk import DiskTier
+from .tiers.memory import MemoryTier
+from .vfs import Vfs, VfsConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = "/var/cache/mmfs"
+
+
+@dataclass(frozen=True, slots=True)
+class MountOptions:
+    mountpoint: str
+    #: Cluster backend URL; ``None`` is embedded mode (the Hub directly).
+    backend: str | None = None
+    cache_dir: str = DEFAULT_CACHE_DIR
+    #: Disk chunk cache bound, bytes.
+    cache_size: int = 50 << 30
+    #: Memory chunk cache bound, bytes.
+    memory_cache: int = 1 << 30
+    #: Chunk size of manifests made here (embedded mode; a backend chooses its own).
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    #: Kernel readahead of the mount (sysfs bdi), bytes.
+    read_ahead: int = 16 << 20
+    #: Longest a file-system call waits on the remote before EIO, seconds.
+    remote_timeout: float = 60.0
+    #: pyfuse3 worker tasks: requests served concurrently.
+    max_tasks: int = 64
+    #: Chunks fetched from the remote at once.
+    max_fetches: int = 16
+    read_ahead_chunks: tuple[int, int] = (2, 32)
+    allow_other: bool | None = None  # None: when root
+    debug: bool = False
+
+
+def retry_policy(remote_timeout: float) -> RetryPolicy:
+    """Retries that fit well inside the per-call bound the VFS enforces."""
+    return RetryPolicy(attempts=4, backoff=0.25, connect_timeout=min(5.0, max(remote_timeout / 4, 0.5)),
+                       read_timeout=min(30.0, max(remote_timeout / 2, 1.0)))
+
+
+def make_remote(options: MountOptions) -> Remote:
+    policy = retry_policy(options.remote_timeout)
+    if options.backend:
+        return BackendRemote(options.backend, policy=policy)
+    return HubRemote(chunk_size=options.chunk_size, policy=policy)
+
+
+def make_engine(options: MountOptions) -> FetchEngine:
+    cache = Path(options.cache_dir)
+    metadata = MetadataStore(cache / "metadata")
+    tiers = [MemoryTier(options.memory_cache), DiskTier(cache / "chunks", options.cache_size)]
+    config = EngineConfig.from_env(max_concurrent_fetches=options.max_fetches)
+    return FetchEngine(tiers, make_remote(options), metadata, config)
+
+
+def mode_text(options: MountOptions) -> str:
+    return f"backend {options.backend}" if options.backend else "embedded"
+
+
+def _mount_options(options: MountOptions) -> set[str]:
+    opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    opts |= {"ro", "fsname=mmfs", "subtype=mmfs", "noatime"}
+    allow_other = options.allow_other if options.allow_other is not None else os.geteuid() == 0
+    if allow_other:
+        opts.add("allow_other")  # pods run as other users
+    if options.debug:
+        opts.add("debug")
+    return opts
+
+
+async def serve(options: MountOptions, *, ready: Any = None) -> None:
+    """Mount, serve until unmounted or signalled, unmount."""
+    mountpoint = os.path.abspath(options.mountpoint)
+    engine = make_engine(options)
+    started = time.time()
+    config = VfsConfig(remote_timeout=options.remote_timeout,
+                       read_ahead=ReadAheadConfig(initial_chunks=options.read_ahead_chunks[0],
+                                                  max_chunks=options.read_ahead_chunks[1]))
+
+    def describe() -> dict[str, Any]:
+        info: dict[str, Any] = {"mountpoint": mountpoint, "mode": "backend" if options.backend else "embedded",
+                                "backend": options.backend, "cache_dir": os.path.abspath(options.cache_dir), "pid": os.getpid(),
+                                "offline": engine.config.offline, "daemon_started_at": started}
+        try:
+            import psutil
+
+            info["rss_bytes"] = psutil.Process().memory_info().rss
+        except Exception:  # noqa: BLE001 - optional
+            pass
+        return info
+
+    async with engine:
+        vfs = Vfs(engine, config, describe=describe)
+        operations = Operations(vfs)
+        pyfuse3.init(operations, mountpoint, _mount_options(options))
+        unmounted = False
+        try:
+            async with trio.open_nursery() as nursery:
+                async def tune_read_ahead() -> None:
+                    # The kernel sets the mount's readahead from the INIT reply (to its
+                    # 128 KiB default), so raise it only once INIT has been answered.
+                    await operations.initialized.wait()
+                    await trio.sleep(0.05)
+                    mountutil.set_read_ahead(mountpoint, options.read_ahead)
+
+                nursery.start_soon(tune_read_ahead)
+                async def watch_signals() -> None:
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                        async for signum in signals:
+                            log.info("%s: unmounting %s", signal.Signals(signum).name, mountpoint)
+                            pyfuse3.terminate()
+                            return
+
+                nursery.start_soon(watch_signals)
+                print(f"mmfs: mounted {mountpoint} ({mode_text(options)})", flush=True)
+                if ready is not None:
+                    ready()
+                await pyfuse3.main(min_tasks=4, max_tasks=options.max_tasks)
+                unmounted = True
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s%s", mountpoint, "" if unmounted else " after an error")
+
+
+def prepare_mountpoint(path: str) -> None:
+    """Create the mountpoint, or clear a dead mount there; refuse a live mmfs mount."""
+    if mountutil.clear_stale(path):
+        return
+    info = mountutil.mount_at(path)
+    if info is not None and info.fstype == mountutil.FSTYPE:
+        raise MmfsError(f"{path} is already an mmfs mount (unmount it first: mmfs unmount {path})")
+    Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def run(options: MountOptions) -> int:
+    """Blocking entry point of ``mmfs mount``; returns the exit status."""
+    try:
+        prepare_mountpoint(options.mountpoint)
+        trio.run(serve, options)
+    except MmfsError as exc:
+        print(f"mmfs mount: {exc}", file=sys.stderr)
+        return 1
+    except (RuntimeError, OSError) as exc:
+        log.debug("mount failed", exc_info=True)
+        print(f"mmfs mount: cannot mount {options.mountpoint}: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,534 @@
+"""The node filesystem's core, FUSE-agnostic: namespace, inode table, reads.
+
+The namespace, looked up lazily::
+
+    /                                   root
+    ├── .mmfs/status.json               daemon state as JSON, regenerated on each open
+    └── huggingface/                    provider
+        └── <org>/                      any valid org name (listing: what is known locally)
+            └── <name>/                 a repo: exists once the remote (or the DB) knows it
+                ├── main -> <commit>    branch or tag: a relative symlink, short timeouts
+                └── <commit>/           immutable: long timeouts, kernel page cache kept
+                    └── <path…>         files 0444, folders 0555, sizes from the manifest
+
+Looking up, listing and ``stat`` need only the manifest, never file content. Inodes are
+numbered as entries are first seen, keyed by (parent inode, name); the table only grows
+(it holds the entries of the manifests that were looked at: thousands, not millions), so
+``forget`` has nothing to free and inode numbers stay stable while mounted.
+
+Every call raises :class:`~mmfs.errors.MmfsError` children; the FUSE adapter
+(:mod:`mmfs.fuse_ops`) maps them to errnos. Calls that may reach the remote are bounded by
+``VfsConfig.remote_timeout``: a reader gets EIO after it, never a hang (the fetch itself
+goes on in the engine, so a retry joins it).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any, Callable
+
+import trio
+
+from .engine import FetchEngine
+from .errors import InvalidName, MmfsError, NotFound, RevisionNotFound, UpstreamError
+from .manifest import FileEntry, Manifest
+from .names import PROVIDERS, RepoRef, check_repo_part, check_revision, is_commit
+from .prefetch import ReadAhead, ReadAheadConfig
+from .remote.base import FileSource
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+CONTROL_DIR = ".mmfs"
+STATUS_FILE = "status.json"
+
+
+class NotADirectory(MmfsError):
+    errno = errno.ENOTDIR
+
+
+class IsADirectory(MmfsError):
+    errno = errno.EISDIR
+
+
+class NotALink(MmfsError):
+    errno = errno.EINVAL
+
+
+class BadHandle(MmfsError):
+    errno = errno.EBADF
+
+
+class ReadOnly(MmfsError):
+    errno = errno.EROFS
+
+
+@dataclass(frozen=True, slots=True)
+class VfsConfig:
+    #: Seconds the kernel may cache entries and attributes of commit directories and their
+    #: files: a commit never changes, so this may be long.
+    immutable_timeout: float = 24 * 3600.0
+    #: Seconds the kernel may cache a branch or tag symlink (it moves when the branch does).
+    ref_timeout: float = 1.0
+    #: Seconds for the namespace above commits (providers, orgs, repos: listings grow).
+    namespace_timeout: float = 10.0
+    #: Longest a file-system call waits on the remote before it fails with EIO.
+    remote_timeout: float = 60.0
+    #: Read-ahead knobs for every open file.
+    read_ahead: ReadAheadConfig = ReadAheadConfig()
+    #: Owner reported for every entry (the daemon's by default).
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+
+
+class Kind(Enum):
+    ROOT = "root"
+    PROVIDER = "provider"
+    ORG = "org"
+    REPO = "repo"
+    REF = "ref"  # symlink to a commit directory
+    COMMIT = "commit"
+    DIR = "dir"  # folder inside a commit
+    FILE = "file"
+    CONTROL = "control"  # .mmfs
+    STATUS = "status"  # .mmfs/status.json
+
+    @property
+    def is_dir(self) -> bool:
+        return self not in (Kind.REF, Kind.FILE, Kind.STATUS)
+
+
+@dataclass(slots=True)
+class Node:
+    inode: int
+    kind: Kind
+    parent: int
+    name: str
+    provider: str = ""
+    org: str = ""
+    repo: RepoRef | None = None
+    commit: str = ""
+    #: Path inside the commit (DIR, FILE), or the revision name (REF).
+    path: str = ""
+    entry: FileEntry | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attributes:
+    """What ``stat`` shows for an entry, plus how long the kernel may trust it."""
+
+    inode: int
+    mode: int
+    size: int
+    nlink: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    timeout: float
+
+    @property
+    def blocks(self) -> int:
+        return (self.size + 511) // 512
+
+
+@dataclass(frozen=True, slots=True)
+class OpenFile:
+    """What ``open`` tells the kernel: cache the pages (immutable) or bypass the cache."""
+
+    handle: int
+    keep_cache: bool
+    direct_io: bool
+
+
+@dataclass(slots=True)
+class _Handle:
+    node: Node
+    source: FileSource | None = None
+    read_ahead: ReadAhead | None = None
+    data: bytes = b""  # virtual files: content fixed at open
+
+
+@dataclass(frozen=True, slots=True)
+class VfsStatistics:
+    lookups: int
+    opens: int
+    reads: int
+    read_bytes: int
+    read_errors: int
+    open_handles: int
+    inodes: int
+    readahead_chunks: int
+    readahead_resets: int
+
+
+class _Tree:
+    """The folders of one manifest: folder path ("" for the commit root) -> sorted children."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.children: dict[str, dict[str, FileEntry | None]] = {"": {}}
+        for directory in manifest.directories():
+            parent, _, name = directory.rpartition("/")
+            self.children.setdefault(directory, {})
+            self.children.setdefault(parent, {})[name] = None
+        for entry in manifest.files:
+            parent, _, name = entry.path.rpartition("/")
+            self.children.setdefault(parent, {})[name] = entry
+        for key, value in self.children.items():
+            self.children[key] = dict(sorted(value.items()))
+
+
+class Vfs:
+    """The filesystem over a :class:`~mmfs.engine.FetchEngine` (used inside its ``async with``)."""
+
+    def __init__(self, engine: FetchEngine, config: VfsConfig = VfsConfig(), *,
+                 describe: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.engine = engine
+        self.config = config
+        self._describe = describe or (lambda: {})
+        self._nodes: dict[int, Node] = {}
+        self._by_name: dict[tuple[int, str], int] = {}
+        self._trees: dict[tuple[RepoRef, str], _Tree] = {}
+        self._handles: dict[int, _Handle] = {}
+        self._next_handle = 1
+        self._started = time.time()
+        self._mtime_ns = int(self._started * 1e9)
+        self._lookups = self._opens = self._reads = self._read_bytes = self._read_errors = 0
+        self._ra_requested = self._ra_resets = 0
+        self._nodes[ROOT_INODE] = Node(ROOT_INODE, Kind.ROOT, ROOT_INODE, "")
+
+    # -- inode table --------------------------------------------------------------------
+
+    def _child(self, parent: Node, name: str, kind: Kind, **fields: Any) -> Node:
+        key = (parent.inode, name)
+        inode = self._by_name.get(key)
+        if inode is not None:
+            node = self._nodes[inode]
+            if kind is Kind.FILE:
+                node.entry = fields.get("entry", node.entry)
+            return node
+        inode = len(self._nodes) + 1
+        while inode in self._nodes:
+            inode += 1
+        inherited = {"provider": parent.provider, "org": parent.org, "repo": parent.repo, "commit": parent.commit}
+        node = Node(inode, kind, parent.inode, name, **{**inherited, **fields})
+        self._nodes[inode] = node
+        self._by_name[key] = inode
+        return node
+
+    def node(self, inode: int) -> Node:
+        node = self._nodes.get(inode)
+        if node is None:
+            raise NotFound(f"inode {inode} is not known (stale handle)")
+        return node
+
+    def path_of(self, node: Node) -> str:
+        parts = []
+        while node.inode != ROOT_INODE:
+            parts.append(node.name)
+            node = self._nodes[node.parent]
+        return "/".join(reversed(parts))
+
+    # -- bounded remote calls -----------------------------------------------------------
+
+    async def _bounded(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            with trio.fail_after(self.config.remote_timeout):
+                return await fn(*args)
+        except trio.TooSlowError:
+            raise UpstreamError(f"{what}: no answer from {self.engine.remote.url or 'the remote'} "
+                                f"within {self.config.remote_timeout:g} s") from None
+
+    async def _manifest(self, repo: RepoRef, commit: str) -> Manifest:
+        return await self._bounded(f"{repo}@{commit}", self.engine.manifest, repo, commit)
+
+    async def _tree(self, repo: RepoRef, commit: str) -> _Tree:
+        tree = self._trees.get((repo, commit))
+        if tree is None:
+            manifest = await self._manifest(repo, commit)
+            tree = self._trees[(repo, commit)] = _Tree(manifest)
+        return tree
+
+    # -- what is known locally (listings) -----------------------------------------------
+
+    def _known(self) -> tuple[dict[RepoRef, dict[str, str]], dict[RepoRef, set[str]]]:
+        """Repos known here: their refs (revision -> commit) and their commits."""
+        refs: dict[RepoRef, dict[str, str]] = {}
+        commits: dict[RepoRef, set[str]] = {}
+        metadata = self.engine.metadata
+        if metadata is not None:
+            for key, record in metadata.refs().items():
+                repo_text, _, revision = key.partition("@")
+                repo = _parse_repo_key(repo_text)
+                if repo is not None:
+                    refs.setdefault(repo, {})[revision] = record.commit
+                    commits.setdefault(repo, set())
+            for repo, commit in metadata.manifest_keys():
+                commits.setdefault(repo, set()).add(commit)
+        for manifest in self.engine.known_manifests():
+            commits.setdefault(manifest.repo, set()).add(manifest.commit)
+        for repo, commit in self._trees:
+            commits.setdefault(repo, set()).add(commit)
+        return refs, commits
+
+    # -- lookups ------------------------------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: str) -> Attributes:
+        self._lookups += 1
+        parent = self.node(parent_inode)
+        node = await self._lookup(parent, name)
+        return self._attributes(node)
+
+    async def _lookup(self, parent: Node, name: str) -> Node:
+        kind = parent.kind
+        if not kind.is_dir:
+            raise NotADirectory(f"{self.path_of(parent)} is not a directory")
+        if name in (".", ".."):
+            raise NotFound(name)  # the kernel resolves these itself
+        if kind is Kind.ROOT:
+            if name in PROVIDERS:
+                return self._child(parent, name, Kind.PROVIDER, provider=name)
+            if name == CONTROL_DIR:
+                return self._child(parent, name, Kind.CONTROL)
+            raise NotFound(f"no provider {name!r}")
+        if kind is Kind.CONTROL:
+            if name == STATUS_FILE:
+                return self._child(parent, name, Kind.STATUS)
+            raise NotFound(name)
+        if kind is Kind.PROVIDER:
+            _valid(check_repo_part, name, "organisation")
+            return self._child(parent, name, Kind.ORG, org=name)
+        if kind is Kind.ORG:
+            _valid(check_repo_part, name, "repo name")
+            repo = RepoRef(parent.provider, parent.org, name)
+            await self._check_repo(repo)
+            return self._child(parent, name, Kind.REPO, repo=repo)
+        if kind is Kind.REPO:
+            assert parent.repo is not None
+            _valid(check_revision, name, "revision")
+            if is_commit(name):
+                await self._tree(parent.repo, name)
+                return self._child(parent, name, Kind.COMMIT, commit=name)
+            commit = await self._resolve(parent.repo, name)
+            await self._tree(parent.repo, commit)
+            return self._child(parent, name, Kind.REF, path=name)
+        if kind in (Kind.COMMIT, Kind.DIR):
+            assert parent.repo is not None
+            tree = await self._tree(parent.repo, parent.commit)
+            folder = parent.path
+            children = tree.children.get(folder, {})
+            if name not in children:
+                raise NotFound(f"{parent.repo}@{parent.commit}: no {_join(folder, name)!r}")
+            entry = children[name]
+            if entry is None:
+                return self._child(parent, name, Kind.DIR, path=_join(folder, name))
+            return self._child(parent, name, Kind.FILE, path=entry.path, entry=entry)
+        raise NotFound(name)
+
+    async def _check_repo(self, repo: RepoRef) -> None:
+        """A repo exists once anything about it is known here, or the remote knows it."""
+        refs, commits = self._known()
+        if repo in refs or repo in commits:
+            return
+        try:
+            await self._resolve(repo, "main")
+        except RevisionNotFound:
+            pass  # the repo exists, it just has no "main"
+
+    async def _resolve(self, repo: RepoRef, revision: str) -> str:
+        return await self._bounded(f"{repo}@{revision}", self.engine.resolve, repo, revision)
+
+    # -- attributes ---------------------------------------------------------------------
+
+    async def getattr(self, inode: int) -> Attributes:
+        return self._attributes(self.node(inode))
+
+    def _attributes(self, node: Node) -> Attributes:
+        kind = node.kind
+        size, nlink = 0, 2
+        if kind is Kind.FILE:
+            assert node.entry is not None
+            mode, size, nlink = stat.S_IFREG | 0o444, node.entry.size, 1
+        elif kind is Kind.STATUS:
+            mode, nlink = stat.S_IFREG | 0o444, 1
+        elif kind is Kind.REF:
+            mode, size, nlink = stat.S_IFLNK | 0o777, 40, 1
+        else:
+            mode = stat.S_IFDIR | 0o555
+        if kind in (Kind.COMMIT, Kind.DIR, Kind.FILE):
+            timeout = self.config.immutable_timeout
+        elif kind is Kind.REF:
+            timeout = self.config.ref_timeout
+        elif kind is Kind.STATUS:
+            timeout = 0.0
+        else:
+            timeout = self.config.namespace_timeout
+        return Attributes(node.inode, mode, size, nlink, self._mtime_ns, self.config.uid, self.config.gid, timeout)
+
+    async def readlink(self, inode: int) -> str:
+        node = self.node(inode)
+        if node.kind is not Kind.REF:
+            raise NotALink(f"{self.path_of(node)} is not a symbolic link")
+        assert node.repo is not None
+        return await self._resolve(node.repo, node.path)
+
+    # -- directories --------------------------------------------------------------------
+
+    async def listdir(self, inode: int) -> list[tuple[str, Attributes]]:
+        """Every entry of a directory with its attributes (a snapshot, taken at opendir)."""
+        node = self.node(inode)
+        if not node.kind.is_dir:
+            raise NotADirectory(f"{self.path_of(node)} is not a directory")
+        names: list[tuple[str, Kind, dict[str, Any]]] = []
+        kind = node.kind
+        if kind is Kind.ROOT:
+            names = [(p, Kind.PROVIDER, {"provider": p}) for p in PROVIDERS]
+            names.append((CONTROL_DIR, Kind.CONTROL, {}))
+        elif kind is Kind.CONTROL:
+            names = [(STATUS_FILE, Kind.STATUS, {})]
+        elif kind in (Kind.PROVIDER, Kind.ORG, Kind.REPO):
+            refs, commits = self._known()
+            repos = sorted(set(refs) | set(commits), key=str)
+            if kind is Kind.PROVIDER:
+                orgs = sorted({r.org for r in repos if r.provider == node.provider})
+                names = [(o, Kind.ORG, {"org": o}) for o in orgs]
+            elif kind is Kind.ORG:
+                found = sorted({r.name for r in repos if r.provider == node.provider and r.org == node.org})
+                names = [(n, Kind.REPO, {"repo": RepoRef(node.provider, node.org, n)}) for n in found]
+            else:
+                assert node.repo is not None
+                for revision in sorted(refs.get(node.repo, {})):
+                    if "/" not in revision and not is_commit(revision):
+                        names.append((revision, Kind.REF, {"path": revision}))
+                for commit in sorted(commits.get(node.repo, set())):
+                    names.append((commit, Kind.COMMIT, {"commit": commit}))
+        else:
+            assert node.repo is not None
+            tree = await self._tree(node.repo, node.commit)
+            for name, entry in tree.children.get(node.path, {}).items():
+                if entry is None:
+                    names.append((name, Kind.DIR, {"path": _join(node.path, name)}))
+                else:
+                    names.append((name, Kind.FILE, {"path": entry.path, "entry": entry}))
+        return [(name, self._attributes(self._child(node, name, k, **fields))) for name, k, fields in names]
+
+    # -- files --------------------------------------------------------------------------
+
+    async def open(self, inode: int, writable: bool = False) -> OpenFile:
+        node = self.node(inode)
+        if writable:
+            raise ReadOnly(f"{self.path_of(node)}: mmfs is read-only")
+        if node.kind.is_dir:
+            raise IsADirectory(f"{self.path_of(node)} is a directory")
+        self._opens += 1
+        handle = self._next_handle
+        self._next_handle += 1
+        if node.kind is Kind.STATUS:
+            data = (json.dumps(self.status(), indent=2, sort_keys=True) + "\n").encode()
+            self._handles[handle] = _Handle(node, data=data)
+            return OpenFile(handle, keep_cache=False, direct_io=True)
+        if node.kind is not Kind.FILE:
+            raise NotALink(f"{self.path_of(node)} cannot be opened")
+        assert node.repo is not None and node.entry is not None
+        entry = node.entry
+        source = FileSource(node.repo, node.commit, entry)
+        self._handles[handle] = _Handle(node, source, ReadAhead(entry.chunk_size, entry.chunk_count,
+                                                                self.config.read_ahead))
+        return OpenFile(handle, keep_cache=True, direct_io=False)
+
+    async def read(self, handle: int, offset: int, size: int) -> bytes | memoryview:
+        """``size`` bytes at ``offset``; fewer only at end of file (a memoryview when zero-copy)."""
+        state = self._handles.get(handle)
+        if state is None:
+            raise BadHandle(f"file handle {handle} is not open")
+        self._reads += 1
+        if state.source is None:
+            return state.data[offset:offset + size]
+        source = state.source
+        ahead = state.read_ahead.on_read(offset, size) if state.read_ahead is not None else range(0)
+        if ahead:
+            self._ra_requested += len(ahead)
+            self.engine.prefetch(source, ahead)
+        cached = self.engine.read_cached(source, offset, size)
+        if cached is not None:
+            self._read_bytes += len(cached)
+            return cached
+        try:
+            data = await self._bounded(f"{source.repo}@{source.commit}/{source.entry.path}", self.engine.read,
+                                       source, offset, size)
+        except MmfsError as exc:
+            self._read_errors += 1
+            if exc.errno != errno.ENOENT:
+                log.error("read of %s@%s %s at [%d, +%d) failed: %s", source.repo, source.commit,
+                          source.entry.path, offset, size, exc)
+            raise
+        self._read_bytes += len(data)
+        return data
+
+    async def release(self, handle: int) -> None:
+        state = self._handles.pop(handle, None)
+        if state is not None and state.read_ahead is not None:
+            self._ra_resets += state.read_ahead.resets
+
+    # -- observability ------------------------------------------------------------------
+
+    def statistics(self) -> VfsStatistics:
+        open_resets = sum(h.read_ahead.resets for h in self._handles.values() if h.read_ahead)
+        return VfsStatistics(self._lookups, self._opens, self._reads, self._read_bytes, self._read_errors,
+                             len(self._handles), len(self._nodes), self._ra_requested,
+                             self._ra_resets + open_resets)
+
+    def status(self) -> dict[str, Any]:
+        """Everything ``mmfs status`` shows, as plain JSON-able data."""
+        refs, commits = self._known()
+        repos = []
+        for repo in sorted(set(refs) | set(commits), key=str):
+            known_commits = sorted(commits.get(repo, set()))
+            manifests = {m.commit: m for m in self.engine.known_manifests() if m.repo == repo}
+            repos.append({
+                "repo": str(repo),
+                "refs": dict(sorted(refs.get(repo, {}).items())),
+                "commits": [{"commit": c, "files": len(manifests[c].files) if c in manifests else None,
+                             "bytes": manifests[c].total_size if c in manifests else None}
+                            for c in known_commits],
+            })
+        stats = self.engine.statistics()
+        tiers = []
+        for tier in stats.tiers:
+            tiers.append({**asdict(tier), "hit_rate": round(tier.hit_rate, 4)})
+        return {
+            **self._describe(),
+            "started_at": self._started,
+            "uptime_s": round(time.time() - self._started, 3),
+            "repos": repos,
+            "tiers": tiers,
+            "remote": {"url": self.engine.remote.url, "fetches": stats.remote_fetches, "bytes": stats.remote_bytes,
+                       "coalesced": stats.coalesced, "inflight": stats.inflight},
+            "integrity": {"failures": stats.integrity_failures, "files_verified": stats.files_verified},
+            "vfs": asdict(self.statistics()),
+        }
+
+
+def _join(folder: str, name: str) -> str:
+    return f"{folder}/{name}" if folder else name
+
+
+def _valid(check: Callable[..., str], name: str, what: str) -> None:
+    """A name that cannot exist is simply not there (ENOENT), whatever is wrong with it."""
+    try:
+        check(name, what) if check is check_repo_part else check(name)
+    except InvalidName as exc:
+        raise NotFound(f"no {what} {name!r}: {exc}") from None
+
+
+def _parse_repo_key(text: str) -> RepoRef | None:
+    parts = text.split("/")
+    if len(parts) != 3:
+        return None
+    return RepoRef(parts[0], parts[1], parts[2])

@@ -1,0 +1,266 @@
+"""``mmfs prefetch``: warm a node's cache through its mount, or a backend before a rollout.
+
+Through a mount, the files are simply read (N parallel readers over 64 MiB slices): every
+chunk then sits verified in the daemon's disk cache, the whole-file checks have passed and
+the metadata DB remembers the ref and the manifest, so the files read back with the
+backend and the Hub gone, also after a daemon restart. Pages are dropped from the page
+cache as they are read (``POSIX_FADV_DONTNEED``): warming a 100 GB model must not evict
+everything else on the node.
+
+Against a backend, ``POST /v1/prefetch/<provider>/<org>/<name>/<rev>`` asks it to warm
+itself; a backend without that endpoint gets every chunk fetched (and discarded) with
+:class:`~mmfs.remote.backend.BackendRemote`, which makes it fetch and keep them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import trio
+
+from .errors import InvalidName, MmfsError, NotFound, RepoNotFound, RevisionNotFound
+from .names import RepoRef, check_provider, check_revision, parse_repo_id
+from .sizes import format_size
+
+SLICE = 64 << 20
+READ_BLOCK = 8 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    repo: RepoRef
+    revision: str
+
+    def __str__(self) -> str:
+        return f"{self.repo}@{self.revision}"
+
+
+def parse_target(text: str) -> Target:
+    """``huggingface/<org>/<name>[@<rev>]`` (``<org>/<name>`` alone means huggingface)."""
+    spec, _, revision = text.partition("@")
+    parts = spec.strip("/").split("/")
+    if len(parts) == 2:
+        parts = ["huggingface", *parts]
+    if len(parts) != 3:
+        raise InvalidName(f"invalid model {text!r}: expected huggingface/<org>/<name>[@<revision>]")
+    check_provider(parts[0])
+    repo = parse_repo_id(f"{parts[1]}/{parts[2]}", parts[0])
+    return Target(repo, check_revision(revision or "main"))
+
+
+def matches(path: str, include: Sequence[str]) -> bool:
+    if not include:
+        return True
+    name = path.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(name, pattern) for pattern in include)
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    files: int
+    bytes: int
+    seconds: float
+
+    def line(self, what: str) -> str:
+        rate = self.bytes / self.seconds if self.seconds > 0 else 0.0
+        return (f"mmfs prefetch: {what}: {self.files} files, {format_size(self.bytes)} in {self.seconds:.1f} s "
+                f"({format_size(rate)}/s)")
+
+
+class Progress:
+    """A one-line progress bar on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, total_bytes: int, total_files: int, stream=sys.stderr) -> None:
+        self.total, self.files = total_bytes, total_files
+        self.done = self.files_done = 0
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self._last = 0.0
+
+    def advance(self, n: int, file_done: bool = False) -> None:
+        with self._lock:
+            self.done += n
+            self.files_done += file_done
+            now = time.monotonic()
+            if self.enabled and (now - self._last > 0.1 or self.done >= self.total):
+                self._last = now
+                self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        fraction = self.done / self.total if self.total else 1.0
+        width = 30
+        bar = "#" * int(fraction * width) + "-" * (width - int(fraction * width))
+        rate = self.done / max(now - self.started, 1e-6)
+        self.stream.write(f"\r[{bar}] {fraction * 100:5.1f}% {format_size(self.done)}/{format_size(self.total)} "
+                          f"{self.files_done}/{self.files} files {format_size(rate)}/s ")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# -- through a mount -------------------------------------------------------------------
+
+
+def _read_slice(path: Path, start: int, end: int, progress: Progress, last: bool) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset = start
+        while offset < end:
+            n = min(READ_BLOCK, end - offset)
+            data = os.pread(fd, n, offset)
+            if not data:
+                raise OSError(f"{path}: unexpected end of file at {offset}")
+            offset += len(data)
+            progress.advance(len(data))
+        try:
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+    finally:
+        os.close(fd)
+    if last:
+        progress.advance(0, file_done=True)
+
+
+def prefetch_mount(mountpoint: str, target: Target, include: Sequence[str] = (), jobs: int = 8) -> Summary:
+    """Read every matching file of ``target`` through the mount at ``mountpoint``."""
+    root = Path(mountpoint) / target.repo.provider / target.repo.org / target.repo.name
+    revision_dir = root / target.revision
+    try:
+        os.stat(root)
+    except FileNotFoundError:
+        raise RepoNotFound(f"unknown repo {target.repo} (not found through {mountpoint})") from None
+    except OSError as exc:
+        raise MmfsError(f"{target.repo}: {exc.strerror} (is {mountpoint} an mmfs mount?)") from None
+    try:
+        os.stat(revision_dir)
+    except FileNotFoundError:
+        raise RevisionNotFound(f"unknown revision {target.revision!r} of {target.repo}") from None
+    except OSError as exc:
+        raise MmfsError(f"{target}: {exc.strerror}") from None
+    files: list[tuple[Path, int]] = []
+    for folder, _, names in os.walk(revision_dir):
+        for name in names:
+            path = Path(folder) / name
+            relative = path.relative_to(revision_dir).as_posix()
+            if matches(relative, include):
+                files.append((path, path.stat().st_size))
+    if not files:
+        raise NotFound(f"{target}: no file matches {' '.join(include) or '*'}")
+    files.sort(key=lambda f: -f[1])
+    work = []
+    for path, size in files:
+        if size == 0:
+            work.append((path, 0, 0, True))
+        for start in range(0, size, SLICE):
+            end = min(start + SLICE, size)
+            work.append((path, start, end, end == size))
+    progress = Progress(sum(size for _, size in files), len(files))
+    started = time.monotonic()
+    try:
+        with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+            futures = [pool.submit(_read_slice, *item, progress) for item in work]
+            for future in futures:
+                try:
+                    future.result()
+                except OSError as exc:
+                    for other in futures:
+                        other.cancel()
+                    raise MmfsError(f"{target}: reading {getattr(exc, 'filename', None) or 'a file'} failed: "
+                                    f"{exc.strerror or exc}") from None
+    finally:
+        progress.close()
+    return Summary(len(files), progress.done, time.monotonic() - started)
+
+
+# -- a backend alone -------------------------------------------------------------------
+
+
+async def _prefetch_backend(url: str, target: Target, include: Sequence[str], jobs: int,
+                            progress_factory: Callable[[int, int], Progress]) -> Summary:
+    import httpx
+
+    from .remote.backend import BackendRemote
+    from .remote.base import FileSource
+
+    started = time.monotonic()
+    remote = BackendRemote(url)
+    try:
+        commit = await remote.resolve(target.repo, target.revision)
+        manifest = await remote.manifest(target.repo, commit)
+        entries = [e for e in manifest.files if matches(e.path, include)]
+        if not entries:
+            raise NotFound(f"{target}: no file matches {' '.join(include) or '*'}")
+        total = sum(e.size for e in entries)
+        # Ask the backend to warm itself, if it offers that.
+        async with httpx.AsyncClient(timeout=None, trust_env=False) as client:
+            try:
+                response = await client.post(f"{url.rstrip('/')}/v1/prefetch/{target.repo}/{commit}",
+                                             json={"include": list(include)})
+            except httpx.HTTPError:
+                response = None
+            if response is not None and response.is_success:
+                return Summary(len(entries), total, time.monotonic() - started)
+            if response is not None and response.status_code not in (404, 405, 501):
+                raise MmfsError(f"backend {url} refused to prefetch {target}: HTTP {response.status_code} "
+                                f"{response.text[:200]}")
+        progress = progress_factory(total, len(entries))
+        limiter = trio.CapacityLimiter(max(jobs, 1))
+        try:
+            async with trio.open_nursery() as nursery:
+                for entry in entries:
+                    source = FileSource(target.repo, commit, entry)
+                    for index in range(entry.chunk_count):
+                        async def one(source=source, index=index) -> None:
+                            async with limiter:
+                                chunk = await remote.fetch_chunk(source, index)
+                            progress.advance(len(chunk.data), index == source.entry.chunk_count - 1)
+                        nursery.start_soon(one)
+        finally:
+            progress.close()
+        return Summary(len(entries), total, time.monotonic() - started)
+    finally:
+        await remote.aclose()
+
+
+def prefetch_backend(url: str, target: Target, include: Sequence[str] = (), jobs: int = 8) -> Summary:
+    from .errors import first_error
+
+    try:
+        return trio.run(_prefetch_backend, url, target, include, jobs, Progress)
+    except BaseExceptionGroup as group:
+        error = first_error(group)
+        if error is None:
+            raise
+        raise error from None
+
+
+def find_mount(explicit: str | None) -> str:
+    """The mount to use: the one given, else the only mmfs mount on this machine."""
+    from .mountutil import mmfs_mounts
+
+    if explicit:
+        return explicit
+    found = mmfs_mounts()
+    if len(found) == 1:
+        return found[0].mountpoint
+    if not found:
+        raise MmfsError("no mmfs mount found; start one with 'mmfs mount MOUNTPOINT' or pass --mount")
+    raise MmfsError("several mmfs mounts found (" + ", ".join(m.mountpoint for m in found) + "); pass --mount")
+
+
+def describe_targets(items: Iterable[str]) -> str:
+    return ", ".join(items)
