@@ -1,0 +1,272 @@
+"""The backend server end to end: the test hub in this process, ``mmfs-backend serve`` as a
+child process, real clients (huggingface_hub, BackendRemote, httpx) over loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+import trio
+from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub.errors import GatedRepoError
+
+from backend_server.testing import BackendProcess
+from mmfs.engine import FetchEngine
+from mmfs.errors import AccessDenied, EntryNotFound, RepoNotFound, RevisionNotFound
+from mmfs.names import parse_repo_id
+from mmfs.remote._http import RetryPolicy
+from mmfs.remote.backend import BLAKE3_HEADER, BackendRemote
+from mmfs.remote.base import FileSource
+from mmfs.testing.hub import TestHub
+from mmfs.testing.models import REAL_REPO_ID, make_synthetic_model
+from mmfs.tiers.memory import MemoryTier
+
+SHARD = "model-00001-of-00001.safetensors"
+
+
+@pytest.fixture
+def start_backend(tmp_path: Path, hub: TestHub) -> Iterator:
+    """``start_backend(name="b", **options)`` runs a backend against ``hub``; all are stopped after."""
+    running: list[BackendProcess] = []
+
+    def start(name: str = "backend", **options: object) -> BackendProcess:
+        backend = BackendProcess(tmp_path / name, hub_url=hub.url, **options)  # type: ignore[arg-type]
+        running.append(backend.start())
+        return backend
+
+    yield start
+    for backend in running:
+        backend.stop()
+
+
+def tree_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and ".hub" not in p.parts}
+
+
+def synthetic(hub_root: Path, name: str, size: int, seed: int = 0) -> Path:
+    return make_synthetic_model(hub_root / "org" / name, size, n_shards=1, seed=seed)
+
+
+def test_real_model_through_backend_with_huggingface_hub(hub: TestHub, hub_root: Path, tmp_path: Path,
+                                                         start_backend) -> None:
+    backend = start_backend(env={"POD_NAME": "backend-test-0"})
+    upstream = tree_files(hub_root / REAL_REPO_ID)
+    assert "1_Pooling/config.json" in upstream and "model.safetensors" in upstream
+
+    first = Path(snapshot_download(REAL_REPO_ID, endpoint=backend.url, cache_dir=tmp_path / "client-a"))
+    assert tree_files(first) == upstream  # byte-identical, subfolder included
+    total = sum(len(b) for b in upstream.values())
+    assert hub.stats().bytes_served == total  # each byte fetched once
+
+    hub.reset_stats()
+    second = Path(snapshot_download(REAL_REPO_ID, endpoint=backend.url, cache_dir=tmp_path / "client-b"))
+    assert tree_files(second) == upstream
+    assert hub.stats().bytes_served == 0  # the second client cost the upstream nothing
+
+    metrics = backend.metrics()
+    assert metrics["mmfs_backend_upstream_bytes_total"] == total
+    assert metrics['mmfs_backend_served_bytes_total{tier="upstream"}'] == total
+    assert metrics['mmfs_backend_served_bytes_total{tier="memory"}'] == total
+    assert metrics["mmfs_backend_files_verified"] == len(upstream)
+
+    # The metadata DB: where each file came from, when, its hash; nothing left in flight.
+    records = {r["content_id"]: r for r in json.loads(backend.get("/v1/files"))["files"]}
+    sha = hashlib.sha256(upstream["model.safetensors"]).hexdigest()
+    record = records[f"sha256-{sha}"]
+    assert record["source_url"].endswith(f"/{REAL_REPO_ID}/resolve/{hub.commit(REAL_REPO_ID)}/model.safetensors")
+    assert record["verified"] and record["downloaded_at"] > 0 and record["inflight_download"] == ""
+    assert record["holder"] == "backend-test-0"
+    assert len(records) == len(upstream)
+
+    # A single file by the official client, with the Range it uses to resume.
+    hub.reset_stats()
+    path = hf_hub_download(REAL_REPO_ID, "1_Pooling/config.json", endpoint=backend.url, cache_dir=tmp_path / "c")
+    assert Path(path).read_bytes() == upstream["1_Pooling/config.json"]
+    response = httpx.get(f"{backend.url}/{REAL_REPO_ID}/resolve/main/model.safetensors",
+                         headers={"Range": "bytes=1000-"})
+    assert response.status_code == 206 and response.content == upstream["model.safetensors"][1000:]
+    assert hub.stats().bytes_served == 0
+
+
+def test_restart_with_same_data_dir_costs_no_upstream_bytes(hub: TestHub, hub_root: Path, start_backend) -> None:
+    repo = synthetic(hub_root, "restart", 3 << 20)
+    files = tree_files(repo)
+    backend = start_backend("data", chunk_size="256KiB")
+    for path, data in files.items():
+        assert httpx.get(f"{backend.url}/v1/file/huggingface/org/restart/main/{path}").content == data
+    assert hub.stats().bytes_served == sum(map(len, files.values()))
+    assert backend.stop() == 0
+
+    hub.reset_stats()
+    again = start_backend("data", chunk_size="256KiB")
+    for path, data in files.items():
+        assert httpx.get(f"{again.url}/v1/file/huggingface/org/restart/main/{path}").content == data
+    assert hub.stats().bytes_served == 0
+    metrics = again.metrics()
+    assert metrics["mmfs_backend_upstream_bytes_total"] == 0
+    assert metrics['mmfs_backend_served_bytes_total{tier="disk"}'] > 0
+
+
+async def test_thundering_herd_one_upstream_fetch_and_bounded_rss(hub: TestHub, hub_root: Path,
+                                                                  start_backend) -> None:
+    repo = synthetic(hub_root, "herd", 24 << 20)
+    data = (repo / SHARD).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    backend = start_backend(chunk_size="512KiB", memory_cache="32MiB")
+    url = f"{backend.url}/v1/file/huggingface/org/herd/main/{SHARD}"
+    hub.set_rate("200MB/s")  # slow enough that the readers overlap
+    peak_rss = 0
+    done = trio.Event()
+
+    async def sample_rss() -> None:
+        nonlocal peak_rss
+        while not done.is_set():
+            peak_rss = max(peak_rss, backend.rss())
+            await trio.sleep(0.02)
+
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=100)) as client:
+        # 50 readers of the same cold range (inside one chunk): one upstream request.
+        ranged: list[bytes] = []
+
+        async def read_range() -> None:
+            response = await client.get(url, headers={"Range": "bytes=1600000-1700000"})
+            assert response.status_code == 206
+            ranged.append(response.content)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(50):
+                nursery.start_soon(read_range)
+        assert ranged == [data[1600000:1700001]] * 50
+        stats = hub.stats()  # one ranged GET upstream (the Hub's resolve redirect, then the LFS "CDN")
+        assert stats.requests_by_kind.get("lfs_get") == 1 and stats.bytes_served == 512 << 10
+
+        # 50 readers of the whole cold file at once.
+        results: list[str] = []
+
+        async def read_all() -> None:
+            hasher = hashlib.sha256()
+            async with client.stream("GET", url) as response:
+                assert response.status_code == 200
+                async for block in response.aiter_raw(1 << 20):
+                    hasher.update(block)
+            results.append(hasher.hexdigest())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sample_rss)
+            async with trio.open_nursery() as readers:
+                for _ in range(50):
+                    readers.start_soon(read_all)
+            done.set()
+    assert results == [digest] * 50
+    upstream = hub.stats().bytes_by_path[f"org/herd/{SHARD}"]
+    assert upstream <= 1.05 * len(data), f"{upstream} upstream bytes for a {len(data)}-byte file"
+    metrics = backend.metrics()
+    assert metrics["mmfs_backend_coalesced_requests_total"] >= 49
+    assert metrics['mmfs_backend_served_bytes_total{tier="upstream"}'] > 0
+    assert metrics["mmfs_backend_inflight_fetches"] == 0
+    assert peak_rss <= (32 << 20) + (200 << 20), f"peak RSS {peak_rss >> 20} MiB"
+
+
+async def test_node_protocol_with_backend_remote(hub: TestHub, hub_root: Path, start_backend) -> None:
+    repo_dir = synthetic(hub_root, "node", (1 << 20) + 12345)
+    files = tree_files(repo_dir)
+    backend = start_backend(chunk_size="256KiB")
+    repo = parse_repo_id("org/node")
+    remote = BackendRemote(backend.url, policy=RetryPolicy(attempts=1))
+    try:
+        commit = await remote.resolve(repo, "main")
+        assert commit == hub.commit("org/node")
+        assert await remote.resolve(repo, commit) == commit
+        manifest = await remote.manifest(repo, commit)
+        assert {f.path: f.size for f in manifest.files} == {p: len(d) for p, d in files.items()}
+        entry = manifest.file(SHARD)
+        assert entry is not None and entry.is_lfs and entry.chunk_size == 256 << 10 and entry.chunk_count == 5
+        source = FileSource(repo, commit, entry)
+        pieces = []
+        for index in range(entry.chunk_count):
+            chunk = await remote.fetch_chunk(source, index)
+            assert chunk.blake3 and len(chunk.blake3) == 64
+            pieces.append(chunk.data)
+        assert b"".join(pieces) == files[SHARD]
+
+        # The node's own engine over the backend verifies each chunk's blake3.
+        async with FetchEngine([MemoryTier(64 << 20)], BackendRemote(backend.url)) as engine:
+            node_manifest = await engine.manifest(repo, "main")
+            source = FileSource(repo, node_manifest.commit, node_manifest.file(SHARD))
+            assert await engine.read(source, 0, entry.size) == files[SHARD]
+            config = FileSource(repo, node_manifest.commit, node_manifest.file("config.json"))
+            assert await engine.read(config, 0, 1 << 20) == files["config.json"]
+
+        # Errors come back as the same classes.
+        with pytest.raises(RepoNotFound):
+            await remote.resolve(parse_repo_id("org/missing"), "main")
+        with pytest.raises(RevisionNotFound):
+            await remote.resolve(repo, "no-such-branch")
+        with pytest.raises(EntryNotFound):
+            await remote.fetch_chunk(FileSource(repo, commit, entry.__class__("nope.bin", 10, "sha256", "0" * 64,
+                                                                               entry.chunk_size)), 0)
+        response = httpx.get(f"{backend.url}/v1/chunk/huggingface/org/node/{commit}/{SHARD}?index=2")
+        assert response.headers[BLAKE3_HEADER] == __import__("blake3").blake3(response.content).hexdigest()
+        assert response.content == files[SHARD][2 << 18:3 << 18]
+    finally:
+        await remote.aclose()
+
+
+def test_prefetch_endpoint_warms_without_sending_data(hub: TestHub, hub_root: Path, start_backend) -> None:
+    repo_dir = synthetic(hub_root, "warm", 2 << 20)
+    files = tree_files(repo_dir)
+    backend = start_backend(chunk_size="256KiB")
+    response = httpx.post(f"{backend.url}/v1/prefetch/huggingface/org/warm/main", params={"include": "*.json"},
+                          timeout=60)
+    assert response.status_code == 200, response.text
+    summary = response.json()
+    json_files = [p for p in files if p.endswith(".json")]
+    assert summary["files"] == len(json_files) and summary["commit"] == hub.commit("org/warm")
+    assert summary["upstream_bytes"] == sum(len(files[p]) for p in json_files) and summary["errors"] == []
+    assert len(response.content) < 2000  # a summary, not the data
+
+    summary = httpx.post(f"{backend.url}/v1/prefetch/huggingface/org/warm/main", timeout=60).json()
+    assert summary["files"] == len(files) and summary["bytes"] == sum(map(len, files.values()))
+    assert summary["upstream_bytes"] == len(files[SHARD])  # the JSON files were warm already
+    hub.reset_stats()
+    for path, data in files.items():
+        assert httpx.get(f"{backend.url}/v1/file/huggingface/org/warm/main/{path}").content == data
+    assert hub.stats().bytes_served == 0
+
+
+def test_gated_repo_needs_the_callers_own_access(hub: TestHub, hub_root: Path, tmp_path: Path,
+                                                 start_backend) -> None:
+    repo_dir = synthetic(hub_root, "gated", 1 << 20)
+    (repo_dir / ".hub").mkdir()
+    (repo_dir / ".hub" / "gated").write_text("tok-sesame-1234")
+    files = tree_files(repo_dir)
+    backend = start_backend()  # no HF_TOKEN of its own
+    url = f"{backend.url}/v1/file/huggingface/org/gated/main/{SHARD}"
+    good = {"Authorization": "Bearer tok-sesame-1234"}
+
+    denied = httpx.get(url)
+    assert denied.status_code == 403 and denied.headers["X-Error-Code"] == "GatedRepo"
+    assert "gated or private" in denied.json()["error"]
+    allowed = httpx.get(url, headers=good)
+    assert allowed.status_code == 200 and allowed.content == files[SHARD]
+    # Now cached, and still not served to callers without access.
+    for headers in ({}, {"Authorization": "Bearer wrong-token"}):
+        response = httpx.get(url, headers=headers)
+        assert response.status_code == 403, headers
+        assert response.content != files[SHARD]
+    assert httpx.get(f"{backend.url}/v1/manifest/huggingface/org/gated/main").status_code == 403
+    assert httpx.get(f"{backend.url}/v1/manifest/huggingface/org/gated/main", headers=good).status_code == 200
+
+    # The official client, both ways.
+    with pytest.raises(GatedRepoError):
+        hf_hub_download("org/gated", SHARD, endpoint=backend.url, cache_dir=tmp_path / "anon", token=False)
+    path = hf_hub_download("org/gated", SHARD, endpoint=backend.url, cache_dir=tmp_path / "ok",
+                           token="tok-sesame-1234")
+    assert Path(path).read_bytes() == files[SHARD]
+    assert "tok-sesame-1234" not in backend.log_text() and "Bearer" not in backend.log_text()
+    assert "org/gated" in json.loads((backend.data_dir / "access.json").read_text())["restricted"]
