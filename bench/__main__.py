@@ -1,0 +1,150 @@
+"""``python -m bench [--quick] [--out DIR]``: run every scenario, write results and plots.
+
+Starts real processes on loopback: the test hub (rate-capped, standing in for the
+internet), the mmfs backend and N mmfs mounts (standing in for N nodes), plus the
+baselines (``snapshot_download`` processes, the Dynamo recipe, native reads, a loopback
+socket). Writes ``results.json``, ``RESULTS.md`` and PNG plots into ``--out``; with
+``--publish`` also ``bench/RESULTS.md`` and ``bench/plots/*.png`` (the committed report).
+
+Benchmarks report, they do not assert: the exit status is 0 unless the benchmark itself
+broke (a scenario raised); a part of mmfs that is missing makes its scenarios report
+"not available".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .config import BenchConfig, prepare_models
+from .context import Context
+from .harness import Harness, MmfsTools, Unavailable, drop_caches, http_json, machine_info, rmtree
+from .report import write_all
+from .results import Scenario
+
+BENCH_DIR = Path(__file__).resolve().parent
+SCENARIOS = ("cold_start", "first_tensor", "reads", "scale")
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=BENCH_DIR.parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def _prewarm_hub(ctx: Context) -> None:
+    """Let the hub hash every repo (it caches hashes) and put its files in the page cache."""
+    for repo in ctx.models.sizes:
+        http_json(f"{ctx.hub.url}/api/models/{repo}", timeout=300)
+        for path in sorted(ctx.models.path(repo).rglob("*")):
+            if path.is_file():
+                with open(path, "rb", buffering=0) as f:
+                    while f.read(16 << 20):
+                        pass
+
+
+def _run_scenario(name: str, ctx: Context) -> list[Scenario]:
+    if name == "cold_start":
+        from . import cold_start
+
+        return cold_start.run(ctx)
+    if name == "first_tensor":
+        from . import first_tensor
+
+        return first_tensor.run(ctx)
+    if name == "reads":
+        from . import reads
+
+        return reads.run(ctx)
+    if name == "scale":
+        from . import scale
+
+        return scale.run(ctx)
+    raise ValueError(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, 1 repeat (CI smoke, < 2 min)")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "out", help="where results go (default bench/out)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/mmfs-bench"),
+                        help="scratch space for models, caches and mounts (default /tmp/mmfs-bench)")
+    parser.add_argument("--only", action="append", choices=SCENARIOS, help="run only these scenario groups")
+    parser.add_argument("--repeats", type=int, default=None, help="override the number of repeats")
+    parser.add_argument("--nodes", type=int, default=None, help="override the number of nodes of scenario 1")
+    parser.add_argument("--keep-data", action="store_true", help="keep the generated models in --work")
+    parser.add_argument("--publish", action="store_true",
+                        help="also write bench/RESULTS.md and bench/plots/ (the committed report)")
+    args = parser.parse_args(argv)
+
+    cfg = (BenchConfig.quick_mode() if args.quick else BenchConfig.full()).with_overrides(
+        repeats=args.repeats, nodes=args.nodes)
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    t_start = time.monotonic()
+    out = args.out.resolve()
+    work = args.work.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):
+        old.unlink()
+    run = {"command": command, "started": started, "machine": machine_info(), "config": cfg.to_json(),
+           "commit": _git_commit(), "drop_caches": drop_caches()}
+    print(f"[bench] {command}\n[bench] machine: {json.dumps(run['machine'])}", flush=True)
+    tools = MmfsTools.probe()
+    missing = tools.missing()
+    if missing:
+        print(f"[bench] note: {missing}; their scenarios will report 'not available'", flush=True)
+    scenarios: list[Scenario] = []
+    errors = 0
+    wanted = args.only or list(SCENARIOS)
+    try:
+        with Harness(work / "run", out / "logs", tools) as harness:
+            models = prepare_models(work / "hub", cfg)
+            hub = harness.start_hub(work / "hub", rate=None)
+            ctx = Context(cfg, harness, work / "run", out, models, hub)
+            _prewarm_hub(ctx)
+            ctx.log(f"hub at {hub.url}; models: " + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in models.sizes.items()))
+            for name in SCENARIOS:
+                if name not in wanted:
+                    continue
+                t0 = time.monotonic()
+                mark = harness.checkpoint()
+                ctx.log(f"scenario group {name}")
+                try:
+                    got = _run_scenario(name, ctx)
+                except Unavailable as err:
+                    got = [Scenario(name, name).unavailable(str(err))]
+                except Exception as err:  # the benchmark broke: report it, go on, exit 1
+                    errors += 1
+                    traceback.print_exc()
+                    got = [Scenario(name, name, status="error", reason=f"{type(err).__name__}: {err}")]
+                harness.cleanup_since(mark)  # leave no mount or child of a scenario behind
+                for s in got:
+                    s.seconds = time.monotonic() - t0
+                    ctx.results[s.id] = s
+                scenarios += got
+                ctx.log(f"scenario group {name} done in {time.monotonic() - t0:.0f} s")
+    finally:
+        rmtree(work / "run")
+        if not args.keep_data:
+            rmtree(work)
+    run["seconds"] = time.monotonic() - t_start
+    path = write_all(run, scenarios, out)
+    print(f"[bench] wrote {path} and {out / 'results.json'} in {run['seconds']:.0f} s", flush=True)
+    if args.publish:
+        from .publish import publish
+
+        print(f"[bench] published {publish(out, BENCH_DIR)}", flush=True)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

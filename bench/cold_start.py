@@ -1,0 +1,222 @@
+"""Scenario 1 (cluster cold start) and scenario 6 (memory of the daemons meanwhile).
+
+N nodes start at the same instant and each reads a whole model, the hub capped at
+``hub_rate`` standing in for the internet. Variants, interleaved within each repeat so
+that noise hits all of them alike:
+
+- ``hf``: N ``snapshot_download`` processes straight from the hub, own cache dirs (baseline).
+- ``dynamo``: the Dynamo recipe: one download job (``snapshot_download`` into a shared
+  folder), then N readers read that folder (baseline). Its readers read a local disk whose
+  pages were just written, which flatters it against an RWX network volume.
+- ``mmfs``: a cold backend and N cold node daemons (mounted before the clock starts, as
+  a DaemonSet is), then N readers read the model through the mounts.
+- ``endpoint``: N ``snapshot_download`` processes with the *backend* as ``HF_ENDPOINT``
+  (the unmodified-client path through the cluster cache).
+
+The physical limit is model size / hub rate: no scheme that fetches every byte once can
+beat it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+from .context import Context
+from .harness import RssSampler, Unavailable, rmtree
+from .results import Scenario
+
+VARIANTS = {
+    "hf": "{n}x snapshot_download from the hub",
+    "dynamo": "Dynamo recipe: 1 download job, then {n} readers",
+    "endpoint": "{n}x snapshot_download via mmfs-backend (HF_ENDPOINT)",
+    "mmfs": "mmfs: {n} node mounts + backend",
+}
+
+
+def _times(t0: float, results: list[dict[str, Any]]) -> list[float]:
+    return [r["end"] - t0 for r in results]
+
+
+def _hf(ctx: Context, repo: str, endpoint: str, tag: str) -> dict[str, Any]:
+    base = ctx.scratch(f"s1-{tag}")
+    argvs = [["download", endpoint, repo, str(base / f"node{i}")] for i in range(ctx.cfg.nodes)]
+    t0, res = ctx.harness.workers(f"s1-{tag}", argvs)
+    times = _times(t0, res)
+    got = {r["bytes"] for r in res}
+    rmtree(base)
+    return {"node_times": times, "bytes": sorted(got)}
+
+
+def _dynamo(ctx: Context, repo: str) -> dict[str, Any]:
+    base = ctx.scratch("s1-dynamo")
+    shared = base / "shared"
+    t0, res = ctx.harness.workers("s1-dynamo-job", [["download", ctx.hub.url, repo, str(base / "cache"),
+                                                     "--local-dir", str(shared)]])
+    job = res[0]["end"] - t0
+    argvs = [["read", str(shared), "--threads", str(ctx.cfg.reader_threads)] for _ in range(ctx.cfg.nodes)]
+    t1, res = ctx.harness.workers("s1-dynamo-read", argvs)
+    times = [job + t for t in _times(t1, res)]
+    rmtree(base)
+    return {"node_times": times, "job": job}
+
+
+def _mmfs(ctx: Context, repo: str) -> dict[str, Any]:
+    h = ctx.harness
+    backend = ctx.backend("s1-backend")
+    mounts = []
+    try:
+        for i in range(ctx.cfg.nodes):
+            mounts.append(ctx.mount(backend, name=f"s1-node{i}"))
+        pids = {"backend": backend.pid, **{f"node{i}": m.pid for i, m in enumerate(mounts)}}
+        argvs = [["read", str(m.model_dir(repo)), "--threads", str(ctx.cfg.reader_threads)] for m in mounts]
+        ctx.hub.reset()
+        with RssSampler(pids) as rss:
+            t0, res = h.workers("s1-mmfs-read", argvs)
+        upstream = ctx.hub.bytes_served()
+        out = {"node_times": _times(t0, res), "upstream": upstream, "rss": dict(rss.peak),
+               "bytes": sorted({r["bytes"] for r in res})}
+        # Cluster restart: node caches wiped, the backend warm.
+        for i, m in enumerate(list(mounts)):
+            h.unmount(m)
+            rmtree(m.cache_dir)
+            mounts[i] = ctx.mount(backend, name=f"s1-node{i}", cache_dir=m.cache_dir)
+        argvs = [["read", str(m.model_dir(repo)), "--threads", str(ctx.cfg.reader_threads)] for m in mounts]
+        ctx.hub.reset()
+        t0, res = h.workers("s1-mmfs-restart", argvs)
+        out["restart_times"] = _times(t0, res)
+        out["restart_upstream"] = ctx.hub.bytes_served()
+        return out
+    finally:
+        for m in mounts:
+            h.unmount(m)
+        h.stop(backend.child)
+        rmtree(backend.data_dir)
+        for m in mounts:
+            rmtree(m.cache_dir.parent)
+
+
+def _endpoint(ctx: Context, repo: str) -> dict[str, Any]:
+    backend = ctx.backend("s1-backend-ep")
+    try:
+        ctx.hub.reset()
+        out = _hf(ctx, repo, backend.url, "endpoint")
+        out["upstream"] = ctx.hub.bytes_served()
+        return out
+    finally:
+        ctx.harness.stop(backend.child)
+        rmtree(backend.data_dir)
+
+
+def run(ctx: Context) -> list[Scenario]:
+    cfg = ctx.cfg
+    n = cfg.nodes
+    s1 = Scenario("cold_start", f"1. Cluster cold start: {n} nodes read a whole model, hub capped at "
+                                f"{cfg.hub_rate / 1e6:.0f} MB/s")
+    s6 = Scenario("memory", "6. Memory: peak RSS during the cluster cold start")
+    tools = ctx.harness.tools
+    mmfs_missing = tools.missing(backend=True)
+    endpoint_missing = None if tools.backend_ok else tools.missing(backend=True)
+    ctx.hub.set_rate(cfg.hub_rate)
+    s1.data["per_node"] = {}
+    for tag, repo in (("synthetic", ctx.models.synthetic), ("real", ctx.models.real)):
+        size = ctx.models.sizes[repo]
+        limit = size / cfg.hub_rate
+        pre = f"{tag}."
+        mb = f"{size / 1e6:.0f} MB"
+        s1.figure(pre + "limit", f"{tag} ({mb}): physical limit, model / hub rate", "s")
+        per_node: dict[str, list[list[float]]] = {}
+        s1.data["per_node"][tag] = per_node
+        for rep in range(cfg.repeats):
+            s1.get(pre + "limit").add(limit)
+            order = ["hf", "dynamo", "mmfs", "endpoint"]
+            order = order[rep % len(order):] + order[:rep % len(order)]  # rotate: no variant always first
+            for variant in order:
+                if variant == "mmfs" and mmfs_missing:
+                    continue
+                if variant == "endpoint" and (endpoint_missing or not cfg.backend_endpoint_variant):
+                    continue
+                ctx.log(f"s1 {tag} repeat {rep + 1}/{cfg.repeats}: {variant}")
+                try:
+                    if variant == "hf":
+                        ctx.hub.reset()
+                        out = _hf(ctx, repo, ctx.hub.url, "hf")
+                        out["upstream"] = ctx.hub.bytes_served()
+                    elif variant == "dynamo":
+                        ctx.hub.reset()
+                        out = _dynamo(ctx, repo)
+                        out["upstream"] = ctx.hub.bytes_served()
+                    elif variant == "mmfs":
+                        out = _mmfs(ctx, repo)
+                    else:
+                        out = _endpoint(ctx, repo)
+                except Unavailable as err:
+                    ctx.log(f"  {variant} not available: {err}")
+                    if variant == "mmfs":
+                        mmfs_missing = str(err)
+                    else:
+                        endpoint_missing = str(err)
+                    continue
+                times = out["node_times"]
+                label = VARIANTS[variant].format(n=n)
+                s1.figure(pre + variant + ".all", f"{tag}: {label}: all nodes done", "s",
+                          baseline=pre + "limit",
+                          target_ratio=1.15 if variant == "mmfs" else None).add(max(times))
+                s1.figure(pre + variant + ".median", f"{tag}: {label}: median node", "s",
+                          baseline=pre + "limit").add(statistics.median(times))
+                s1.figure(pre + variant + ".upstream", f"{tag}: {label}: upstream bytes / model size", "x",
+                          target_value=1.05 if variant == "mmfs" else None).add(out["upstream"] / size)
+                per_node.setdefault(variant, []).append(times)
+                if variant == "mmfs":
+                    restart = out["restart_times"]
+                    s1.figure(pre + "restart.all", f"{tag}: mmfs cluster restart (node caches wiped, backend "
+                                                   "warm): all nodes done", "s", baseline=pre + "limit").add(
+                        max(restart))
+                    s1.figure(pre + "mmfs.backend_egress", f"{tag}: backend egress during that restart "
+                                                           f"({n} nodes x model / all done)", "GB/s").add(
+                        n * size / max(restart) / 1e9)
+                    s1.figure(pre + "restart.upstream", f"{tag}: mmfs cluster restart: upstream bytes / model",
+                              "x").add(out["restart_upstream"] / size)
+                    per_node.setdefault("mmfs restart", []).append(restart)
+                if variant == "mmfs" and tag == "synthetic":
+                    rss = out["rss"]
+                    nodes = [v for k, v in rss.items() if k.startswith("node")]
+                    s6.figure("node.peak", "mmfs node daemon: peak RSS (largest of the nodes)", "MiB").add(
+                        max(nodes) / 2**20)
+                    s6.figure("node.median", "mmfs node daemon: peak RSS (median node)", "MiB").add(
+                        statistics.median(nodes) / 2**20)
+                    s6.figure("backend.peak", "mmfs-backend: peak RSS", "MiB").add(rss["backend"] / 2**20)
+    # Ratios of mmfs against each baseline, for the summary table.
+    rows = []
+    for tag in ("synthetic", "real"):
+        pre = f"{tag}."
+        m = s1.get(pre + "mmfs.all")
+        for variant in ("hf", "dynamo", "endpoint", "limit"):
+            key = pre + variant + (".all" if variant != "limit" else "")
+            base = s1.get(key)
+            if m and m.median and base and base.median:
+                rows.append([tag, VARIANTS.get(variant, "physical limit").format(n=n), f"{base.median:.2f}",
+                             f"{m.median:.2f}", f"{m.median / base.median:.2f}"])
+    if rows:
+        s1.tables.append({"title": "mmfs (all nodes done) against each baseline, medians",
+                          "columns": ["model", "baseline", "baseline s", "mmfs s", "mmfs / baseline"],
+                          "rows": rows})
+    s1.notes.append(f"Model sizes: synthetic {ctx.models.sizes[ctx.models.synthetic] / 1e6:.0f} MB "
+                    f"({cfg.synthetic_shards} shards), real all-MiniLM-L6-v2 "
+                    f"{ctx.models.sizes[ctx.models.real] / 1e6:.0f} MB. Readers read every file with "
+                    f"16 MiB read() calls, {cfg.reader_threads} files at once. Time 0 is when all N "
+                    "workers are released at once (imports done, mounts already up).")
+    if mmfs_missing:
+        s1.notes.append(f"mmfs variant not available: {mmfs_missing}")
+        s6.unavailable(mmfs_missing)
+    else:
+        s6.tables.append({"title": "Configured cache sizes", "columns": ["process", "memory cache", "disk cache"],
+                          "rows": [["mmfs node daemon", f"{cfg.node_memory / 2**20:.0f} MiB",
+                                    f"{cfg.node_cache / 2**30:.0f} GiB"],
+                                   ["mmfs-backend", f"{cfg.backend_memory / 2**20:.0f} MiB", "unbounded (data dir)"]]})
+        s6.notes.append("RSS sampled every 0.1 s with psutil (children included) during the mmfs variant "
+                        "of scenario 1 on the synthetic model.")
+    if endpoint_missing:
+        s1.notes.append(f"backend-as-HF_ENDPOINT variant not available: {endpoint_missing}")
+    return [s1, s6]

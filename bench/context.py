@@ -1,0 +1,53 @@
+"""What every scenario gets: the config, the harness, the hub, the models, earlier results."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .config import BenchConfig, Models
+from .harness import BackendHandle, Harness, HubHandle, MountHandle, rmtree
+from .results import Scenario
+
+
+@dataclass
+class Context:
+    cfg: BenchConfig
+    harness: Harness
+    work: Path
+    out: Path
+    models: Models
+    hub: HubHandle
+    results: dict[str, Scenario] = field(default_factory=dict)
+    _counter: Iterator[int] = field(default_factory=itertools.count)
+
+    def scratch(self, name: str) -> Path:
+        """A fresh, empty folder under the work dir."""
+        path = self.work / "scratch" / f"{name}-{next(self._counter)}"
+        rmtree(path)
+        path.mkdir(parents=True)
+        return path
+
+    def backend(self, name: str = "backend") -> BackendHandle:
+        """A cold backend (fresh data dir) in front of the hub."""
+        return self.harness.start_backend(self.hub.url, self.scratch(name), self.cfg.backend_memory, name=name)
+
+    def mount(self, backend: BackendHandle | None, name: str = "node", cache_dir: Path | None = None) -> MountHandle:
+        """A node daemon; cold unless ``cache_dir`` is an existing node cache."""
+        base = self.scratch(name)
+        return self.harness.mount(base / "mnt", cache_dir or base / "cache", cache_size=self.cfg.node_cache,
+                                  memory_cache=self.cfg.node_memory, backend=backend.url if backend else None,
+                                  hub_url=self.hub.url, name=name)
+
+    def remount(self, mount: MountHandle, name: str = "node") -> MountHandle:
+        """Restart a node daemon on the same disk cache (its memory tier starts empty)."""
+        self.harness.unmount(mount)
+        return self.harness.mount(mount.path, mount.cache_dir, cache_size=mount.cache_size,
+                                  memory_cache=mount.memory_cache, backend=mount.backend, hub_url=self.hub.url,
+                                  name=name)
+
+    def log(self, msg: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)

@@ -1,0 +1,241 @@
+"""Writing results: ``results.json``, a markdown report and PNG plots (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .results import Figure, Scenario  # noqa: E402
+
+
+def fmt(x: float | None) -> str:
+    if x is None:
+        return "–"
+    if x == 0:
+        return "0"
+    ax = abs(x)
+    if ax >= 100:
+        return f"{x:.0f}"
+    if ax >= 10:
+        return f"{x:.1f}"
+    if ax >= 1:
+        return f"{x:.2f}"
+    if ax >= 0.01:
+        return f"{x:.3f}"
+    return f"{x:.2e}"
+
+
+def _baseline_label(s: Scenario, fig: Figure) -> str:
+    if fig.baseline is None:
+        return ""
+    base = s.get(fig.baseline)
+    return base.label if base else fig.baseline
+
+
+def _target(fig: Figure) -> str:
+    if fig.target_ratio is not None:
+        return f"ratio ≤ {fig.target_ratio:g}"
+    if fig.target_value is not None:
+        return f"≤ {fig.target_value:g} {fig.unit}"
+    return ""
+
+
+def _met(value: bool | None) -> str:
+    return {True: "yes", False: "**no**", None: ""}[value]
+
+
+def scenario_markdown(s: Scenario) -> str:
+    lines = [f"### {s.title}", ""]
+    if s.status != "ok":
+        lines += [f"**{s.status}**: {s.reason}", ""]
+    if s.figures:
+        has_target = any(_target(f) for f in s.figures)
+        head = ["figure", "unit", "n", "min", "median", "max", "baseline (same run)", "ratio"]
+        if has_target:
+            head += ["target", "met"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for fig in s.figures:
+            ratio = s.ratio(fig)
+            row = [fig.label + (f" ({fig.note})" if fig.note else ""), fig.unit, str(len(fig.values)),
+                   fmt(fig.min), fmt(fig.median), fmt(fig.max), _baseline_label(s, fig),
+                   "" if ratio is None else f"{ratio:.3g}×"]
+            if has_target:
+                row += [_target(fig), _met(s.met(fig))]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    for table in s.tables:
+        lines += [f"*{table['title']}*", ""]
+        lines.append("| " + " | ".join(table["columns"]) + " |")
+        lines.append("|" + "---|" * len(table["columns"]))
+        for row in table["rows"]:
+            lines.append("| " + " | ".join(str(c) for c in row) + " |")
+        lines.append("")
+    for note in s.notes:
+        lines += [note, ""]
+    for plot in s.plots:
+        lines += [f"![{s.id}]({plot})", ""]
+    return "\n".join(lines)
+
+
+def machine_markdown(machine: dict[str, Any]) -> str:
+    return (f"{machine['cores']} cores ({machine['cpu']}), {machine['ram_bytes'] / 2**30:.1f} GiB RAM, "
+            f"kernel {machine['kernel']}, Python {machine['python']}")
+
+
+def markdown(run: dict[str, Any], scenarios: list[Scenario]) -> str:
+    lines = ["# mmfs benchmark results", "",
+             f"- Mode: {'quick' if run['config']['quick'] else 'full'}; started {run['started']}, "
+             f"took {run['seconds'] / 60:.1f} min",
+             f"- Machine: {machine_markdown(run['machine'])}",
+             f"- Command: `{run['command']}`",
+             f"- Commit: `{run.get('commit', '?')}`", "",
+             "Every figure is min/median/max over its repeats; *ratio* is median / median of its baseline "
+             "measured in the same run (this machine is noisy: read ratios, not absolute numbers). "
+             "Benchmarks report, they do not assert: *met* states whether the median meets the issue's target.",
+             ""]
+    for s in scenarios:
+        lines.append(scenario_markdown(s))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# Plots
+
+
+def _bar_plot(s: Scenario, path: Path, figures: list[Figure], title: str, unit: str) -> None:
+    figs = [f for f in figures if f.values]
+    if not figs:
+        return
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(figs) + 1.6))
+    y = range(len(figs))
+    med = [f.median for f in figs]
+    err = [[f.median - f.min for f in figs], [f.max - f.median for f in figs]]
+    colors = ["tab:green" if "mmfs" in f.label or f.key.split(".")[-1] in ("mount",) or "mount" in f.key
+              else "tab:gray" for f in figs]
+    ax.barh(list(y), med, xerr=err, color=colors, capsize=3)
+    ax.set_yticks(list(y))
+    ax.set_yticklabels([f.label if len(f.label) < 70 else f.label[:67] + "..." for f in figs], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(unit)
+    ax.set_title(title, fontsize=10)
+    for i, f in enumerate(figs):
+        ratio = s.ratio(f)
+        if ratio is not None:
+            ax.text(f.median, i, f"  {ratio:.2f}×", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scenario(s: Scenario, out: Path) -> list[str]:
+    """Write this scenario's PNGs into ``out``; return their file names."""
+    names: list[str] = []
+    by_unit: dict[str, list[Figure]] = {}
+    for f in s.figures:
+        by_unit.setdefault(f.unit, []).append(f)
+    for unit, figs in by_unit.items():
+        if unit == "x" and s.id == "cold_start":
+            pass
+        safe = {"s": "time", "ms": "latency", "GB/s": "throughput", "MiB": "memory", "x": "ratio",
+                "%": "percent", "GB": "bytes"}.get(unit, unit.replace("/", "_"))
+        name = f"{s.id}_{safe}.png"
+        _bar_plot(s, out / name, figs, s.title, unit)
+        if (out / name).exists():
+            names.append(name)
+    extra = EXTRA_PLOTS.get(s.id)
+    if extra:
+        names += extra(s, out)
+    return names
+
+
+def _cold_start_nodes(s: Scenario, out: Path) -> list[str]:
+    per_node = s.data.get("per_node") or {}
+    names = []
+    for tag, variants in per_node.items():
+        if not variants:
+            continue
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        for i, (variant, reps) in enumerate(variants.items()):
+            for times in reps:
+                ax.scatter(sorted(times), [i] * len(times), s=14, alpha=0.6)
+        limit = s.get(f"{tag}.limit")
+        if limit and limit.median:
+            ax.axvline(limit.median, color="k", ls="--", lw=1, label="model / hub rate")
+            ax.axvline(1.15 * limit.median, color="tab:red", ls=":", lw=1, label="target 1.15 x limit")
+        ax.set_yticks(range(len(variants)))
+        ax.set_yticklabels(list(variants), fontsize=8)
+        ax.set_xlabel("seconds until the node finished reading the model")
+        ax.set_title(f"Cluster cold start, {tag} model: per-node finish times (all repeats)", fontsize=10)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        name = f"cold_start_nodes_{tag}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def _random_cdf(s: Scenario, out: Path) -> list[str]:
+    lat = s.data.get("latencies") or {}
+    if not lat:
+        return []
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for label, values in lat.items():
+        xs = sorted(values)
+        ys = [(i + 1) / len(xs) for i in range(len(xs))]
+        ax.plot(xs, ys, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency of one 4 KiB pread (ms, log)")
+    ax.set_ylabel("fraction of reads")
+    ax.set_title("Random 4 KiB reads: latency CDF", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    name = "random_cdf.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return [name]
+
+
+def _scale_plot(s: Scenario, out: Path) -> list[str]:
+    curves = s.data.get("curves") or {}
+    if not curves:
+        return []
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for label, pts in curves.items():
+        ax.plot([p[0] for p in pts], [p[1] / 60 for p in pts], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("nodes")
+    ax.set_ylabel("minutes until all nodes loaded the model")
+    ax.set_title(s.title, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    name = "scale_model.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return [name]
+
+
+EXTRA_PLOTS = {"cold_start": _cold_start_nodes, "random": _random_cdf, "scale": _scale_plot}
+
+
+def write_all(run: dict[str, Any], scenarios: list[Scenario], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    for s in scenarios:
+        try:
+            s.plots = plot_scenario(s, out)
+        except Exception as err:  # a broken plot must not lose the numbers
+            s.notes.append(f"(plot failed: {err!r})")
+    data = {**run, "scenarios": [s.to_json() for s in scenarios]}
+    (out / "results.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    md = markdown(run, scenarios)
+    path = out / "RESULTS.md"
+    path.write_text(md)
+    return path

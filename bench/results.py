@@ -1,0 +1,103 @@
+"""Records of benchmark results: a figure is a list of repeated measurements.
+
+A :class:`Figure` keeps every repeat (min/median/max are derived), and may name a
+*baseline* figure of the same scenario, measured in the same run: its ratio is
+``median / baseline median``. An optional target is on the ratio (``ratio <= target``)
+or on the value itself; the report states whether the median meets it, the benchmark
+never asserts it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Figure:
+    key: str
+    label: str
+    unit: str
+    values: list[float] = field(default_factory=list)
+    baseline: str | None = None  # key of another figure of the same scenario
+    target_ratio: float | None = None  # met when ratio <= target_ratio
+    target_value: float | None = None  # met when median <= target_value
+    note: str = ""
+
+    def add(self, value: float) -> None:
+        self.values.append(float(value))
+
+    @property
+    def min(self) -> float | None:
+        return min(self.values) if self.values else None
+
+    @property
+    def max(self) -> float | None:
+        return max(self.values) if self.values else None
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.values) if self.values else None
+
+
+@dataclass
+class Scenario:
+    id: str
+    title: str
+    status: str = "ok"  # ok | not available | error
+    reason: str = ""
+    figures: list[Figure] = field(default_factory=list)
+    #: Free-form tables: {"title", "columns": [...], "rows": [[...]]}.
+    tables: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    plots: list[str] = field(default_factory=list)
+    #: Raw data for plots (per-node times, latencies...).
+    data: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def figure(self, key: str, label: str = "", unit: str = "", **kwargs: Any) -> Figure:
+        for fig in self.figures:
+            if fig.key == key:
+                return fig
+        fig = Figure(key, label or key, unit, **kwargs)
+        self.figures.append(fig)
+        return fig
+
+    def get(self, key: str) -> Figure | None:
+        return next((f for f in self.figures if f.key == key), None)
+
+    def ratio(self, fig: Figure) -> float | None:
+        if fig.baseline is None:
+            return None
+        base = self.get(fig.baseline)
+        if base is None or base.median in (None, 0) or fig.median is None:
+            return None
+        return fig.median / base.median
+
+    def met(self, fig: Figure) -> bool | None:
+        if fig.target_ratio is not None:
+            ratio = self.ratio(fig)
+            return None if ratio is None else ratio <= fig.target_ratio
+        if fig.target_value is not None:
+            return None if fig.median is None else fig.median <= fig.target_value
+        return None
+
+    def unavailable(self, reason: str) -> "Scenario":
+        self.status, self.reason = "not available", reason
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for fig, raw in zip(self.figures, data["figures"]):
+            raw.update(min=fig.min, median=fig.median, max=fig.max, ratio=self.ratio(fig), met=self.met(fig))
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Scenario":
+        figs = []
+        for raw in data.get("figures", []):
+            raw = {k: v for k, v in raw.items() if k in Figure.__dataclass_fields__}
+            figs.append(Figure(**raw))
+        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "figures"}
+        return cls(**fields, figures=figs)

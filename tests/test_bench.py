@@ -1,0 +1,37 @@
+"""The benchmark package's own pieces: report writing and profile summaries (fast, no mounts).
+
+The quick mode itself (``python -m bench --quick``) runs in CI as a separate smoke step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.profile import summarize_collapsed
+from bench.report import write_all
+from bench.results import Scenario
+
+
+def test_summarize_collapsed_counts_own_and_inclusive_samples() -> None:
+    text = ("<module> (mmfs/daemon.py:3);read (mmfs/vfs.py:10);get (mmfs/tiers/disk.py:5) 3\n"
+            "<module> (mmfs/daemon.py:3);read (mmfs/vfs.py:12) 1\n")
+    got = summarize_collapsed(text)
+    assert got["samples"] == 4
+    assert got["self"][0] == ("get (mmfs/tiers/disk.py)", 75.0)
+    assert dict(got["inclusive"])["read (mmfs/vfs.py)"] == 100.0
+
+
+def test_report_writes_json_markdown_and_plots(tmp_path: Path) -> None:
+    s = Scenario("sequential", "3. Sequential")
+    s.figure("native", "native", "GB/s").values.extend([1.0, 2.0, 3.0])
+    s.figure("mmfs", "mmfs", "GB/s", baseline="native").values.extend([0.5, 1.0, 1.5])
+    run = {"command": "python -m bench", "started": "now", "seconds": 1.0, "commit": "x",
+           "config": {"quick": True},
+           "machine": {"cores": 2, "cpu": "x", "ram_bytes": 2**30, "kernel": "k", "python": "3.11"}}
+    md = write_all(run, [s, Scenario("scale", "7").unavailable("no mmfs")], tmp_path).read_text()
+    assert "| mmfs | GB/s | 3 | 0.500 | 1.00 | 1.50 | native | 0.5× |" in md
+    assert "**not available**: no mmfs" in md
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["scenarios"][0]["figures"][1]["ratio"] == 0.5
+    assert (tmp_path / "sequential_throughput.png").stat().st_size > 0
