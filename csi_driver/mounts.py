@@ -134,12 +134,24 @@ def bounded(fn: Callable[[], T], timeout: float) -> T:
 
 
 def path_health(path: str, timeout: float) -> int | None:
-    """``None`` when ``stat(path)`` works, else the errno it fails with.
+    """``None`` when the filesystem at *path* answers, else the errno it fails with.
 
-    A timeout reads as ``ETIMEDOUT``; a missing path as ``ENOENT``.
+    Uses ``statvfs``: FUSE never answers it from the kernel's attribute cache, so a dead
+    daemon shows as ``ENOTCONN`` even where ``stat`` of a cached inode still succeeds. A
+    filesystem without statfs (``ENOSYS``) is checked with ``stat`` instead. A timeout
+    reads as ``ETIMEDOUT``; a missing path as ``ENOENT``.
     """
+
+    def check() -> None:
+        try:
+            os.statvfs(path)
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+            os.stat(path)
+
     try:
-        bounded(lambda: os.stat(path), timeout)
+        bounded(check, timeout)
         return None
     except Timeout:
         return errno.ETIMEDOUT

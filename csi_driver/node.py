@@ -123,7 +123,14 @@ class NodeDriver:
 
         def check() -> None:
             try:
-                os.stat(self.mount_root)
+                # statvfs, not stat: the kernel may answer stat of the root from its cache
+                # long after the daemon died; statfs always reaches the daemon.
+                try:
+                    os.statvfs(self.mount_root)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSYS:
+                        raise
+                    os.stat(self.mount_root)
             finally:
                 with self._probe_lock:
                     self._probe_in_flight = False
@@ -131,9 +138,9 @@ class NodeDriver:
         try:
             mounts.bounded(check, self.config.fs_timeout)
         except mounts.Timeout:
-            return f"stat {self.mount_root} hangs (over {self.config.fs_timeout:g}s)"
+            return f"statfs {self.mount_root} hangs (over {self.config.fs_timeout:g}s)"
         except OSError as exc:
-            return f"stat {self.mount_root}: {os.strerror(exc.errno or errno.EIO)}"
+            return f"statfs {self.mount_root}: {os.strerror(exc.errno or errno.EIO)}"
         return None
 
     def _fs(self, fn, what: str):  # type: ignore[no-untyped-def]

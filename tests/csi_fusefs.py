@@ -101,8 +101,10 @@ class TestFs(pyfuse3.Operations):
         a.st_blksize = 4096
         a.st_blocks = (a.st_size + 511) // 512
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = 1_700_000_000 * 10**9
-        # No kernel caching: tests restart this filesystem and change "main".
-        a.attr_timeout = a.entry_timeout = 0
+        # Long kernel caching, as mmfs does for immutable commit trees: after a kill, stat
+        # of a cached inode still succeeds, so the plugin must not rely on stat alone.
+        # (A restart is a new mount with an empty cache, so moving "main" still shows.)
+        a.attr_timeout = a.entry_timeout = 300
         return a
 
     async def getattr(self, inode, ctx=None):
