@@ -275,13 +275,20 @@ class HTTPServer:
                 (b"Connection", b"close"), (b"X-Error-Code", b"InvalidName")])))
             await stream.send_all(conn.send(h11.Data(data=body)))
             await stream.send_all(conn.send(h11.EndOfMessage()))
+            # Lingering close: closing with unread input would reset the connection and
+            # could destroy the answer before the client reads it. Drain a little first.
+            await stream.send_eof()
+            with trio.move_on_after(1.0):
+                drained = 0
+                while drained < MAX_BODY_BYTES and (data := await stream.receive_some(RECEIVE_SIZE)):
+                    drained += len(data)
         except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             pass
 
 
 def _header_value(value: str) -> bytes:
-    """Header values are ASCII without line breaks; anything else is replaced, never injected."""
-    return value.replace("\r", " ").replace("\n", " ").encode("ascii", "replace")
+    """Header values are printable ASCII, trimmed; anything else is replaced, never injected."""
+    return "".join(c if " " <= c <= "~" else "?" for c in value).strip().encode("ascii")
 
 
 def _loggable(target: str) -> str:

@@ -1,0 +1,250 @@
+"""The backend's HTTP surface: bad input, Range handling, /metrics, /healthz, the CLI,
+logging and shutdown. Requests that HTTP clients would normalise (``..``, NUL) are sent
+raw over a socket."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import socket
+import subprocess
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from backend_server.testing import BackendProcess, backend_command, parse_metrics
+from mmfs.testing.hub import TestHub
+from mmfs.testing.models import make_synthetic_model, populate_hub_root
+
+SHARD = "model-00001-of-00001.safetensors"
+BASE = "/v1/file/huggingface/org/web/main"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestHub]:
+    root = populate_hub_root(tmp_path_factory.mktemp("hub"), include_real=False)
+    make_synthetic_model(root / "org" / "web", (1 << 20) + 777, n_shards=1)
+    with TestHub(root) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def files(hub: TestHub) -> dict[str, bytes]:
+    root = hub.hub.root / "org" / "web"
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory: pytest.TempPathFactory, hub: TestHub) -> Iterator[BackendProcess]:
+    with BackendProcess(tmp_path_factory.mktemp("backend") / "data", hub_url=hub.url,
+                        chunk_size="256KiB") as running:
+        yield running
+
+
+def raw(backend: BackendProcess, target: str, method: str = "GET",
+        headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One request with the target exactly as given; (status, headers, body)."""
+    url = urlsplit(backend.url)
+    lines = [f"{method} {target} HTTP/1.1", "Host: backend", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        chunks = []
+        while True:
+            data = sock.recv(1 << 16)
+            if not data:
+                break
+            chunks.append(data)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parsed = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        parsed[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), parsed, body
+
+
+BAD_INPUTS = [
+    # (target, method, headers, status, text in the error message)
+    (f"{BASE}/../../../../etc/passwd", "GET", None, 400, "'..'"),
+    (f"{BASE}/%2e%2e/%2e%2e/etc/passwd", "GET", None, 400, "'..'"),
+    (f"/org/web/resolve/main/..%2F..%2Fetc%2Fpasswd", "GET", None, 400, "'..'"),
+    (f"{BASE}/./config.json", "GET", None, 400, "'.'"),
+    (f"{BASE}//etc/passwd", "GET", None, 400, "absolute"),
+    (f"{BASE}/config.json%00.txt", "GET", None, 400, "NUL"),
+    ("/v1/resolve/huggingface/org/web/main%00", "GET", None, 400, "NUL"),
+    (f"{BASE}/{'a' * 300}", "GET", None, 400, "longer than 255"),
+    (f"{BASE}/{'/'.join(['abcdefgh'] * 600)}", "GET", None, 400, "4096"),
+    (f"/v1/resolve/huggingface/org/{'x' * 200}/main", "GET", None, 400, "longer than 96"),
+    ("/v1/resolve/huggingface/../web/main", "GET", None, 400, "organisation"),
+    ("/v1/resolve/github/org/web/main", "GET", None, 400, "unknown provider"),
+    ("/v1/resolve/huggingface/org/web/no-such-branch", "GET", None, 404, "RevisionNotFound"),
+    ("/v1/resolve/huggingface/org/web/a%2F..%2Fb", "GET", None, 400, "invalid revision"),
+    ("/v1/resolve/huggingface/org/nothere/main", "GET", None, 404, "RepoNotFound"),
+    ("/api/models/org/nothere", "GET", None, 404, "RepoNotFound"),
+    (f"{BASE}/nope.bin", "GET", None, 404, "does not exist"),
+    ("/org/web/resolve/main/nope.bin", "HEAD", None, 404, "EntryNotFound"),
+    (f"{BASE}/{SHARD}", "GET", {"Range": "bytes=abc"}, 416, "malformed Range"),
+    (f"{BASE}/{SHARD}", "GET", {"Range": "bytes=500-100"}, 416, "end comes before the start"),
+    (f"{BASE}/{SHARD}", "GET", {"Range": "bytes=0-1,5-9"}, 416, "multiple ranges"),
+    (f"{BASE}/{SHARD}", "GET", {"Range": "items=0-9"}, 416, "malformed Range"),
+    (f"{BASE}/{SHARD}", "GET", {"Range": "bytes=999999999-"}, 416, "past the end"),
+    (f"{BASE}/{SHARD}", "GET", {"Range": "bytes=-0"}, 416, "not satisfiable"),
+    (f"/v1/chunk/huggingface/org/web/main/{SHARD}", "GET", None, 400, "index=N"),
+    (f"/v1/chunk/huggingface/org/web/main/{SHARD}?index=-1", "GET", None, 400, "index=N"),
+    (f"/v1/chunk/huggingface/org/web/main/{SHARD}?index=x", "GET", None, 400, "index=N"),
+    (f"/v1/chunk/huggingface/org/web/main/{SHARD}?index=99", "GET", None, 400, "out of range"),
+    (f"{BASE}/%ff%fe", "GET", None, 400, "UTF-8"),
+    (f"{BASE}/{SHARD}", "DELETE", None, 405, "not allowed"),
+    ("/healthz", "POST", None, 405, "not allowed"),
+    ("/v1/nothing/here", "GET", None, 404, "no such endpoint"),
+    ("/v1/prefetch/huggingface/org/web/main", "GET", None, 405, "use POST"),
+]
+
+
+@pytest.mark.parametrize("target,method,headers,status,text", BAD_INPUTS,
+                         ids=[f"{c[1]} {c[0][:60]} {c[2] or ''}" for c in BAD_INPUTS])
+def test_bad_input_is_a_4xx_with_a_message(backend: BackendProcess, target: str, method: str,
+                                           headers: dict[str, str] | None, status: int, text: str) -> None:
+    got, response_headers, body = raw(backend, target, method, headers)
+    assert got == status, body[:300]
+    message = response_headers.get("x-error-message", "") + response_headers.get("x-error-code", "")
+    if method != "HEAD":
+        message += json.loads(body)["error"]
+    assert text in message
+
+
+def test_raw_nul_and_garbage_requests(backend: BackendProcess) -> None:
+    assert raw(backend, f"{BASE}/config.json\x00.txt")[0] == 400
+    assert raw(backend, "not-a-path")[0] == 400
+    assert raw(backend, "/" + "a" * 200_000)[0] == 431  # head larger than the limit
+    url = urlsplit(backend.url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(b"\x16\x03\x01 this is not http\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 400")
+    assert httpx.get(f"{backend.url}/healthz").status_code == 200
+
+
+def test_fuzzed_paths_never_escape_or_crash(backend: BackendProcess, files: dict[str, bytes]) -> None:
+    rng = random.Random(1234)
+    pieces = ["..", ".", "", "%2e%2e", "%2E%2e%2f", "%00", "%2f", "etc", "passwd", "config.json", SHARD, "~",
+              "%ff", "a" * 260, "\\..\\", "%5c", "%252e%252e", "tokenizer", "tokenizer_config.json", "*", "?x=1",
+              "%20", "main", "refs%2Fpr%2F1", "huggingface", "org", "web"]
+    prefixes = [BASE, "/v1/chunk/huggingface/org/web/main", "/org/web/resolve/main", "/v1/manifest/huggingface/org",
+                "/api/models/org/web/tree/main", "/v1/resolve/huggingface/org", ""]
+    served = set(files.values())
+    for _ in range(300):
+        target = rng.choice(prefixes) + "/" + "/".join(rng.choice(pieces) for _ in range(rng.randint(1, 5)))
+        status, _, body = raw(backend, target)
+        assert status < 500, (target, body[:200])
+        assert b"root:" not in body, target
+        if status == 200 and target.startswith((BASE, "/org/web/resolve")):
+            assert body in served, target
+    assert httpx.get(f"{backend.url}/healthz").json()["status"] == "ok"
+
+
+def test_ranges_and_hub_headers(backend: BackendProcess, hub: TestHub, files: dict[str, bytes]) -> None:
+    data = files[SHARD]
+    size = len(data)
+    for spec, (start, end) in {"bytes=0-0": (0, 1), "bytes=10-": (10, size), "bytes=-100": (size - 100, size),
+                               "bytes=262140-262150": (262140, 262151), f"bytes=5-{size * 2}": (5, size)}.items():
+        response = httpx.get(f"{backend.url}/org/web/resolve/main/{SHARD}", headers={"Range": spec})
+        assert response.status_code == 206, spec
+        assert response.content == data[start:end], spec
+        assert response.headers["Content-Range"] == f"bytes {start}-{end - 1}/{size}"
+    head = httpx.head(f"{backend.url}/org/web/resolve/main/{SHARD}")
+    sha = __import__("hashlib").sha256(data).hexdigest()
+    assert head.status_code == 200 and head.headers["X-Repo-Commit"] == hub.commit("org/web")
+    assert head.headers["X-Linked-Etag"] == f'"{sha}"' and head.headers["ETag"] == f'"{sha}"'
+    assert head.headers["X-Linked-Size"] == str(size) and head.headers["Content-Length"] == str(size)
+    assert head.headers["Accept-Ranges"] == "bytes"
+    info = httpx.get(f"{backend.url}/api/models/org/web/revision/main", params={"blobs": "true"}).json()
+    upstream = httpx.get(f"{hub.url}/api/models/org/web/revision/main", params={"blobs": "true"}).json()
+    assert info["sha"] == upstream["sha"]
+    assert sorted(info["siblings"], key=lambda s: s["rfilename"]) == \
+        sorted(upstream["siblings"], key=lambda s: s["rfilename"])
+    for query in ({"recursive": "true"}, {}):
+        ours = httpx.get(f"{backend.url}/api/models/org/web/tree/main", params=query).json()
+        theirs = httpx.get(f"{hub.url}/api/models/org/web/tree/main", params=query).json()
+        assert [(e["path"], e["type"], e.get("size")) for e in ours] == \
+            [(e["path"], e["type"], e.get("size")) for e in theirs]
+        assert [e["oid"] for e in ours if e["type"] == "file"] == [e["oid"] for e in theirs if e["type"] == "file"]
+    sub = httpx.get(f"{backend.url}/api/models/org/web/tree/main/tokenizer").json()
+    assert [e["path"] for e in sub] == ["tokenizer/tokenizer_config.json"]
+
+
+def test_metrics_and_healthz(backend: BackendProcess, hub: TestHub, files: dict[str, bytes]) -> None:
+    before = backend.metrics()
+    assert httpx.get(f"{backend.url}{BASE}/config.json").content == files["config.json"]
+    assert httpx.get(f"{backend.url}{BASE}/config.json").content == files["config.json"]
+    assert httpx.get(f"{backend.url}{BASE}/missing.txt").status_code == 404
+    response = httpx.get(f"{backend.url}/metrics")
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    text = response.text
+    for name in ("mmfs_backend_upstream_bytes_total", "mmfs_backend_served_bytes_total",
+                 "mmfs_backend_tier_hits_total", "mmfs_backend_tier_misses_total", "mmfs_backend_inflight_fetches",
+                 "mmfs_backend_coalesced_requests_total", "mmfs_backend_integrity_failures_total",
+                 "mmfs_backend_requests_total"):
+        assert f"# TYPE {name} " in text, name
+    after = parse_metrics(text)
+    key = '{route="file",method="GET",status="%d"}'
+    assert after["mmfs_backend_requests_total" + key % 200] - before.get("mmfs_backend_requests_total" + key % 200,
+                                                                         0) == 2
+    assert after["mmfs_backend_requests_total" + key % 404] >= 1
+    assert after['mmfs_backend_tier_hits_total{tier="memory"}'] > before['mmfs_backend_tier_hits_total{tier="memory"}']
+    assert after['mmfs_backend_served_bytes_total{tier="memory"}'] >= len(files["config.json"])
+    assert after["mmfs_backend_upstream_bytes_total"] == hub.stats().bytes_served
+    assert after['mmfs_backend_tier_limit_bytes{tier="memory"}'] == 2 << 30
+
+    health = httpx.get(f"{backend.url}/healthz")
+    assert health.status_code == 200
+    body = health.json()
+    assert body["status"] == "ok" and body["upstream"] == hub.url and set(body["tiers"]) == {"memory", "disk"}
+
+
+@pytest.mark.parametrize("args,text", [
+    (["--memory-cache", "12XB"], "--memory-cache: invalid size '12XB'"),
+    (["--chunk-size", "1KiB"], "between 64KiB and 256MiB"),
+    (["--memory-ttl", "-5"], "--memory-ttl: seconds must be a positive number"),
+    (["--max-upstream-fetches", "0"], "must be at least 1"),
+    (["--listen", "localhost"], "expected HOST:PORT"),
+])
+def test_cli_rejects_bad_values(tmp_path: Path, args: list[str], text: str) -> None:
+    result = subprocess.run(backend_command() + ["serve", "--data-dir", str(tmp_path / "d"), *args],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and text in result.stderr, result.stderr
+
+
+def test_cli_reports_an_unusable_listen_address(tmp_path: Path, hub: TestHub) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        backend = BackendProcess(tmp_path / "d", hub_url=hub.url, listen=f"127.0.0.1:{port}")
+        with pytest.raises(RuntimeError, match="did not start"):
+            backend.start()
+        assert "cannot listen on 127.0.0.1" in backend.log_text()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_logs_one_line_per_request_without_credentials_and_stops_cleanly(tmp_path: Path, hub: TestHub,
+                                                                         sig: signal.Signals) -> None:
+    backend = BackendProcess(tmp_path / "d", hub_url=hub.url, env={"HF_TOKEN": "hf_servertoken999"}).start()
+    try:
+        secret = {"Authorization": "Bearer hf_callersecret123"}
+        assert httpx.get(f"{backend.url}/v1/resolve/huggingface/org/web/main", headers=secret).status_code == 200
+        assert httpx.get(f"{backend.url}{BASE}/config.json", headers=secret).status_code == 200
+        assert httpx.get(f"{backend.url}/healthz").status_code == 200
+    finally:
+        code = backend.stop(sig)
+    assert code == 0
+    log = backend.log_text()
+    request_lines = [line for line in log.splitlines() if "backend_server.requests" in line]
+    assert len(request_lines) == 3
+    assert '"GET /v1/file/huggingface/org/web/main/config.json" 200' in request_lines[1]
+    assert "hf_callersecret123" not in log and "hf_servertoken999" not in log and "Bearer" not in log
+    assert "shutting down" in log and "stopped" in log
