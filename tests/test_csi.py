@@ -237,6 +237,17 @@ def code_of(call, *args) -> grpc.StatusCode:
     return info.value.code()
 
 
+def serves(target: str, name: str = "config.json") -> bool:
+    """Whether *target* really answers: reads go to the daemon (``os.path.exists`` would
+    not do: the kernel answers stat from its attribute cache even after the daemon died)."""
+    try:
+        with open(os.path.join(target, name), "rb") as f:
+            f.read(1)
+        return True
+    except OSError:
+        return False
+
+
 def commit_seen(target: str) -> str:
     return json.loads(Path(target, "config.json").read_text())["commit"]
 
@@ -324,7 +335,7 @@ def test_publish_and_unpublish_are_idempotent_and_branch_is_pinned(up):
     # The branch moves (a new commit on main, daemon restarted). The plugin re-binds the
     # stale target to the commit pinned at publish time; a repeated publish keeps it too.
     fs.restart("--main", COMMIT_B)
-    wait_for(lambda: os.path.exists(os.path.join(target, "config.json")), what="re-bind after restart")
+    wait_for(lambda: serves(target, "config.json"), what="re-bind after restart")
     p.node.NodePublishVolume(req, timeout=20)
     assert commit_seen(target) == COMMIT_A
     # A new pod of the rollout after the move sees the new commit.
@@ -512,10 +523,10 @@ def test_targets_are_rebound_after_daemon_restart(up):
     time.sleep(0.5)  # a few loop passes while down: nothing to do, nothing breaks
     fs.restart()
     for t in targets[:2]:
-        wait_for(lambda t=t: os.path.exists(os.path.join(t, "config.json")), what=f"re-bind of {t}")
+        wait_for(lambda t=t: serves(t, "config.json"), what=f"re-bind of {t}")
         assert commit_seen(t) == COMMIT_A
         assert len(mounted(t)) == 1 and "ro" in mounted(t)[0].options.split(",")
-    wait_for(lambda: os.path.exists(os.path.join(targets[2], "part-0.bin")), what="re-bind of subPath target")
+    wait_for(lambda: serves(targets[2], "part-0.bin"), what="re-bind of subPath target")
     assert "re-bound" in up["plugin"].log.read_text()
 
 
@@ -527,7 +538,7 @@ def test_plugin_restart_reloads_record_and_rebinds(up):
     assert commit_seen(target) == COMMIT_A
     fs.restart("--main", COMMIT_B)  # and the daemon restarts while the plugin is down
     p.start()
-    wait_for(lambda: os.path.exists(os.path.join(target, "config.json")), what="re-bind on plugin start")
+    wait_for(lambda: serves(target, "config.json"), what="re-bind on plugin start")
     assert commit_seen(target) == COMMIT_A  # the pinned commit, from the record
     p.node.NodePublishVolume(publish_request(target), timeout=20)  # still idempotent after restart
     p.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id="csi-vol-1", target_path=target), timeout=20)

@@ -18,7 +18,7 @@ from csi_driver import csi_pb2 as pb
 from csi_driver.mounts import read_mountinfo
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_csi import Plugin, _require_fuse, lazy_umount_under, mounted, publish_request, wait_for  # noqa: E402
+from test_csi import Plugin, _require_fuse, lazy_umount_under, mounted, publish_request, serves, wait_for  # noqa: E402
 
 REPO = "sentence-transformers/all-MiniLM-L6-v2"
 MMFS = shutil.which("mmfs", path=str(Path(sys.executable).parent)) or shutil.which("mmfs")
@@ -112,7 +112,7 @@ def test_publish_from_real_mmfs_mount_survives_daemon_restart(stack, hub_root):
     # way an operator (or a fixed daemon) would before starting again.
     subprocess.run(["umount", "-l", str(fs.root)], check=False, capture_output=True)
     fs.start()
-    wait_for(lambda: os.path.exists(os.path.join(target, "config.json")), timeout=20, what="re-bind")
+    wait_for(lambda: serves(target), timeout=20, what="re-bind")
     assert Path(target, "config.json").read_bytes() == expected
 
     node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id="csi-vol-1", target_path=target), timeout=30)
