@@ -140,14 +140,15 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
                     mountutil.set_read_ahead(mountpoint, options.read_ahead)
 
                 nursery.start_soon(tune_read_ahead)
-                async def watch_signals() -> None:
+                async def watch_signals(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
                     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                        task_status.started()
                         async for signum in signals:
                             log.info("%s: unmounting %s", signal.Signals(signum).name, mountpoint)
                             pyfuse3.terminate()
                             return
 
-                nursery.start_soon(watch_signals)
+                await nursery.start(watch_signals)
                 print(f"mmfs: mounted {mountpoint} ({mode_text(options)})", flush=True)
                 if ready is not None:
                     ready()
@@ -174,6 +175,8 @@ def run(options: MountOptions) -> int:
     try:
         prepare_mountpoint(options.mountpoint)
         trio.run(serve, options)
+    except KeyboardInterrupt:
+        return 0  # ^C before the signal handler was in place: unmounted on the way out
     except MmfsError as exc:
         print(f"mmfs mount: {exc}", file=sys.stderr)
         return 1

@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 import pyfuse3
 import trio
 
-from .errors import MmfsError
+from .errors import IntegrityError, MmfsError
 from .vfs import Attributes, Vfs
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,25 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=opened.handle, keep_cache=opened.keep_cache, direct_io=opened.direct_io)
 
     @_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self.vfs.read(fh, off, size)
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        try:
+            return await self.vfs.read(fh, off, size)
+        except IntegrityError:
+            inode = self.vfs.inode_of(fh)
+            if inode is not None:
+                trio.lowlevel.spawn_system_task(self._drop_pages, inode)
+            raise
+
+    @staticmethod
+    async def _drop_pages(inode: int) -> None:
+        """Drop the kernel's cached pages of a file that failed verification.
+
+        In a thread, after the reply: the kernel may hold page locks until this read is
+        answered, and invalidation waits for them."""
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
+        except Exception as exc:  # noqa: BLE001 - best effort; the next open drops them anyway
+            log.warning("cannot invalidate the page cache of inode %d: %s", inode, exc)
 
     @_errors
     async def release(self, fh: int) -> None:

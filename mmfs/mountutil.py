@@ -66,9 +66,12 @@ def mmfs_mounts() -> list[MountInfo]:
 
 
 def is_dead(path: str | os.PathLike[str]) -> bool:
-    """True when ``path`` is a FUSE mount whose daemon is gone (ENOTCONN)."""
+    """True when ``path`` is a FUSE mount whose daemon is gone (ENOTCONN).
+
+    ``statfs`` always reaches the daemon, where ``stat`` may be answered from the kernel's
+    attribute cache of the dead mount."""
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import trio
 
 from .engine import FetchEngine
-from .errors import InvalidName, MmfsError, NotFound, RevisionNotFound, UpstreamError
+from .errors import IntegrityError, InvalidName, MmfsError, NotFound, RevisionNotFound, UpstreamError
 from .manifest import FileEntry, Manifest
 from .names import PROVIDERS, RepoRef, check_repo_part, check_revision, is_commit
 from .prefetch import ReadAhead, ReadAheadConfig
@@ -196,6 +196,7 @@ class Vfs:
         self._by_name: dict[tuple[int, str], int] = {}
         self._trees: dict[tuple[RepoRef, str], _Tree] = {}
         self._handles: dict[int, _Handle] = {}
+        self._suspect: set[int] = set()  # inodes whose kernel page cache must be dropped
         self._next_handle = 1
         self._started = time.time()
         self._mtime_ns = int(self._started * 1e9)
@@ -440,7 +441,13 @@ class Vfs:
         source = FileSource(node.repo, node.commit, entry)
         self._handles[handle] = _Handle(node, source, ReadAhead(entry.chunk_size, entry.chunk_count,
                                                                 self.config.read_ahead))
-        return OpenFile(handle, keep_cache=True, direct_io=False)
+        keep = inode not in self._suspect
+        self._suspect.discard(inode)
+        return OpenFile(handle, keep_cache=keep, direct_io=False)
+
+    def inode_of(self, handle: int) -> int | None:
+        state = self._handles.get(handle)
+        return state.node.inode if state is not None else None
 
     async def read(self, handle: int, offset: int, size: int) -> bytes | memoryview:
         """``size`` bytes at ``offset``; fewer only at end of file (a memoryview when zero-copy)."""
@@ -464,6 +471,10 @@ class Vfs:
                                        source, offset, size)
         except MmfsError as exc:
             self._read_errors += 1
+            if isinstance(exc, IntegrityError):
+                # The kernel may hold pages of this file from chunks that arrived before
+                # the whole-file check failed: the next open must not keep them.
+                self._suspect.add(state.node.inode)
             if exc.errno != errno.ENOENT:
                 log.error("read of %s@%s %s at [%d, +%d) failed: %s", source.repo, source.commit,
                           source.entry.path, offset, size, exc)

@@ -114,7 +114,7 @@ class Progress:
 # -- through a mount -------------------------------------------------------------------
 
 
-def _read_slice(path: Path, start: int, end: int, progress: Progress, last: bool) -> None:
+def _read_slice(path: Path, start: int, end: int, last: bool, progress: Progress) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         offset = start
@@ -193,6 +193,7 @@ async def _prefetch_backend(url: str, target: Target, include: Sequence[str], jo
                             progress_factory: Callable[[int, int], Progress]) -> Summary:
     import httpx
 
+    from .remote._http import error_from_response
     from .remote.backend import BackendRemote
     from .remote.base import FileSource
 
@@ -205,18 +206,24 @@ async def _prefetch_backend(url: str, target: Target, include: Sequence[str], jo
         if not entries:
             raise NotFound(f"{target}: no file matches {' '.join(include) or '*'}")
         total = sum(e.size for e in entries)
-        # Ask the backend to warm itself, if it offers that.
+        # Ask the backend to warm itself, if it offers that (it answers when done).
         async with httpx.AsyncClient(timeout=None, trust_env=False) as client:
             try:
                 response = await client.post(f"{url.rstrip('/')}/v1/prefetch/{target.repo}/{commit}",
-                                             json={"include": list(include)})
+                                             params=[("include", p) for p in include])
             except httpx.HTTPError:
                 response = None
             if response is not None and response.is_success:
-                return Summary(len(entries), total, time.monotonic() - started)
-            if response is not None and response.status_code not in (404, 405, 501):
-                raise MmfsError(f"backend {url} refused to prefetch {target}: HTTP {response.status_code} "
-                                f"{response.text[:200]}")
+                try:
+                    body = response.json()
+                except ValueError:
+                    body = {}
+                return Summary(int(body.get("files", len(entries))), int(body.get("bytes", total)),
+                               time.monotonic() - started)
+            missing_route = response is not None and response.status_code in (404, 405, 501) \
+                and "X-Error-Code" not in response.headers
+            if response is not None and not missing_route:
+                raise error_from_response(response)
         progress = progress_factory(total, len(entries))
         limiter = trio.CapacityLimiter(max(jobs, 1))
         try:
