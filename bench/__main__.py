@@ -80,13 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=SCENARIOS, help="run only these scenario groups")
     parser.add_argument("--repeats", type=int, default=None, help="override the number of repeats")
     parser.add_argument("--nodes", type=int, default=None, help="override the number of nodes of scenario 1")
+    parser.add_argument("--profile", type=float, default=None, metavar="SECONDS",
+                        help="profile the read path with py-spy (default: on in full runs, off in --quick; 0: off)")
     parser.add_argument("--keep-data", action="store_true", help="keep the generated models in --work")
     parser.add_argument("--publish", action="store_true",
                         help="also write bench/RESULTS.md and bench/plots/ (the committed report)")
     args = parser.parse_args(argv)
 
     cfg = (BenchConfig.quick_mode() if args.quick else BenchConfig.full()).with_overrides(
-        repeats=args.repeats, nodes=args.nodes)
+        repeats=args.repeats, nodes=args.nodes, profile_seconds=args.profile)
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     t_start = time.monotonic()

@@ -24,7 +24,8 @@ import time
 from typing import Any
 
 from .context import Context
-from .harness import RssSampler, Unavailable, rmtree
+from .harness import BIN, RssSampler, Unavailable, rmtree
+from .profile import Profiler
 from .results import Scenario
 
 VARIANTS = {
@@ -59,11 +60,33 @@ def _dynamo(ctx: Context, repo: str) -> dict[str, Any]:
     t1, res = ctx.harness.workers("s1-dynamo-read", argvs)
     times = [job + t for t in _times(t1, res)]
     rmtree(base)
-    return {"node_times": times, "job": job}
+    return {"node_times": times, "job": job, "bytes": sorted({r["bytes"] for r in res})}
 
 
-def _mmfs(ctx: Context, repo: str) -> dict[str, Any]:
+def _mmfs(ctx: Context, repo: str, profile: bool = False) -> dict[str, Any]:
+    """Cold start through N cold mounts and a cold backend, then a restart with the backend warm.
+
+    With ``profile``, py-spy records node 0 and the backend in both phases (an extra pass,
+    not one of the measured repeats: the profiler costs CPU).
+    """
     h = ctx.harness
+    pdir = ctx.out / "profiles"
+    size = ctx.models.sizes[repo]
+    profilers: list[tuple[str, Profiler]] = []
+
+    def trace(phase: str) -> None:
+        if profile:
+            pdir.mkdir(parents=True, exist_ok=True)
+            profilers.extend([
+                (f"node daemon during the cluster {phase}", Profiler(mounts[0].pid, pdir / f"node_cluster_{phase.replace(' ', '_')}.txt")),
+                (f"backend during the cluster {phase}", Profiler(backend.pid, pdir / f"backend_cluster_{phase.replace(' ', '_')}.txt"))])
+
+    def untrace(seconds: float) -> None:
+        for title, p in profilers:
+            p.stop()
+            ctx.profiles.append((f"{title} ({ctx.cfg.nodes} nodes)", p.out, ctx.cfg.nodes * size / seconds))
+        profilers.clear()
+
     backend = ctx.backend("s1-backend")
     mounts = []
     try:
@@ -72,8 +95,10 @@ def _mmfs(ctx: Context, repo: str) -> dict[str, Any]:
         pids = {"backend": backend.pid, **{f"node{i}": m.pid for i, m in enumerate(mounts)}}
         argvs = [["read", str(m.model_dir(repo)), "--threads", str(ctx.cfg.reader_threads)] for m in mounts]
         ctx.hub.reset()
+        trace("cold start")
         with RssSampler(pids) as rss:
             t0, res = h.workers("s1-mmfs-read", argvs)
+        untrace(max(_times(t0, res)))
         upstream = ctx.hub.bytes_served()
         out = {"node_times": _times(t0, res), "upstream": upstream, "rss": dict(rss.peak),
                "bytes": sorted({r["bytes"] for r in res})}
@@ -84,11 +109,15 @@ def _mmfs(ctx: Context, repo: str) -> dict[str, Any]:
             mounts[i] = ctx.mount(backend, name=f"s1-node{i}", cache_dir=m.cache_dir)
         argvs = [["read", str(m.model_dir(repo)), "--threads", str(ctx.cfg.reader_threads)] for m in mounts]
         ctx.hub.reset()
+        trace("restart")
         t0, res = h.workers("s1-mmfs-restart", argvs)
+        untrace(max(_times(t0, res)))
         out["restart_times"] = _times(t0, res)
         out["restart_upstream"] = ctx.hub.bytes_served()
         return out
     finally:
+        for _, p in profilers:
+            p.stop()
         for m in mounts:
             h.unmount(m)
         h.stop(backend.child)
@@ -159,6 +188,10 @@ def run(ctx: Context) -> list[Scenario]:
                         endpoint_missing = str(err)
                     continue
                 times = out["node_times"]
+                wrong = [b for b in out.get("bytes", []) if b != size]
+                if wrong:
+                    s1.notes.append(f"WARNING: {tag} {variant} repeat {rep + 1}: a node read {wrong} bytes, "
+                                    f"the model has {size}.")
                 label = VARIANTS[variant].format(n=n)
                 s1.figure(pre + variant + ".all", f"{tag}: {label}: all nodes done", "s",
                           baseline=pre + "limit",
@@ -187,6 +220,9 @@ def run(ctx: Context) -> list[Scenario]:
                     s6.figure("node.median", "mmfs node daemon: peak RSS (median node)", "MiB").add(
                         statistics.median(nodes) / 2**20)
                     s6.figure("backend.peak", "mmfs-backend: peak RSS", "MiB").add(rss["backend"] / 2**20)
+    if cfg.profile_seconds > 0 and not mmfs_missing and (BIN / "py-spy").exists():
+        ctx.log("s1 profiling pass (not measured): mmfs on the synthetic model under py-spy")
+        _mmfs(ctx, ctx.models.synthetic, profile=True)
     # Ratios of mmfs against each baseline, for the summary table.
     rows = []
     for tag in ("synthetic", "real"):

@@ -22,6 +22,8 @@ class Context:
     models: Models
     hub: HubHandle
     results: dict[str, Scenario] = field(default_factory=dict)
+    #: py-spy recordings: (what was profiled, collapsed-stack file, GB/s of the traced read).
+    profiles: list[tuple[str, Path, float]] = field(default_factory=list)
     _counter: Iterator[int] = field(default_factory=itertools.count)
 
     def scratch(self, name: str) -> Path:

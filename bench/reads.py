@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -32,7 +30,7 @@ from typing import Any
 from .config import BIGFILE_NAME
 from .context import Context
 from .harness import BIN, MountHandle, drop_caches, rmtree
-from .profile import summarize_collapsed
+from .profile import Profiler, summarize_collapsed
 from .results import Scenario
 from .workers import read_file
 
@@ -112,27 +110,6 @@ def random_reads(path: Path, n: int, seed: int, size: int = 4096) -> list[float]
 def _pct(values: list[float], q: float) -> float:
     xs = sorted(values)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
-
-
-class _Profiler:
-    """py-spy attached to a pid until stopped; collapsed stacks into ``out``."""
-
-    def __init__(self, pid: int, out: Path) -> None:
-        self.out = out
-        exe = BIN / "py-spy"
-        self.proc = subprocess.Popen([str(exe), "record", "--pid", str(pid), "--rate", "200", "--format", "raw",
-                                      "--output", str(out), "--nonblocking"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        time.sleep(1.0)  # attach
-
-    def stop(self) -> str:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            _, err = self.proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-        return err or ""
 
 
 def run(ctx: Context) -> list[Scenario]:
@@ -277,9 +254,11 @@ def run(ctx: Context) -> list[Scenario]:
                         "one at a time; the kernel's readahead may turn it into a larger FUSE read.")
         # Profile of the read path.
         if cfg.profile_seconds > 0 and (BIN / "py-spy").exists():
-            _profile(ctx, prof, backend, mounts, path_of)
-        else:
-            prof.unavailable("skipped in quick mode" if cfg.quick else "py-spy is not installed (pip install py-spy)")
+            _profile(ctx, backend, mounts, path_of)
+        summarize_profiles(ctx, prof)
+        if not ctx.profiles:
+            prof.unavailable("skipped in quick mode (--profile 1 turns it on)" if cfg.quick
+                             else "py-spy is not installed (pip install py-spy)")
     finally:
         for m in mounts:
             h.unmount(m)
@@ -290,46 +269,56 @@ def run(ctx: Context) -> list[Scenario]:
     return out
 
 
-def _profile(ctx: Context, prof: Scenario, backend: Any, mounts: list[MountHandle], path_of: Any) -> None:
+def _profile(ctx: Context, backend: Any, mounts: list[MountHandle], path_of: Any) -> None:
+    """py-spy on one node reading alone: cold node from the warm backend, then warm node cache."""
     h = ctx.harness
     pdir = ctx.out / "profiles"
     pdir.mkdir(parents=True, exist_ok=True)
-    cases = []
-    # Cold node from the warm backend: profile the node daemon and the backend at once.
     cold = ctx.mount(backend, name="prof-node")
     try:
-        node_p = _Profiler(cold.pid, pdir / "node_cold.txt")
-        back_p = _Profiler(backend.pid, pdir / "backend_serving.txt") if backend is not None else None
+        node_p = Profiler(cold.pid, pdir / "node_cold.txt")
+        back_p = Profiler(backend.pid, pdir / "backend_serving.txt") if backend is not None else None
         secs, n = timed_read(path_of(cold))
         node_p.stop()
         if back_p:
             back_p.stop()
-        cases.append(("node daemon, cold node cache (reading from the backend)", pdir / "node_cold.txt", n / secs))
+        ctx.profiles.append(("node daemon, one node, cold node cache (reading from the warm backend)",
+                             pdir / "node_cold.txt", n / secs))
         if back_p:
-            cases.append(("backend, serving that read from memory", pdir / "backend_serving.txt", n / secs))
+            ctx.profiles.append(("backend, serving that one node from memory", pdir / "backend_serving.txt",
+                                 n / secs))
     finally:
         h.unmount(cold)
         rmtree(cold.cache_dir.parent)
-    # Warm node, page cache dropped: the disk tier.
     m = ctx.remount(mounts.pop(), name="s3-node")
     mounts.append(m)
     drop_caches()
-    node_p = _Profiler(m.pid, pdir / "node_warm.txt")
+    node_p = Profiler(m.pid, pdir / "node_warm.txt")
     secs, n = timed_read(path_of(m))
     node_p.stop()
-    cases.append(("node daemon, warm node cache, page cache dropped (disk tier)", pdir / "node_warm.txt", n / secs))
-    for title, path, rate in cases:
+    ctx.profiles.append(("node daemon, one node, warm node cache, page cache dropped (disk tier)",
+                         pdir / "node_warm.txt", n / secs))
+
+
+_ENTRY_POINTS = ("main (mmfs/cli.py)", "_mount (mmfs/cli.py)", "run (mmfs/daemon.py)", "main (backend_server/cli.py)")
+
+
+def summarize_profiles(ctx: Context, prof: Scenario) -> None:
+    for title, path, rate in ctx.profiles:
         if not path.exists():
             prof.notes.append(f"{title}: py-spy wrote nothing")
             continue
         summary = summarize_collapsed(path.read_text())
-        prof.tables.append({"title": f"{title}, {rate / 1e9:.2f} GB/s under py-spy, {summary['samples']} samples: "
-                                     "top functions by own time (% of samples)",
+        prof.tables.append({"title": f"{title}, {rate / 1e9:.2f} GB/s under py-spy ({path.name}), "
+                                     f"{summary['samples']} busy samples ({summary['idle_pct']:.0f} % of all "
+                                     "samples idle): top functions by own time (% of busy samples)",
                             "columns": ["own %", "function"],
-                            "rows": [[f"{p:.1f}", f"`{fn}`"] for fn, p in summary["self"][:12]]})
-        prof.tables.append({"title": f"{title}: top mmfs functions by inclusive time",
+                            "rows": [[f"{p:.1f}", f"`{fn}`"] for fn, p in summary["self"][:10]]})
+        incl = [(fn, p) for fn, p in summary["inclusive"] if fn not in _ENTRY_POINTS]
+        prof.tables.append({"title": f"{title}: top mmfs functions by inclusive time (% of busy samples)",
                             "columns": ["incl %", "function"],
-                            "rows": [[f"{p:.1f}", f"`{fn}`"] for fn, p in summary["inclusive"][:12]]})
+                            "rows": [[f"{p:.1f}", f"`{fn}`"] for fn, p in incl[:8]]})
         prof.data[path.name] = summary
-    prof.notes.append("Collapsed stacks (py-spy --format raw, 200 Hz, idle threads excluded) are in the run's "
-                      "`profiles/` folder.")
+    if ctx.profiles:
+        prof.notes.append("Collapsed stacks (py-spy --format raw, 200 Hz; samples whose leaf is trio's epoll "
+                          "wait or an idle worker thread count as idle) are in the run's `profiles/` folder.")
