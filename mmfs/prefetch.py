@@ -11,9 +11,9 @@ way from the remote (or the disk tier into memory) before the kernel asks for th
     read chunk 91 ─▶ window 2 again
 
 A read counts as sequential when it starts exactly where the previous one ended, or —
-once streaming — anywhere in the same or the next chunk: the kernel keeps several
-read-ahead requests in flight and pyfuse3 serves them concurrently, so they may arrive
-slightly out of order. The prefetcher only decides *which* chunks; the engine fetches
+once streaming — anywhere from one window behind to the end of what was already
+requested: the kernel keeps several read-ahead requests in flight and pyfuse3 serves
+them concurrently, so they may arrive out of order. The prefetcher only decides *which* chunks; the engine fetches
 them in the background (single-flight, so concurrent readers share each fetch).
 """
 
@@ -73,7 +73,10 @@ class ReadAhead:
         if self._next_offset is None:
             sequential = offset == 0 and self.config.start_at_zero
         else:
-            streaming = self.window > 0 and self._last_chunk - 1 <= first <= self._last_chunk + 1
+            # Streaming readers may arrive out of order: anything from a window behind to
+            # the end of what was already requested still counts as sequential.
+            streaming = (self.window > 0 and self._last_chunk - self.window <= first
+                         <= max(self._issued_until, self._last_chunk + 1))
             sequential = offset == self._next_offset or streaming
         if not sequential:
             if self.window:

@@ -45,7 +45,9 @@ class Target:
 
 def parse_target(text: str) -> Target:
     """``huggingface/<org>/<name>[@<rev>]`` (``<org>/<name>`` alone means huggingface)."""
-    spec, _, revision = text.partition("@")
+    spec, at, revision = text.partition("@")
+    if at and not revision:
+        raise InvalidName(f"invalid model {text!r}: empty revision after '@'")
     parts = spec.strip("/").split("/")
     if len(parts) == 2:
         parts = ["huggingface", *parts]
