@@ -365,7 +365,7 @@ class FetchEngine:
     async def _advance_hash(self, source: FileSource, index: int, data: bytes) -> None:
         """Feed the file's running hash if this chunk is the next one it needs."""
         entry = source.entry
-        if self.remote.verifies_files or entry.content_id in self._verified:
+        if self.remote.verifies_files or self.is_verified(entry):
             return
         state = self._file_hashes.setdefault(entry.content_id, _FileHash(entry))
         if state.next_index != index or state.lock.locked():
