@@ -215,11 +215,16 @@ def run(ctx: Context) -> list[Scenario]:
                 if variant == "mmfs" and tag == "synthetic":
                     rss = out["rss"]
                     nodes = [v for k, v in rss.items() if k.startswith("node")]
-                    s6.figure("node.peak", "mmfs node daemon: peak RSS (largest of the nodes)", "MiB").add(
-                        max(nodes) / 2**20)
-                    s6.figure("node.median", "mmfs node daemon: peak RSS (median node)", "MiB").add(
-                        statistics.median(nodes) / 2**20)
-                    s6.figure("backend.peak", "mmfs-backend: peak RSS", "MiB").add(rss["backend"] / 2**20)
+                    s6.figure("node.config", "mmfs node daemon: configured --memory-cache", "MiB").add(
+                        cfg.node_memory / 2**20)
+                    s6.figure("node.peak", "mmfs node daemon: peak RSS (largest of the nodes)", "MiB",
+                              baseline="node.config").add(max(nodes) / 2**20)
+                    s6.figure("node.median", "mmfs node daemon: peak RSS (median node)", "MiB",
+                              baseline="node.config").add(statistics.median(nodes) / 2**20)
+                    s6.figure("backend.config", "mmfs-backend: configured --memory-cache", "MiB").add(
+                        cfg.backend_memory / 2**20)
+                    s6.figure("backend.peak", "mmfs-backend: peak RSS", "MiB", baseline="backend.config").add(
+                        rss["backend"] / 2**20)
     if cfg.profile_seconds > 0 and not mmfs_missing and (BIN / "py-spy").exists():
         ctx.log("s1 profiling pass (not measured): mmfs on the synthetic model under py-spy")
         _mmfs(ctx, ctx.models.synthetic, profile=True)

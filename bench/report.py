@@ -164,7 +164,7 @@ def _cold_start_nodes(s: Scenario, out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(8, 3.5))
         for i, (variant, reps) in enumerate(variants.items()):
             for times in reps:
-                ax.scatter(sorted(times), [i] * len(times), s=14, alpha=0.6)
+                ax.scatter(sorted(times), [i] * len(times), s=14, alpha=0.6, color=f"C{i}")
         limit = s.get(f"{tag}.limit")
         if limit and limit.median:
             ax.axvline(limit.median, color="k", ls="--", lw=1, label="model / hub rate")
