@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 
 #: Bytes of read-ahead a stream keeps in flight (in chunks: at least 2, at most 32).
 READAHEAD_BYTES = 32 << 20
+#: Bytes of chunk data streams may hold at once, all streams together (each holds the
+#: chunk it is sending): with 50 readers spread over a file this, not the reader count,
+#: bounds their memory. Streams wait for their turn; one stream is never slowed by it.
+STREAM_MEMORY = 64 << 20
 #: Files warmed at once by ``POST /v1/prefetch``.
 PREFETCH_FILES = 4
 _DIGEST_CACHE = 65536
@@ -62,9 +66,31 @@ class MethodNotAllowed(InvalidName):
     status = 405
 
 
+class ByteBudget:
+    """A semaphore counted in bytes: ``await acquire(n)`` waits until ``n`` bytes are free."""
+
+    def __init__(self, total: int) -> None:
+        self.total = max(1, total)
+        self.free = self.total
+        self._released = trio.Event()
+
+    async def acquire(self, n: int) -> int:
+        n = min(n, self.total)
+        while self.free < n:
+            await self._released.wait()
+        self.free -= n
+        return n
+
+    def release(self, n: int) -> None:
+        self.free += n
+        self._released.set()
+        self._released = trio.Event()
+
+
 class BackendApp:
     def __init__(self, engine: FetchEngine, access: AccessControl, metrics: Metrics, *,
                  upstream: str = "", data_dir: str = "", readahead_bytes: int = READAHEAD_BYTES,
+                 stream_memory: int = STREAM_MEMORY,
                  stats: Callable[[], dict[str, int]] | None = None) -> None:
         self.engine = engine
         self.access = access
@@ -72,6 +98,7 @@ class BackendApp:
         self.upstream = upstream
         self.data_dir = data_dir
         self.readahead_bytes = readahead_bytes
+        self.stream_budget = ByteBudget(stream_memory)
         self.server_stats = stats or (lambda: {"connections": 0, "active_requests": 0})
         self._digests: OrderedDict[ChunkKey, str] = OrderedDict()
 
@@ -295,12 +322,13 @@ class BackendApp:
             headers.append(("Content-Range", f"bytes {start}-{end - 1}/{entry.size}"))
         if request.method == "HEAD" or end == start:
             return Response(status, headers, content_length=end - start)
-        stream = await self._open_stream(source, start, end, auth)
-        return Response(status, headers, stream=stream, content_length=end - start)
+        stream, release = await self._open_stream(source, start, end, auth)
+        return Response(status, headers, stream=stream, content_length=end - start, on_close=release)
 
-    async def _open_stream(self, source: FileSource, start: int, end: int,
-                           auth: str | None) -> Callable[[Send], Awaitable[None]]:
-        """Fetch the first chunk (so its errors still become a status), return the body writer."""
+    async def _open_stream(self, source: FileSource, start: int, end: int, auth: str | None
+                           ) -> tuple[Callable[[Send], Awaitable[None]], Callable[[], None]]:
+        """Fetch the first chunk (so its errors still become a status); return the body
+        writer and a function that gives back what the stream holds of the budget."""
         entry = source.entry
         size = entry.chunk_size
         first, last = start // size, (end - 1) // size
@@ -320,22 +348,38 @@ class BackendApp:
 
         labels[first] = self._tier_of(entry.chunk_key(first))
         read_ahead(first)
-        held: list[bytes] = [await self._read_chunk(source, first, auth)]
+        budget = self.stream_budget
+        held_bytes = [await budget.acquire(size)]  # released by the body, or on_close if it never runs
+        try:
+            held: list[bytes] = [await self._read_chunk(source, first, auth)]
+        except BaseException:
+            budget.release(held_bytes.pop())
+            raise
+
+        def release() -> None:
+            while held_bytes:
+                budget.release(held_bytes.pop())
 
         async def body(send: Send) -> None:
-            for index in range(first, last + 1):
-                if index == first:
-                    data = held.pop()
-                else:
-                    read_ahead(index)
-                    data = await self._read_chunk(source, index, auth)
-                base = index * size
-                lo, hi = max(start - base, 0), min(end - base, len(data))
-                await send(memoryview(data)[lo:hi])
-                self.metrics.served_bytes[labels.pop(index, "memory")] += hi - lo
-                del data
+            try:
+                for index in range(first, last + 1):
+                    if index == first:
+                        data = held.pop()
+                    else:
+                        read_ahead(index)
+                        held_bytes.append(await budget.acquire(size))
+                        data = await self._read_chunk(source, index, auth)
+                    base = index * size
+                    lo, hi = max(start - base, 0), min(end - base, len(data))
+                    await send(memoryview(data)[lo:hi])
+                    self.metrics.served_bytes[labels.pop(index, "memory")] += hi - lo
+                    del data
+                    release()
+            finally:
+                held.clear()
+                release()
 
-        return body
+        return body, release
 
     async def _warm(self, source: FileSource, auth: str | None) -> None:
         """Read a whole file through the engine (and so verify it) without keeping it."""

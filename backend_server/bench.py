@@ -8,7 +8,7 @@
 2. *Backend*: the test hub (a child process) serves a synthetic model with a ``--size``
    shard; ``mmfs-backend serve`` (a child process) is warmed with one full GET; then the
    same blocking-socket reader GETs the shard from the backend (memory tier warm), and
-   again after a restart with an empty memory tier (disk tier warm).
+   again after a restart with a 64 MiB memory tier (disk tier warm).
 
 Both readers are identical, so the ratio isolates the server. Prints one line per
 measurement and the ratios.
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             results = {}
             for phase in ("memory", "disk"):
                 backend = BackendProcess(Path(tmp) / "data", hub_url=hub.url, chunk_size=args.chunk_size,
-                                         memory_cache=memory if phase == "memory" else "0")
+                                         memory_cache=memory if phase == "memory" else "64MiB")
                 with backend:
                     url = urlsplit(backend.url)
                     target = f"/v1/file/huggingface/bench/model/main/{shard.name}"

@@ -2,7 +2,7 @@
 
     mmfs-backend serve --listen 0.0.0.0:3000 --data-dir /data \\
         [--memory-cache 8GiB] [--memory-ttl 600] [--chunk-size 4MiB] \\
-        [--max-upstream-fetches 16] [--disk-cache 500GiB]
+        [--max-upstream-fetches 16] [--disk-cache 500GiB] [--stream-memory 64MiB]
 
 The upstream is the Hub at ``HF_ENDPOINT`` with ``HF_TOKEN``; ``HF_HUB_OFFLINE=1`` serves
 only what the data directory already holds. Under ``--data-dir``: ``chunks/`` (the cold
@@ -38,7 +38,7 @@ from mmfs.tiers.disk import DiskTier
 from mmfs.tiers.memory import MemoryTier
 
 from .access import AccessControl
-from .app import BackendApp
+from .app import STREAM_MEMORY, BackendApp
 from .http import HTTPServer
 from .metrics import Metrics
 
@@ -104,10 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long a chunk stays in the hot tier (default 600)")
     serve.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
                        help=f"chunk size for new manifests (default {format_size(DEFAULT_CHUNK_SIZE)})")
-    serve.add_argument("--max-upstream-fetches", type=_positive_int, default=16, metavar="N",
-                       help="chunk fetches from the upstream at once (default 16)")
+    serve.add_argument("--max-upstream-fetches", type=_positive_int, default=None, metavar="N",
+                       help="chunk fetches from the upstream at once (default: 32MiB worth of chunks, 4 to 16)")
     serve.add_argument("--disk-cache", type=_size, default=None, metavar="SIZE",
                        help="cold tier size (default: 90%% of the data volume's size)")
+    serve.add_argument("--stream-memory", type=_size, default=STREAM_MEMORY, metavar="SIZE",
+                       help="chunk bytes all streaming responses may hold at once (default 64MiB)")
     serve.add_argument("--grace", type=_seconds, default=5.0, metavar="SECONDS",
                        help="on SIGTERM, how long requests in progress may take to finish (default 5)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -134,7 +136,9 @@ async def serve(args: argparse.Namespace) -> int:
     data_dir: Path = args.data_dir
     host, port = args.listen
     disk_limit = args.disk_cache or int(shutil.disk_usage(data_dir).total * 0.9)
-    config = EngineConfig.from_env(max_concurrent_fetches=args.max_upstream_fetches)
+    # Each fetch holds up to twice its chunk while the body arrives: bound them in bytes.
+    fetches = args.max_upstream_fetches or max(4, min(16, (32 << 20) // args.chunk_size))
+    config = EngineConfig.from_env(max_concurrent_fetches=fetches)
     remote = HubRemote(chunk_size=args.chunk_size)
     tiers = [MemoryTier(args.memory_cache, ttl_seconds=args.memory_ttl), DiskTier(data_dir / "chunks", disk_limit)]
     metadata = MetadataStore(data_dir / "metadata")
@@ -147,6 +151,7 @@ async def serve(args: argparse.Namespace) -> int:
     async with FetchEngine(tiers, remote, metadata, config) as engine:
         server: HTTPServer
         app = BackendApp(engine, access, metrics, upstream=remote.url, data_dir=str(data_dir),
+                         stream_memory=args.stream_memory,
                          stats=lambda: {"connections": server.connections, "active_requests": server.active_requests})
         server = HTTPServer(app.handle, observer=lambda req, resp, sent, secs, done:
                             metrics.observe(resp.route, req.method, resp.status, sent, done))
@@ -161,9 +166,10 @@ async def serve(args: argparse.Namespace) -> int:
             await nursery.start(run_server)
             bound = listeners[0].socket.getsockname()
             shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-            log.info("serving %s through %s; data in %s (memory %s, ttl %.0fs, disk %s, chunks %s, holder %s)",
-                     remote.url, f"http://{shown}:{bound[1]}", data_dir, format_size(args.memory_cache),
-                     args.memory_ttl, format_size(disk_limit), format_size(args.chunk_size), config.holder)
+            log.info("serving %s through %s; data in %s (memory %s, ttl %.0fs, disk %s, chunks %s, "
+                     "%d upstream fetches, holder %s)", remote.url, f"http://{shown}:{bound[1]}", data_dir,
+                     format_size(args.memory_cache), args.memory_ttl, format_size(disk_limit),
+                     format_size(args.chunk_size), fetches, config.holder)
             print(f"mmfs-backend listening on http://{shown}:{bound[1]}", flush=True)
             nursery.start_soon(_expire_memory, tiers[0], args.memory_ttl)
         await access.aclose()

@@ -72,6 +72,8 @@ class Response:
     #: Streamed body: ``await stream(send)`` must send exactly ``content_length`` bytes.
     stream: Callable[[Send], Awaitable[None]] | None = None
     content_length: int | None = None
+    #: Called once the response is over, sent or not (releases what ``stream`` holds).
+    on_close: Callable[[], None] | None = None
     #: Route name for metrics and logs.
     route: str = ""
 
@@ -202,6 +204,8 @@ class HTTPServer:
                 response = Response.json({"error": "internal server error"}, 500)
             sent, completed = await self._send_response(stream, conn, request, response)
         finally:
+            if response.on_close is not None:
+                response.on_close()
             self.active_requests -= 1
             elapsed = time.perf_counter() - started
             log.info('%s "%s %s" %d %d %.3fs%s', client, request.method, _loggable(target), response.status, sent,
