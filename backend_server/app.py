@@ -50,7 +50,7 @@ READAHEAD_BYTES = 32 << 20
 #: Bytes of chunk data streams may hold at once, all streams together (each holds the
 #: chunk it is sending): with 50 readers spread over a file this, not the reader count,
 #: bounds their memory. Streams wait for their turn; one stream is never slowed by it.
-STREAM_MEMORY = 64 << 20
+STREAM_MEMORY = 32 << 20
 #: Files warmed at once by ``POST /v1/prefetch``.
 PREFETCH_FILES = 4
 _DIGEST_CACHE = 65536

@@ -2,7 +2,7 @@
 
     mmfs-backend serve --listen 0.0.0.0:3000 --data-dir /data \\
         [--memory-cache 8GiB] [--memory-ttl 600] [--chunk-size 4MiB] \\
-        [--max-upstream-fetches 16] [--disk-cache 500GiB] [--stream-memory 64MiB]
+        [--max-upstream-fetches 16] [--disk-cache 500GiB] [--stream-memory 32MiB]
 
 The upstream is the Hub at ``HF_ENDPOINT`` with ``HF_TOKEN``; ``HF_HUB_OFFLINE=1`` serves
 only what the data directory already holds. Under ``--data-dir``: ``chunks/`` (the cold
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--disk-cache", type=_size, default=None, metavar="SIZE",
                        help="cold tier size (default: 90%% of the data volume's size)")
     serve.add_argument("--stream-memory", type=_size, default=STREAM_MEMORY, metavar="SIZE",
-                       help="chunk bytes all streaming responses may hold at once (default 64MiB)")
+                       help="chunk bytes all streaming responses may hold at once (default 32MiB)")
     serve.add_argument("--grace", type=_seconds, default=5.0, metavar="SECONDS",
                        help="on SIGTERM, how long requests in progress may take to finish (default 5)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -117,17 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _tame_malloc() -> None:
-    """Give big buffers back to the OS when freed.
+    """Give chunk-sized buffers back to the OS when freed.
 
     glibc raises its mmap threshold each time a large block is freed, after which
-    multi-MiB chunk buffers come from the heap, fragment it and keep the process's RSS
-    high long after they are gone. A fixed threshold keeps every chunk buffer mmapped.
+    multi-MiB chunk buffers (and the 64 KiB pieces an HTTP body arrives in) come from
+    heaps, one per worker thread, that fragment and keep RSS high long after the bytes
+    are gone. A fixed 32 KiB threshold keeps those buffers mmapped (unmapped on free),
+    and two arenas stop every worker thread from growing a heap of its own. Measured
+    with 50 cold readers of a 256 MiB file (4 MiB chunks, 64 MiB hot tier): peak RSS
+    about 260-270 MiB without this, about 240-250 MiB with it, same throughput.
     """
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    if not sys.platform.startswith("linux"):
         return
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 256 << 10)  # M_MMAP_THRESHOLD
+        if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+            libc.mallopt(-3, 32 << 10)  # M_MMAP_THRESHOLD
+        if "MALLOC_ARENA_MAX" not in os.environ:
+            libc.mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass
 
