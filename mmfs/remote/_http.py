@@ -6,10 +6,12 @@ import logging
 import random
 from dataclasses import dataclass
 
-import httpx
+from typing import Any, Protocol
+
 import trio
 
 from ..errors import MmfsError, TransientError, UpstreamError, from_http
+from .wire import Response, WireClient
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +26,24 @@ class RetryPolicy:
     read_timeout: float = 30.0  # between bytes, not for the whole body
 
 
-def make_client(policy: RetryPolicy, max_connections: int = 64) -> httpx.AsyncClient:
-    timeout = httpx.Timeout(policy.read_timeout, connect=policy.connect_timeout)
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-    return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=True, trust_env=False)
+def make_client(policy: RetryPolicy) -> WireClient:
+    return WireClient(connect_timeout=policy.connect_timeout, read_timeout=policy.read_timeout)
 
 
-def error_from_response(response: httpx.Response) -> MmfsError:
+class _AnyResponse(Protocol):
+    """What :func:`error_from_response` reads: a WireClient or an httpx response."""
+
+    status_code: int
+    headers: Any
+    url: Any
+
+    @property
+    def text(self) -> str: ...
+
+    def json(self) -> Any: ...
+
+
+def error_from_response(response: _AnyResponse) -> MmfsError:
     """Turn a non-2xx answer into the matching :class:`MmfsError`, message from the body."""
     message = response.headers.get("X-Error-Message", "")
     if not message:
@@ -42,8 +55,8 @@ def error_from_response(response: httpx.Response) -> MmfsError:
                      response.headers.get("X-Error-Code"))
 
 
-async def request(client: httpx.AsyncClient, policy: RetryPolicy, method: str, url: str, *,
-                  headers: dict[str, str] | None = None, expect_length: int | None = None) -> httpx.Response:
+async def request(client: WireClient, policy: RetryPolicy, method: str, url: str, *,
+                  headers: dict[str, str] | None = None, expect_length: int | None = None) -> Response:
     """Send a request, retrying transient failures with backoff; return a 2xx response.
 
     Transient failures are timeouts, connection errors and resets (also mid-body), 5xx
@@ -59,12 +72,8 @@ async def request(client: httpx.AsyncClient, policy: RetryPolicy, method: str, u
                     raise TransientError(f"short body: {len(response.content)} of {expect_length} bytes")
                 return response
             raise error_from_response(response)
-        except httpx.TimeoutException as exc:
-            error: MmfsError = TransientError(f"timed out ({type(exc).__name__})")
-        except httpx.TransportError as exc:
-            error = TransientError(f"connection failed ({type(exc).__name__}: {exc})")
         except TransientError as exc:
-            error = exc
+            error: MmfsError = exc
         if attempt == policy.attempts:
             raise UpstreamError(f"{method} {_redact(url)} failed after {attempt} attempts: {error}") from error
         log.warning("%s %s: %s; retrying in %.2fs", method, _redact(url), error, delay)
