@@ -33,11 +33,16 @@ SCENARIOS = ("cold_start", "first_tensor", "reads", "scale")
 
 
 def _git_commit() -> str:
+    """HEAD, and whether mmfs/ or backend_server/ differ from it (others edit the tree meanwhile)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=BENCH_DIR.parent,
+                              timeout=10).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=BENCH_DIR.parent, timeout=10).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "mmfs", "backend_server")
     except (OSError, subprocess.TimeoutExpired):
         return "?"
+    return head + (" (mmfs/ or backend_server/ had uncommitted changes)" if dirty else "")
 
 
 def _prewarm_hub(ctx: Context) -> None:
@@ -139,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep_data:
             rmtree(work)
     run["seconds"] = time.monotonic() - t_start
+    end_commit = _git_commit()
+    if end_commit != run["commit"]:
+        run["commit"] += f"; at the end: {end_commit}"
     path = write_all(run, scenarios, out)
     print(f"[bench] wrote {path} and {out / 'results.json'} in {run['seconds']:.0f} s", flush=True)
     if args.publish:

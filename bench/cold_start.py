@@ -83,8 +83,8 @@ def _mmfs(ctx: Context, repo: str, profile: bool = False) -> dict[str, Any]:
 
     def untrace(seconds: float) -> None:
         for title, p in profilers:
-            p.stop()
-            ctx.profiles.append((f"{title} ({ctx.cfg.nodes} nodes)", p.out, ctx.cfg.nodes * size / seconds))
+            ctx.profiles.append((f"{title} ({ctx.cfg.nodes} nodes)", p.out, ctx.cfg.nodes * size / seconds,
+                                 p.stop()))
         profilers.clear()
 
     backend = ctx.backend("s1-backend")

@@ -6,7 +6,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from .config import BenchConfig, Models
 from .harness import BackendHandle, Harness, HubHandle, MountHandle, rmtree
@@ -22,8 +22,8 @@ class Context:
     models: Models
     hub: HubHandle
     results: dict[str, Scenario] = field(default_factory=dict)
-    #: py-spy recordings: (what was profiled, collapsed-stack file, GB/s of the traced read).
-    profiles: list[tuple[str, Path, float]] = field(default_factory=list)
+    #: py-spy recordings: (what was profiled, collapsed-stack file, bytes/s of the traced read, summary).
+    profiles: list[tuple[str, Path, float, dict[str, Any] | None]] = field(default_factory=list)
     _counter: Iterator[int] = field(default_factory=itertools.count)
 
     def scratch(self, name: str) -> Path:

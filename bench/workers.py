@@ -39,7 +39,9 @@ def read_file(path: Path, block: int = BLOCK) -> int:
 
 def list_files(root: Path) -> list[Path]:
     files = []
-    for dirpath, _dirs, names in os.walk(root, followlinks=True):
+    for dirpath, dirs, names in os.walk(root, followlinks=True):
+        # huggingface_hub's bookkeeping in a --local-dir download is not model content.
+        dirs[:] = [d for d in dirs if d != ".cache"]
         for name in names:
             files.append(Path(dirpath) / name)
     return sorted(files)
