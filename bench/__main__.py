@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=None, help="override the number of nodes of scenario 1")
     parser.add_argument("--profile", type=float, default=None, metavar="SECONDS",
                         help="profile the read path with py-spy (default: on in full runs, off in --quick; 0: off)")
+    parser.add_argument("--time-limit", type=int, default=None, metavar="SECONDS",
+                        help="abort (with teardown) past this (default: 900 quick, 5400 full)")
     parser.add_argument("--keep-data", action="store_true", help="keep the generated models in --work")
     parser.add_argument("--publish", action="store_true",
                         help="also write bench/RESULTS.md and bench/plots/ (the committed report)")
@@ -111,6 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] note: {missing}; their scenarios will report 'not available'", flush=True)
     scenarios: list[Scenario] = []
     errors = 0
+    # A hung mount must not hang CI: past this, the scenario in progress fails and teardown runs.
+    limit = args.time_limit or (900 if cfg.quick else 5400)
+
+    def _too_long(signum: int, frame: object) -> None:
+        raise TimeoutError(f"the benchmark ran past its time limit ({limit} s)")
+
+    signal.signal(signal.SIGALRM, _too_long)
+    signal.alarm(limit)
     wanted = args.only or list(SCENARIOS)
     try:
         with Harness(work / "run", out / "logs", tools) as harness:
@@ -140,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 scenarios += got
                 ctx.log(f"scenario group {name} done in {time.monotonic() - t0:.0f} s")
     finally:
+        signal.alarm(0)
         rmtree(work / "run")
         if not args.keep_data:
             rmtree(work)

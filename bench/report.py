@@ -89,6 +89,51 @@ def machine_markdown(machine: dict[str, Any]) -> str:
             f"kernel {machine['kernel']}, Python {machine['python']}")
 
 
+#: The figures summed up at the top of the report: (scenario id, figure key, label, baseline label).
+HEADLINES = [
+    ("cold_start", "synthetic.mmfs.all", "1. cold start, synthetic model, N nodes: mmfs, all done", "model / hub rate"),
+    ("cold_start", "synthetic.hf.all", "1. same: N x snapshot_download, all done", "model / hub rate"),
+    ("cold_start", "synthetic.dynamo.all", "1. same: Dynamo recipe, all done", "model / hub rate"),
+    ("cold_start", "synthetic.endpoint.all", "1. same: N x snapshot_download via mmfs-backend", "model / hub rate"),
+    ("cold_start", "synthetic.mmfs.upstream", "1. same: mmfs upstream bytes / model", ""),
+    ("cold_start", "synthetic.restart.all", "1. cluster restart, backend warm: mmfs, all done", "model / hub rate"),
+    ("cold_start", "real.mmfs.all", "1. cold start, all-MiniLM-L6-v2: mmfs, all done", "model / hub rate"),
+    ("first_tensor", "bigfile.cold", "2. first tensor of the big file, all cold", "full download of the file"),
+    ("first_tensor", "bigfile.warm_backend", "2. same, backend warm", "full download of the file"),
+    ("sequential", "mmfs.warm_node", "3a. sequential, node cache warm, page cache dropped", "native, dropped"),
+    ("sequential", "mmfs.page_cache", "3b. sequential, page cache warm", "native, warm"),
+    ("sequential", "mmfs.cold", "3c. sequential, node cold, backend warm", "native, warm"),
+    ("sequential", "mmfs.cold_vs_loopback", "3c. same", "loopback TCP"),
+    ("mmap", "mount.cold", "4. safe_open all tensors, node warm, page cache dropped", "local, dropped"),
+    ("mmap", "mount.warm", "4. same, page cache warm", "local, warm"),
+    ("mmap", "mount.cold_node", "4. same, node cold, backend warm", "local, dropped"),
+    ("random", "warm.p50", "5. random 4 KiB, node warm: p50", "local, dropped"),
+    ("random", "warm.p99", "5. random 4 KiB, node warm: p99", "local, dropped"),
+    ("random", "cold.p50", "5. random 4 KiB, node cold: p50", "local, dropped"),
+    ("random", "cold.p99", "5. random 4 KiB, node cold: p99", "local, dropped"),
+    ("memory", "node.peak", "6. node daemon peak RSS", "its --memory-cache"),
+    ("memory", "backend.peak", "6. backend peak RSS", "its --memory-cache"),
+]
+
+
+def headlines_markdown(scenarios: list[Scenario]) -> str:
+    by_id = {s.id: s for s in scenarios}
+    rows = []
+    for sid, key, label, base_label in HEADLINES:
+        s = by_id.get(sid)
+        fig = s.get(key) if s else None
+        if s is None or fig is None or fig.median is None:
+            continue
+        ratio = s.ratio(fig)
+        rows.append(f"| {label} | {fmt(fig.median)} {fig.unit} | "
+                    + (f"{ratio:.3g}× {base_label}" if ratio is not None else "")
+                    + f" | {_target(fig)} {_met(s.met(fig))} |")
+    if not rows:
+        return ""
+    return "\n".join(["## Headlines (medians)", "", "| figure | median | ratio to its baseline (same run) | target |",
+                      "|---|---|---|---|", *rows, ""])
+
+
 def markdown(run: dict[str, Any], scenarios: list[Scenario]) -> str:
     lines = ["# mmfs benchmark results", "",
              f"- Mode: {'quick' if run['config']['quick'] else 'full'}; started {run['started']}, "
@@ -100,6 +145,9 @@ def markdown(run: dict[str, Any], scenarios: list[Scenario]) -> str:
              "measured in the same run (this machine is noisy: read ratios, not absolute numbers). "
              "Benchmarks report, they do not assert: *met* states whether the median meets the issue's target.",
              ""]
+    head = headlines_markdown(scenarios)
+    if head:
+        lines += [head, "## Scenarios", ""]
     for s in scenarios:
         lines.append(scenario_markdown(s))
     return "\n".join(lines).rstrip() + "\n"
