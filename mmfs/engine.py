@@ -205,17 +205,13 @@ class FetchEngine:
         """Bytes ``[offset, offset+size)`` of a file, short only at end of file."""
         entry = source.entry
         indices = entry.chunks_for(offset, size)
-        if not indices:
-            return b""
         end = min(offset + size, entry.size)
-        if len(indices) == 1:
-            data = await self.read_chunk(source, indices[0], auth=auth)
-            base = indices[0] * entry.chunk_size
-            return data[offset - base:end - base]
+        if len(indices) <= 1:
+            return await self._read_span(source, indices[0], offset, end, auth) if indices else b""
         parts: dict[int, bytes] = {}
 
         async def fetch(index: int) -> None:
-            parts[index] = await self.read_chunk(source, index, auth=auth)
+            parts[index] = await self._read_span(source, index, offset, end, auth)
 
         try:
             async with trio.open_nursery() as nursery:
@@ -226,9 +222,31 @@ class FetchEngine:
             if error is None:
                 raise
             raise error from None
-        whole = b"".join(parts[i] for i in indices)
-        base = indices[0] * entry.chunk_size
-        return whole[offset - base:end - base]
+        return b"".join(parts[i] for i in indices)
+
+    async def _read_span(self, source: FileSource, index: int, offset: int, end: int, auth: str | None) -> bytes:
+        """The part of chunk ``index`` inside the file range ``[offset, end)``.
+
+        A part smaller than the chunk is asked of each tier as a range, so the disk tier
+        reads and verifies only the blocks it covers; a full miss loads the whole chunk."""
+        entry = source.entry
+        start, stop = entry.chunk_span(index)
+        a, b = max(offset, start) - start, min(end, stop) - start
+        if b - a == stop - start or not self._servable(entry, index):
+            data = await self.read_chunk(source, index, auth=auth)
+        else:
+            key = entry.chunk_key(index)
+            for tier in self.tiers:
+                part = await tier.get_range(key, a, b)
+                if part is not None:
+                    return part
+            data = await self._chunk(source, index, auth, first_tier=len(self.tiers))
+        return data if b - a == len(data) else data[a:b]
+
+    def _servable(self, entry: FileEntry, index: int) -> bool:
+        """Whether chunk ``index`` may be served now: all but a file's last chunk may; the
+        last one once the whole file matched its hash (here or, per the remote, upstream)."""
+        return index != entry.chunk_count - 1 or self.remote.verifies_files or self.is_verified(entry)
 
     def read_cached(self, source: FileSource, offset: int, size: int) -> bytes | memoryview | None:
         """:meth:`read` answered from the first tier alone, without waiting; ``None`` on a miss.
@@ -242,9 +260,7 @@ class FetchEngine:
         if not indices:
             return b""
         get = getattr(self.tiers[0], "get_nowait", None) if self.tiers else None
-        if get is None:
-            return None
-        if indices[-1] == entry.chunk_count - 1 and not self.remote.verifies_files and not self.is_verified(entry):
+        if get is None or not self._servable(entry, indices[-1]):
             return None
         base = indices[0] * entry.chunk_size
         end = min(offset + size, entry.size)
@@ -275,20 +291,21 @@ class FetchEngine:
                 continue
             self._chunk_flights.start(key, lambda i=index: self._load(source, i, auth), self.nursery)
 
-    async def _chunk(self, source: FileSource, index: int, auth: str | None) -> bytes:
+    async def _chunk(self, source: FileSource, index: int, auth: str | None, *, first_tier: int = 0) -> bytes:
+        """A whole chunk from the tiers from ``first_tier`` on (the caller missed those above), or fetched."""
         key = source.entry.chunk_key(index)
-        if self.tiers:
+        if first_tier == 0 and self.tiers:
             data = await self.tiers[0].get(key)
             if data is not None:
                 return data
-        return await self._chunk_flights.run(key, lambda: self._load(source, index, auth), self.nursery)
+        load_from = max(first_tier, 1)
+        return await self._chunk_flights.run(key, lambda: self._load(source, index, auth, load_from), self.nursery)
 
-    async def _load(self, source: FileSource, index: int, auth: str | None) -> bytes:
-        """Find a chunk below the first tier, or fetch it; write it back to faster tiers."""
+    async def _load(self, source: FileSource, index: int, auth: str | None, first_tier: int = 1) -> bytes:
+        """Find a chunk in the tiers from ``first_tier`` down, or fetch it; write it back up."""
         key = source.entry.chunk_key(index)
-        for depth, tier in enumerate(self.tiers):
-            if depth == 0:
-                continue  # the caller already missed it
+        for depth in range(first_tier, len(self.tiers)):
+            tier = self.tiers[depth]
             data = await tier.get(key)
             if data is not None:
                 await self._store(key, data, self.tiers[:depth])

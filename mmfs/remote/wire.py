@@ -27,6 +27,7 @@ from ..errors import TransientError, UpstreamError
 
 _HEAD_LIMIT = 64 << 10
 _RECEIVE = 1 << 20
+_HEAD_RECEIVE = 8 << 10
 _REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_REDIRECTS = 5
 
@@ -158,7 +159,8 @@ class WireClient:
         while b"\r\n\r\n" not in connection.buffer:
             if len(connection.buffer) > _HEAD_LIMIT:
                 raise UpstreamError("response head over 64 KiB")
-            data = await connection.stream.receive_some(_RECEIVE)
+            # Small reads: what comes after the head should land in the body buffer directly.
+            data = await connection.stream.receive_some(_HEAD_RECEIVE)
             if not data:
                 raise _ConnectionClosed("closed before the response head")
             connection.buffer += data

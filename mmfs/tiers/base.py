@@ -43,6 +43,14 @@ class ChunkTier(ABC):
     async def get(self, key: ChunkKey) -> bytes | None:
         """Return the chunk's bytes, verified, or ``None`` when the tier does not hold it."""
 
+    async def get_range(self, key: ChunkKey, start: int, end: int) -> bytes | None:
+        """Bytes ``[start, end)`` of the chunk, verified, or ``None``.
+
+        Tiers that can read and verify part of a chunk (the disk tier, per 64 KiB block)
+        override this so small random reads do not load whole chunks."""
+        data = await self.get(key)
+        return None if data is None else data[start:end]
+
     @abstractmethod
     async def put(self, key: ChunkKey, data: bytes) -> None:
         """Keep ``data`` (already verified by the caller), evicting older chunks to make room."""
