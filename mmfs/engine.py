@@ -23,11 +23,13 @@ that is cancelled never cancels a fetch other readers wait on.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Sequence
@@ -80,12 +82,28 @@ class EngineStatistics:
 
 
 class _FileHash:
-    """Whole-file hash of one content, advanced as chunks arrive in order."""
+    """Whole-file hash of one content, advanced as chunks arrive in order, and the blake3
+    of each chunk fed to it: once the file verifies, those become the reference every
+    later fetch of the same chunk is checked against."""
 
     def __init__(self, entry: FileEntry) -> None:
         self.hasher = entry.new_hasher()
+        self.chunk_digests: list[bytes] = []
         self.next_index = 0
         self.lock = trio.Lock()
+
+    def feed(self, data: bytes) -> None:
+        """Hash one more chunk (in a worker thread: hashlib and blake3 release the GIL)."""
+        self.hasher.update(data)
+        self.chunk_digests.append(blake3_digest(data))
+        self.next_index += 1
+
+
+#: Chunks fetched ahead while a file's remaining chunks are hashed for verification.
+_VERIFY_AHEAD = 8
+#: Partly hashed files whose state is kept; beyond it the oldest idle one is dropped (its
+#: file is then re-read from the tiers when verified).
+_MAX_FILE_HASHES = 64
 
 
 class FetchEngine:
@@ -100,8 +118,9 @@ class FetchEngine:
         self._meta_flights: SingleFlight[tuple, object] = SingleFlight()
         self._refs: dict[tuple[RepoRef, str], tuple[str, float]] = {}
         self._manifests: dict[tuple[RepoRef, str], Manifest] = {}
-        self._file_hashes: dict[str, _FileHash] = {}
-        self._verified: set[str] = set()
+        self._file_hashes: OrderedDict[str, _FileHash] = OrderedDict()
+        # content id -> the blake3 of each of its chunks, for files that passed verification
+        self._verified: dict[str, bytes] = {}
         self._recorded: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: trio.Nursery | None = None
@@ -157,7 +176,8 @@ class FetchEngine:
             return await self.remote.resolve(repo, revision, auth=auth)
 
         try:
-            commit = await self._meta_flights.run(("resolve", repo, revision, auth), ask_remote, self.nursery)
+            commit = await self._meta_flights.run(("resolve", repo, revision, _auth_id(auth)), ask_remote,
+                                                 self.nursery)
         except NotFound:
             raise
         except MmfsError as exc:
@@ -191,7 +211,8 @@ class FetchEngine:
                     await trio.to_thread.run_sync(self.metadata.put_manifest, manifest)
                 return manifest
 
-            found = await self._meta_flights.run(("manifest", repo, commit, auth), ask_remote, self.nursery)
+            found = await self._meta_flights.run(("manifest", repo, commit, _auth_id(auth)), ask_remote,
+                                                self.nursery)
         assert isinstance(found, Manifest)
         self._manifests[(repo, commit)] = found
         return found
@@ -327,12 +348,14 @@ class FetchEngine:
         if len(fetched.data) != end - start:
             raise IntegrityError(f"{source.entry.path}: chunk {index} has {len(fetched.data)} bytes, "
                                  f"expected {end - start}")
-        if fetched.blake3 is not None:
-            digest = await trio.to_thread.run_sync(_blake3_hex, fetched.data)
-            if digest != fetched.blake3:
+        expected = self._known_digest(source.entry, index)
+        if fetched.blake3 is not None or expected is not None:
+            digest = await trio.to_thread.run_sync(blake3_digest, fetched.data)
+            if fetched.blake3 is not None and digest.hex() != fetched.blake3 or \
+                    expected is not None and digest != expected:
                 self._integrity_failures += 1
-                log.error("integrity: %s@%s %s chunk %d: blake3 %s, remote said %s", source.repo,
-                          source.commit, source.entry.path, index, digest, fetched.blake3)
+                log.error("integrity: %s@%s %s chunk %d: blake3 %s, expected %s", source.repo, source.commit,
+                          source.entry.path, index, digest.hex(), fetched.blake3 or expected.hex())  # type: ignore[union-attr]
                 raise IntegrityError(f"{source.entry.path}: chunk {index} failed its blake3 check")
         self._remote_fetches += 1
         self._remote_bytes += len(fetched.data)
@@ -370,35 +393,54 @@ class FetchEngine:
     # -- whole-file verification --------------------------------------------------------
 
     def is_verified(self, entry: FileEntry) -> bool:
-        if entry.content_id in self._verified:
-            return True
-        if self.metadata is not None:
-            record = self.metadata.get_file(entry.content_id)
-            if record is not None and record.verified:
-                self._verified.add(entry.content_id)
-                return True
-        return False
+        """Whether the file matched its upstream hash (here, or in an earlier run)."""
+        return self._chunk_digests(entry) is not None
+
+    def _chunk_digests(self, entry: FileEntry) -> bytes | None:
+        digests = self._verified.get(entry.content_id)
+        if digests is None and self.metadata is not None:
+            digests = self.metadata.get_chunk_digests(entry.content_id)
+            if digests is not None and len(digests) == 32 * entry.chunk_count:
+                self._verified[entry.content_id] = digests
+            else:
+                digests = None
+        return digests
+
+    def _known_digest(self, entry: FileEntry, index: int) -> bytes | None:
+        """The blake3 chunk ``index`` had when its file verified, if it did."""
+        digests = self._chunk_digests(entry)
+        return None if digests is None else digests[32 * index:32 * index + 32]
 
     async def _advance_hash(self, source: FileSource, index: int, data: bytes) -> None:
         """Feed the file's running hash if this chunk is the next one it needs."""
         entry = source.entry
         if self.remote.verifies_files or self.is_verified(entry):
             return
-        state = self._file_hashes.setdefault(entry.content_id, _FileHash(entry))
+        state = self._hash_state(entry)
         if state.next_index != index or state.lock.locked():
             return
         async with state.lock:
             if state.next_index != index:
                 return
-            await trio.to_thread.run_sync(state.hasher.update, data)
-            state.next_index += 1
+            await trio.to_thread.run_sync(state.feed, data)
             # Chunks that arrived early (parallel read-ahead) are still in memory: catch up.
             while self.tiers and state.next_index < entry.chunk_count:
                 ahead = self.tiers[0].peek(entry.chunk_key(state.next_index))
                 if ahead is None:
                     break
-                await trio.to_thread.run_sync(state.hasher.update, ahead)
-                state.next_index += 1
+                await trio.to_thread.run_sync(state.feed, ahead)
+
+    def _hash_state(self, entry: FileEntry) -> _FileHash:
+        state = self._file_hashes.get(entry.content_id)
+        if state is None:
+            state = self._file_hashes[entry.content_id] = _FileHash(entry)
+            for content_id, old in list(self._file_hashes.items()):
+                if len(self._file_hashes) <= _MAX_FILE_HASHES:
+                    break
+                if not old.lock.locked() and old is not state:
+                    del self._file_hashes[content_id]
+        self._file_hashes.move_to_end(entry.content_id)
+        return state
 
     async def _verify_file(self, source: FileSource, auth: str | None) -> None:
         entry = source.entry
@@ -406,13 +448,15 @@ class FetchEngine:
             return
 
         async def verify() -> None:
-            state = self._file_hashes.setdefault(entry.content_id, _FileHash(entry))
+            state = self._hash_state(entry)
             async with state.lock:
                 while state.next_index < entry.chunk_count:
                     index = state.next_index
+                    # Keep the chunks still to hash coming while this one is hashed.
+                    self.prefetch(source, range(index + 1, min(entry.chunk_count, index + 1 + _VERIFY_AHEAD)),
+                                  auth=auth)
                     data = await self._chunk_unlocked(source, index, auth)
-                    await trio.to_thread.run_sync(state.hasher.update, data)
-                    state.next_index += 1
+                    await trio.to_thread.run_sync(state.feed, data)
                 digest = state.hasher.hexdigest()
             self._file_hashes.pop(entry.content_id, None)
             if digest != entry.hash:
@@ -421,10 +465,10 @@ class FetchEngine:
                           source.repo, source.commit, entry.path, entry.hash_algo, digest, entry.hash)
                 await self._forget(entry, f"{entry.hash_algo} mismatch: got {digest}")
                 raise IntegrityError(f"{entry.path}: content does not match its {entry.hash_algo} {entry.hash}")
-            self._verified.add(entry.content_id)
+            digests = b"".join(state.chunk_digests)
+            self._verified[entry.content_id] = digests
             if self.metadata is not None:
-                await trio.to_thread.run_sync(lambda: self.metadata.update_file(  # type: ignore[union-attr]
-                    entry.content_id, verified=True, inflight_download=""))
+                await trio.to_thread.run_sync(self.metadata.mark_verified, entry.content_id, digests)
 
         await self._meta_flights.run(("verify", entry.content_id), verify, self.nursery)
 
@@ -439,16 +483,15 @@ class FetchEngine:
 
     async def _forget(self, entry: FileEntry, why: str) -> None:
         self._file_hashes.pop(entry.content_id, None)
-        self._verified.discard(entry.content_id)
+        self._verified.pop(entry.content_id, None)
         self._recorded.discard(entry.content_id)
         for tier in self.tiers:
             await tier.discard(entry.content_id)
         if self.metadata is not None:
             record = self.metadata.get_file(entry.content_id)
             failures = (record.failures if record else 0) + 1
-            await trio.to_thread.run_sync(lambda: self.metadata.update_file(  # type: ignore[union-attr]
-                entry.content_id, verified=False, failures=failures, last_failure=why, downloaded_at=0.0,
-                inflight_download=""))
+            await trio.to_thread.run_sync(lambda: self.metadata.mark_failed(  # type: ignore[union-attr]
+                entry.content_id, failures=failures, last_failure=why))
 
     # -- observability ------------------------------------------------------------------
 
@@ -464,5 +507,11 @@ class FetchEngine:
         )
 
 
-def _blake3_hex(data: bytes) -> str:
-    return blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()
+def blake3_digest(data: bytes) -> bytes:
+    """The blake3 of a chunk, as sent in ``X-Mmfs-Blake3`` (hex) and kept per verified file."""
+    return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest()
+
+
+def _auth_id(auth: str | None) -> str | None:
+    """Callers' credentials as part of a flight key, without keeping (or logging) them."""
+    return hashlib.sha256(auth.encode()).hexdigest()[:16] if auth else None

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .names import RepoRef
+from .names import RepoRef, check_path, is_commit
 
 #: Default chunk size: small enough that the first tensor of a cold file arrives after one
 #: short upstream request, big enough that per-request overhead stays a few percent.
@@ -21,6 +22,10 @@ MANIFEST_FORMAT = 1
 
 SHA256 = "sha256"  # LFS files: the Hub's X-Linked-Etag
 GIT_SHA1 = "git-sha1"  # regular files: the git blob id
+_HASH_FORMS = {SHA256: re.compile(r"[0-9a-f]{64}"), GIT_SHA1: re.compile(r"[0-9a-f]{40}")}
+#: Chunk sizes a manifest may carry: a remote cannot make us allocate absurd buffers.
+MIN_CHUNK_SIZE = 4 << 10
+MAX_CHUNK_SIZE = 256 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +54,16 @@ class FileEntry:
     hash_algo: str  # SHA256 or GIT_SHA1
     hash: str  # lowercase hex
     chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    def __post_init__(self) -> None:
+        # Manifests come from the network; their hashes name files in the chunk store, so
+        # a malformed one must never get as far as a path.
+        check_path(self.path)
+        form = _HASH_FORMS.get(self.hash_algo)
+        if form is None or not form.fullmatch(self.hash):
+            raise ValueError(f"{self.path}: invalid {self.hash_algo!r} hash {self.hash[:80]!r}")
+        if self.size < 0 or not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
+            raise ValueError(f"{self.path}: invalid size {self.size} or chunk size {self.chunk_size}")
 
     @property
     def is_lfs(self) -> bool:
@@ -140,10 +155,13 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Manifest":
+        """Parse and validate; raise ``ValueError`` (or ``InvalidName``) on anything malformed."""
         from .names import parse_repo_id
 
         if data.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"unsupported manifest format {data.get('format')!r}")
+        if not is_commit(str(data.get("commit", ""))):
+            raise ValueError(f"invalid commit {str(data.get('commit'))[:80]!r}")
         files = tuple(sorted((FileEntry.from_json(f) for f in data["files"]), key=lambda f: f.path))
         return cls(parse_repo_id(data["repo"], data["provider"]), data["commit"], files)
 

@@ -1,12 +1,14 @@
 """What mmfs knows about repos and files, kept in LMDB so it survives restarts.
 
-Three tables:
+Four tables:
 
 * ``refs``: ``provider/org/name@revision`` -> the commit it resolved to and when. A branch
   is re-resolved after a short TTL; when the upstream is unreachable (or
   ``HF_HUB_OFFLINE=1``) the last known commit is used, so a node whose caches are warm
   keeps working with the backend and the Hub gone.
 * ``manifests``: ``provider/org/name@commit`` -> the commit's manifest (immutable).
+* ``chunk_digests``: content id -> the blake3 of each chunk of a file that passed
+  whole-file verification; a chunk fetched again later must match it.
 * ``files``: content id -> a record per file content: where it came from (source URL,
   ETag, Last-Modified), when it was downloaded, whether it passed whole-file
   verification, the id of the download in flight (so a waiter can tell which fetch it is
@@ -66,6 +68,7 @@ class MetadataStore:
         self._refs = self._env.open_db(b"refs")
         self._manifests = self._env.open_db(b"manifests")
         self._files = self._env.open_db(b"files")
+        self._chunk_digests = self._env.open_db(b"chunk_digests")
 
     @staticmethod
     def _repo_key(repo: RepoRef, revision: str) -> bytes:
@@ -135,6 +138,32 @@ class MetadataStore:
                 return record
         except lmdb.Error as exc:
             raise CacheError(f"metadata write failed: {exc}") from exc
+
+    def mark_verified(self, content_id: str, chunk_digests: bytes) -> None:
+        """Record that a content matched its upstream hash, with the blake3 of each chunk
+        (32 bytes each, in order): the reference later fetches of its chunks must match."""
+        try:
+            with self._env.begin(write=True) as txn:
+                txn.put(content_id.encode(), chunk_digests, db=self._chunk_digests)
+                raw = txn.get(content_id.encode(), db=self._files)
+                record = FileRecord(**json.loads(raw)) if raw else FileRecord(content_id)
+                record.verified, record.inflight_download = True, ""
+                txn.put(content_id.encode(), json.dumps(asdict(record)).encode(), db=self._files)
+        except lmdb.Error as exc:
+            raise CacheError(f"metadata write failed: {exc}") from exc
+
+    def get_chunk_digests(self, content_id: str) -> bytes | None:
+        return self._get(self._chunk_digests, content_id.encode())
+
+    def mark_failed(self, content_id: str, *, failures: int, last_failure: str) -> None:
+        """A content failed verification: it is neither verified nor downloaded any more."""
+        try:
+            with self._env.begin(write=True) as txn:
+                txn.delete(content_id.encode(), db=self._chunk_digests)
+        except lmdb.Error as exc:
+            raise CacheError(f"metadata write failed: {exc}") from exc
+        self.update_file(content_id, verified=False, failures=failures, last_failure=last_failure,
+                         downloaded_at=0.0, inflight_download="")
 
     def files(self) -> list[FileRecord]:
         with self._env.begin(db=self._files) as txn:

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from mmfs.engine import EngineConfig, FetchEngine
-from mmfs.errors import IntegrityError, NotFound, UpstreamError
+from mmfs.errors import IntegrityError, InvalidName, NotFound, UpstreamError
 from mmfs.manifest import SHA256, FileEntry, Manifest
 from mmfs.metadata import MetadataStore
 from mmfs.names import parse_repo_id
@@ -19,7 +19,7 @@ from mmfs.tiers.memory import MemoryTier
 
 REPO = parse_repo_id("org/model")
 COMMIT = "c" * 40
-CHUNK = 1024
+CHUNK = 4096
 
 
 class BytesRemote(Remote):
@@ -150,3 +150,34 @@ async def test_damaged_disk_chunk_is_a_miss(tmp_path):
         source = FileSource(REPO, COMMIT, (await engine.manifest(REPO, "main")).file("w.bin"))
         assert await engine.read(source, 0, CHUNK) == data[:CHUNK]
         assert remote.fetches == 3
+
+
+async def test_refetch_of_a_verified_file_is_checked_against_its_chunk_digests(tmp_path):
+    data = payload(4 * CHUNK)
+    remote = BytesRemote({"w.bin": data})
+    async with await _open(remote, tmp_path) as engine:
+        source = FileSource(REPO, COMMIT, (await engine.manifest(REPO, "main")).file("w.bin"))
+        assert await engine.read(source, 0, len(data)) == data and engine.is_verified(source.entry)
+        for tier in engine.tiers:  # evicted everywhere; the upstream now serves other bytes
+            await tier.discard(source.entry.content_id)
+        remote.corrupt = True
+        with pytest.raises(IntegrityError):
+            await engine.read(source, CHUNK, 10)
+    async with await _open(remote, tmp_path) as engine:  # the reference survives a restart
+        source = FileSource(REPO, COMMIT, (await engine.manifest(REPO, "main")).file("w.bin"))
+        with pytest.raises(IntegrityError):
+            await engine.read(source, 0, 10)
+        remote.corrupt = False
+        assert await engine.read(source, 0, len(data)) == data
+
+
+def test_manifest_entries_from_the_network_are_validated():
+    good = {"path": "a/b.bin", "size": 1, "hash_algo": SHA256, "hash": "a" * 64, "chunk_size": CHUNK}
+    assert FileEntry.from_json(good).path == "a/b.bin"
+    for bad in ({"hash": "a-/../../etc/cron.d/x"}, {"hash": "A" * 64}, {"hash_algo": "md5"},
+                {"path": "../x"}, {"path": "/abs"}, {"size": -1}, {"chunk_size": 0}, {"chunk_size": 1 << 40}):
+        with pytest.raises((ValueError, InvalidName)):
+            FileEntry.from_json({**good, **bad})
+    manifest = Manifest(REPO, COMMIT, (FileEntry.from_json(good),))
+    with pytest.raises(ValueError):
+        Manifest.loads(manifest.dumps().replace(COMMIT.encode(), b"../../x"))

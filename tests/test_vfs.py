@@ -21,7 +21,7 @@ from mmfs.tiers.memory import MemoryTier
 from mmfs.vfs import ROOT_INODE, Vfs, VfsConfig
 
 COMMIT = "a" * 40
-CHUNK = 1024
+CHUNK = 4096
 REPO = RepoRef("huggingface", "org", "model")
 
 
@@ -114,6 +114,64 @@ async def test_lookup_errors(tmp_path, path, err) -> None:
         with pytest.raises(MmfsError) as info:
             await walk(vfs, *path)
         assert info.value.errno == err
+
+
+async def test_random_org_lookups_leave_the_inode_table_bounded(tmp_path) -> None:
+    engine, vfs = await _vfs(tmp_path, FakeRemote(FILES), max_provisional_orgs=64)
+    async with engine:
+        model = await walk(vfs, "huggingface", "org", "model")  # "org" resolved: permanent
+        baseline = vfs.statistics().inodes
+        inodes = set()
+        for i in range(10_000):  # stat mnt/huggingface/<random>: any valid org answers
+            inodes.add(await walk(vfs, "huggingface", f"random-{i}"))
+            if i % 1000 == 0:  # ...and a repo under it that does not exist is ENOENT
+                with pytest.raises(NotFound):
+                    await walk(vfs, "huggingface", f"random-{i}", "nothing")
+        assert len(inodes) == 10_000  # numbers are never reused
+        assert vfs.statistics().inodes <= baseline + 64
+        assert vfs.statistics().provisional_inodes == 64
+        assert await walk(vfs, "huggingface", "org", "model") == model  # permanent entries stay
+        # An org the LRU dropped while the kernel still held it answers ESTALE (the
+        # kernel then looks it up afresh), never another org's entries.
+        with pytest.raises(MmfsError) as info:
+            await vfs.lookup(min(inodes), "model")
+        assert info.value.errno == errno.ESTALE
+
+
+async def test_forget_frees_provisional_orgs(tmp_path) -> None:
+    engine, vfs = await _vfs(tmp_path, FakeRemote(FILES))
+    async with engine:
+        await walk(vfs, "huggingface")
+        baseline = vfs.statistics().inodes
+        looked_up = {}
+        for i in range(100):
+            inode = await walk(vfs, "huggingface", f"random-{i}")
+            await walk(vfs, "huggingface", f"random-{i}")  # twice: the kernel holds 2 references
+            looked_up[inode] = 2
+        assert vfs.statistics().inodes == baseline + 100
+        for inode in looked_up:
+            vfs.forget(inode, 1)
+        assert vfs.statistics().inodes == baseline + 100  # still held once
+        for inode in looked_up:
+            vfs.forget(inode, 1)
+        assert vfs.statistics().inodes == baseline and vfs.statistics().provisional_inodes == 0
+        vfs.forget(max(looked_up), 1)  # a late or repeated forget is harmless
+
+
+async def test_org_of_a_repo_not_seen_yet_becomes_permanent(tmp_path) -> None:
+    engine, vfs = await _vfs(tmp_path, FakeRemote(FILES), max_provisional_orgs=4)
+    async with engine:
+        # The kernel looks up "org" (unknown until now), then "model" under it.
+        org = (await vfs.lookup(await walk(vfs, "huggingface"), "org")).inode
+        assert vfs.statistics().provisional_inodes == 1
+        model = (await vfs.lookup(org, "model")).inode
+        assert vfs.statistics().provisional_inodes == 0
+        for i in range(100):
+            await walk(vfs, "huggingface", f"random-{i}")
+        vfs.forget(org, 1)  # forgetting a permanent entry frees nothing
+        assert await walk(vfs, "huggingface", "org") == org
+        assert await walk(vfs, "huggingface", "org", "model") == model
+        assert [name for name, _ in await vfs.listdir(await walk(vfs, "huggingface"))] == ["org"]
 
 
 async def test_reads_exact_and_short_only_at_eof(tmp_path) -> None:

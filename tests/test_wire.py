@@ -7,7 +7,7 @@ import functools
 import pytest
 import trio
 
-from mmfs.errors import TransientError
+from mmfs.errors import TransientError, UpstreamError
 from mmfs.remote.wire import WireClient
 
 
@@ -117,3 +117,25 @@ async def test_unreachable_and_silent_servers_fail_in_bounded_time(nursery):
     with trio.fail_after(5):
         with pytest.raises(TransientError, match="no answer"):
             await WireClient(read_timeout=0.3).get(f"http://127.0.0.1:{port}/")
+
+
+async def test_oversized_and_trickling_answers_are_refused(nursery):
+    async def huge(head, stream):
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000000\r\n\r\n" + b"x" * 1000)
+        return True
+
+    port, _ = await serve(nursery, huge)
+    with pytest.raises(UpstreamError, match="at most 4096"):
+        await WireClient().get(f"http://127.0.0.1:{port}/", max_body=4096)
+
+    async def trickle(head, stream):
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        for _ in range(1000):
+            await stream.send_all(b"x")
+            await trio.sleep(0.05)
+        return True
+
+    port, _ = await serve(nursery, trickle)
+    with trio.fail_after(10):
+        with pytest.raises(TransientError, match="took over"):
+            await WireClient(read_timeout=1, request_timeout=0.5).get(f"http://127.0.0.1:{port}/")

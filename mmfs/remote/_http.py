@@ -15,6 +15,9 @@ from .wire import Response, WireClient
 
 log = logging.getLogger(__name__)
 
+#: Largest answer expected for control requests (revision info and manifests of big repos).
+_MAX_CONTROL_BODY = 64 << 20
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
@@ -23,11 +26,13 @@ class RetryPolicy:
     attempts: int = 4  # tries in all, the first included
     backoff: float = 0.25  # seconds before the second try; doubles each time, jittered
     connect_timeout: float = 5.0
-    read_timeout: float = 30.0  # between bytes, not for the whole body
+    read_timeout: float = 30.0  # between bytes
+    request_timeout: float = 120.0  # for one whole request, however slowly its bytes come
 
 
 def make_client(policy: RetryPolicy) -> WireClient:
-    return WireClient(connect_timeout=policy.connect_timeout, read_timeout=policy.read_timeout)
+    return WireClient(connect_timeout=policy.connect_timeout, read_timeout=policy.read_timeout,
+                      request_timeout=policy.request_timeout)
 
 
 class _AnyResponse(Protocol):
@@ -66,7 +71,7 @@ async def request(client: WireClient, policy: RetryPolicy, method: str, url: str
     delay = policy.backoff
     for attempt in range(1, policy.attempts + 1):
         try:
-            response = await client.request(method, url, headers=headers)
+            response = await client.request(method, url, headers, max_body=expect_length or _MAX_CONTROL_BODY)
             if response.is_success:
                 if expect_length is not None and len(response.content) != expect_length:
                     raise TransientError(f"short body: {len(response.content)} of {expect_length} bytes")

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from ..errors import UpstreamError
+from ..errors import InvalidName, UpstreamError
 from ..manifest import Manifest
-from ..names import RepoRef
+from ..names import RepoRef, is_commit
 from ._http import RetryPolicy, make_client, request
 from .base import FetchedChunk, FileSource, Remote
 
@@ -41,15 +41,25 @@ class BackendRemote(Remote):
     async def resolve(self, repo: RepoRef, revision: str, *, auth: str | None = None) -> str:
         url = f"{self.url}/v1/resolve/{repo}/{quote(revision, safe='')}"
         response = await request(self._client, self._policy, "GET", url, headers=self._headers(auth))
-        return str(response.json()["commit"])
+        try:
+            commit = str(response.json()["commit"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UpstreamError(f"backend {self.url} sent an unreadable answer for {repo}@{revision}") from exc
+        if not is_commit(commit):
+            raise UpstreamError(f"backend {self.url} resolved {repo}@{revision} to an invalid commit")
+        return commit
 
     async def manifest(self, repo: RepoRef, commit: str, *, auth: str | None = None) -> Manifest:
         url = f"{self.url}/v1/manifest/{repo}/{commit}"
         response = await request(self._client, self._policy, "GET", url, headers=self._headers(auth))
         try:
-            return Manifest.loads(response.content)
-        except (ValueError, KeyError) as exc:
-            raise UpstreamError(f"backend {self.url} sent an unreadable manifest for {repo}@{commit}") from exc
+            manifest = Manifest.loads(response.content)
+        except (ValueError, KeyError, TypeError, InvalidName) as exc:
+            raise UpstreamError(f"backend {self.url} sent an unusable manifest for {repo}@{commit}: {exc}") from exc
+        if manifest.repo != repo or manifest.commit != commit:
+            raise UpstreamError(f"backend {self.url} sent the manifest of {manifest.repo}@{manifest.commit} "
+                                f"for {repo}@{commit}")
+        return manifest
 
     async def fetch_chunk(self, source: FileSource, index: int, *, auth: str | None = None) -> FetchedChunk:
         start, end = source.entry.chunk_span(index)

@@ -72,15 +72,20 @@ class HubRemote(Remote):
             except InvalidName as exc:
                 raise UpstreamError(f"{repo}@{commit} lists an unusable path: {exc}") from exc
             lfs = sibling.get("lfs")
-            if lfs:
-                entry = FileEntry(path, int(lfs["size"]), SHA256, lfs["sha256"], self._chunk_size)
-            elif "blobId" in sibling and "size" in sibling:
-                entry = FileEntry(path, int(sibling["size"]), GIT_SHA1, sibling["blobId"], self._chunk_size)
-            else:
-                raise UpstreamError(f"{self.url} listed {path} without size or hash (blobs=true ignored?)")
+            try:
+                if lfs:
+                    entry = FileEntry(path, int(lfs["size"]), SHA256, lfs["sha256"], self._chunk_size)
+                elif "blobId" in sibling and "size" in sibling:
+                    entry = FileEntry(path, int(sibling["size"]), GIT_SHA1, sibling["blobId"], self._chunk_size)
+                else:
+                    raise UpstreamError(f"{self.url} listed {path} without size or hash (blobs=true ignored?)")
+            except (KeyError, TypeError, ValueError) as exc:
+                raise UpstreamError(f"{self.url} listed {path} with unusable metadata: {exc}") from exc
             files.append(entry)
+        if info.get("sha") != commit:
+            raise UpstreamError(f"{self.url} answered {repo}@{commit} with commit {str(info.get('sha'))[:40]!r}")
         files.sort(key=lambda f: f.path)
-        return Manifest(repo, str(info.get("sha", commit)), tuple(files))
+        return Manifest(repo, commit, tuple(files))
 
     async def fetch_chunk(self, source: FileSource, index: int, *, auth: str | None = None) -> FetchedChunk:
         start, end = source.entry.chunk_span(index)

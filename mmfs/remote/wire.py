@@ -28,6 +28,7 @@ from ..errors import TransientError, UpstreamError
 _HEAD_LIMIT = 64 << 10
 _RECEIVE = 1 << 20
 _HEAD_RECEIVE = 8 << 10
+_ERROR_BODY_LIMIT = 1 << 20
 _REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_REDIRECTS = 5
 
@@ -97,19 +98,31 @@ class WireClient:
     """Keep-alive connections per origin; ``get``/``head`` return whole responses."""
 
     def __init__(self, *, connect_timeout: float = 5.0, read_timeout: float = 30.0,
-                 max_idle_per_origin: int = 32) -> None:
+                 request_timeout: float = 120.0, max_idle_per_origin: int = 32) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._request_timeout = request_timeout
         self._max_idle = max_idle_per_origin
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._tls: ssl.SSLContext | None = None
 
-    async def request(self, method: str, url: str, headers: dict[str, str] | None = None) -> Response:
-        """Send ``method`` (GET or HEAD) to ``url``, following redirects."""
-        headers = dict(headers or {})
+    async def request(self, method: str, url: str, headers: dict[str, str] | None = None, *,
+                      max_body: int = 64 << 20) -> Response:
+        """Send ``method`` (GET or HEAD) to ``url``, following redirects.
+
+        A body over ``max_body`` bytes is refused before it is read (a server ignoring
+        ``Range`` must not make us buffer a whole file), and the whole exchange, redirects
+        included, must end within ``request_timeout`` however slowly bytes trickle in."""
+        try:
+            with trio.fail_after(self._request_timeout):
+                return await self._follow(method, url, dict(headers or {}), max_body)
+        except trio.TooSlowError:
+            raise TransientError(f"{method} {url.split('?', 1)[0]} took over {self._request_timeout:g} s") from None
+
+    async def _follow(self, method: str, url: str, headers: dict[str, str], max_body: int) -> Response:
         origin = _origin(url)
         for _ in range(_MAX_REDIRECTS + 1):
-            response = await self._send(method, url, headers)
+            response = await self._send(method, url, headers, max_body)
             location = response.headers.get("location")
             if response.status_code not in _REDIRECTS or not location:
                 return response
@@ -118,10 +131,10 @@ class WireClient:
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
         raise UpstreamError(f"more than {_MAX_REDIRECTS} redirects from {url.split('?', 1)[0]}")
 
-    async def get(self, url: str, headers: dict[str, str] | None = None) -> Response:
-        return await self.request("GET", url, headers)
+    async def get(self, url: str, headers: dict[str, str] | None = None, *, max_body: int = 64 << 20) -> Response:
+        return await self.request("GET", url, headers, max_body=max_body)
 
-    async def _send(self, method: str, url: str, headers: dict[str, str]) -> Response:
+    async def _send(self, method: str, url: str, headers: dict[str, str], max_body: int) -> Response:
         parts = urlsplit(url)
         key = _origin(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -137,12 +150,15 @@ class WireClient:
                     await connection.stream.send_all(request)
                     status, response_headers, keep_alive = await self._read_head(connection)
                 answered = True
-                body = await self._read_body(connection, method, status, response_headers)
+                body = await self._read_body(connection, method, status, response_headers, max_body)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, _ConnectionClosed) as exc:
                 await trio.aclose_forcefully(connection.stream)
                 if connection.reused and not answered:
                     continue  # a kept-alive connection the server had closed: try a fresh one
                 raise TransientError(f"connection to {key[1]}:{key[2]} broke: {exc or type(exc).__name__}") from exc
+            except _BodyTooLarge as exc:
+                await trio.aclose_forcefully(connection.stream)
+                raise UpstreamError(f"{key[1]}:{key[2]} {exc}") from None
             except trio.TooSlowError as exc:
                 await trio.aclose_forcefully(connection.stream)
                 raise TransientError(f"no answer from {key[1]}:{key[2]} within {self._read_timeout:g} s") from exc
@@ -181,15 +197,20 @@ class WireClient:
             return await self._read_head(connection)
         return status, headers, keep_alive
 
-    async def _read_body(self, connection: _Connection, method: str, status: int, headers: Headers) -> bytes:
+    async def _read_body(self, connection: _Connection, method: str, status: int, headers: Headers,
+                         max_body: int) -> bytes:
         if method == "HEAD" or status in (204, 304):
             return b""
+        if not 200 <= status < 300:
+            max_body = _ERROR_BODY_LIMIT  # error pages and redirects: small, whatever was expected
         if headers.get("transfer-encoding", "").lower() == "chunked":
             with trio.fail_after(self._read_timeout):
-                return await self._read_chunked(connection)
-        length = headers.get("content-length")
-        if length is None:
-            raise _ConnectionClosed("a body without Content-Length")  # never reuse such a connection
+                return await self._read_chunked(connection, max_body)
+        length = headers.get("content-length", "")
+        if not length.isdigit():
+            raise _ConnectionClosed(f"unusable Content-Length {length[:20]!r}")  # never reuse it
+        if int(length) > max_body:
+            raise _BodyTooLarge(f"answered with {length} bytes, expected at most {max_body}")
         body = bytearray(int(length))
         view = memoryview(body)
         received = 0
@@ -203,11 +224,16 @@ class WireClient:
             received += n
         return body  # type: ignore[return-value]  # a bytearray: copying 4 MiB again cost 15 %
 
-    async def _read_chunked(self, connection: _Connection) -> bytes:
+    async def _read_chunked(self, connection: _Connection, max_body: int) -> bytes:
         body = bytearray()
         while True:
             size_line = await self._read_line(connection)
-            size = int(size_line.split(b";", 1)[0], 16)
+            try:
+                size = int(size_line.split(b";", 1)[0], 16)
+            except ValueError:
+                raise _ConnectionClosed("malformed chunked body") from None
+            if len(body) + size > max_body:
+                raise _BodyTooLarge(f"chunked body over {max_body} bytes")
             if size == 0:
                 while await self._read_line(connection):
                     pass  # trailers
@@ -268,6 +294,10 @@ class WireClient:
 
 class _ConnectionClosed(Exception):
     """The server closed or broke the connection mid-response."""
+
+
+class _BodyTooLarge(Exception):
+    """The answer is bigger than the caller can want: not worth a retry."""
 
 
 def _origin(url: str) -> tuple[str, str, int]:
