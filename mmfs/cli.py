@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--mount", metavar="MOUNTPOINT", help="warm through this mount")
     where.add_argument("--backend", metavar="URL", help="warm this backend (no mount needed)")
     prefetch.add_argument("--jobs", "-j", metavar="N", type=int, default=8, help="parallel readers (default: 8)")
+    prefetch.add_argument("--timeout", metavar="SECONDS", type=float, default=3600.0,
+                          help="with --backend: give up after this long (default: 3600)")
     prefetch.add_argument("--debug", action="store_true")
 
     status = commands.add_parser("status", help="what a mount holds: repos, cache use, hit rates")
@@ -117,8 +119,11 @@ def _prefetch(args: argparse.Namespace) -> int:
     if args.debug:
         _setup_logging(True)
     target = warm.parse_target(args.model)
+    if args.timeout <= 0:
+        print("mmfs prefetch: --timeout must be positive", file=sys.stderr)
+        return EXIT_USAGE
     if args.backend:
-        summary = warm.prefetch_backend(args.backend, target, args.include, args.jobs)
+        summary = warm.prefetch_backend(args.backend, target, args.include, args.jobs, args.timeout)
         print(summary.line(f"{target} warmed in {args.backend}"), flush=True)
     else:
         mountpoint = warm.find_mount(args.mount)
@@ -160,6 +165,8 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"  {tier['name']:<7} {format_size(tier['used_bytes'])} of {format_size(tier['limit_bytes'])}, "
                      f"{tier['entries']} chunks, hit rate {tier['hit_rate'] * 100:.1f}% of {lookups} lookups, "
                      f"{tier['evictions']} evictions" + (f", {tier['errors']} errors" if tier.get("errors") else ""))
+    for problem in status.get("cache_problems", []):
+        lines.append(f"  unavailable: {problem} (serving without it)")
     remote = status.get("remote", {})
     lines.append(f"remote: {remote.get('url')}: {format_size(remote.get('bytes', 0))} in {remote.get('fetches', 0)} "
                  f"chunk fetches ({remote.get('coalesced', 0)} coalesced, {remote.get('inflight', 0)} in flight)")

@@ -3,7 +3,8 @@
     MemoryTier(--memory-cache) ─ DiskTier(--cache-dir, --cache-size) ─ remote
     remote = BackendRemote(--backend)  or, embedded, HubRemote(HF_ENDPOINT, HF_TOKEN)
 
-Life cycle: open the caches (fail before mounting if they are unusable), clear a dead
+Life cycle: open the caches (a cache dir that cannot be opened is logged and the daemon
+runs with the memory tier only: status shows the disk tier missing), clear a dead
 mount left by a killed daemon, mount, raise the mount's readahead, print the ready line,
 serve until the mount goes away (``mmfs unmount``, ``fusermount3 -u``) or SIGTERM/SIGINT
 arrives, then unmount and exit 0.
@@ -25,7 +26,7 @@ import trio
 
 from . import mountutil
 from .engine import EngineConfig, FetchEngine
-from .errors import MmfsError
+from .errors import CacheError, MmfsError
 from .fuse_ops import Operations
 from .manifest import DEFAULT_CHUNK_SIZE
 from .metadata import MetadataStore
@@ -34,6 +35,7 @@ from .remote._http import RetryPolicy
 from .remote.backend import BackendRemote
 from .remote.base import Remote
 from .remote.hub import HubRemote
+from .tiers.base import ChunkTier
 from .tiers.disk import DiskTier
 from .tiers.memory import MemoryTier
 from .vfs import Vfs, VfsConfig
@@ -81,10 +83,25 @@ def make_remote(options: MountOptions) -> Remote:
     return HubRemote(chunk_size=options.chunk_size, policy=policy)
 
 
-def make_engine(options: MountOptions) -> FetchEngine:
+def make_engine(options: MountOptions, problems: list[str] | None = None) -> FetchEngine:
+    """The engine over the caches at ``--cache-dir``.
+
+    A broken cache disk must not take the models down with it: a metadata DB or disk tier
+    that cannot be opened is logged, appended to ``problems`` and left out (memory only)."""
     cache = Path(options.cache_dir)
-    metadata = MetadataStore(cache / "metadata")
-    tiers = [MemoryTier(options.memory_cache), DiskTier(cache / "chunks", options.cache_size)]
+    problems = problems if problems is not None else []
+    metadata: MetadataStore | None = None
+    tiers: list[ChunkTier] = [MemoryTier(options.memory_cache)]
+    try:
+        metadata = MetadataStore(cache / "metadata")
+    except CacheError as exc:
+        problems.append(str(exc))
+        log.error("%s: running without the metadata DB (refs and manifests are not remembered)", exc)
+    try:
+        tiers.append(DiskTier(cache / "chunks", options.cache_size))
+    except CacheError as exc:
+        problems.append(str(exc))
+        log.error("%s: running without the disk cache (memory only)", exc)
     config = EngineConfig.from_env(max_concurrent_fetches=options.max_fetches)
     return FetchEngine(tiers, make_remote(options), metadata, config)
 
@@ -107,7 +124,8 @@ def _mount_options(options: MountOptions) -> set[str]:
 async def serve(options: MountOptions, *, ready: Any = None) -> None:
     """Mount, serve until unmounted or signalled, unmount."""
     mountpoint = os.path.abspath(options.mountpoint)
-    engine = make_engine(options)
+    cache_problems: list[str] = []
+    engine = make_engine(options, cache_problems)
     started = time.time()
     config = VfsConfig(remote_timeout=options.remote_timeout,
                        read_ahead=ReadAheadConfig(initial_chunks=options.read_ahead_chunks[0],
@@ -116,7 +134,8 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
     def describe() -> dict[str, Any]:
         info: dict[str, Any] = {"mountpoint": mountpoint, "mode": "backend" if options.backend else "embedded",
                                 "backend": options.backend, "cache_dir": os.path.abspath(options.cache_dir), "pid": os.getpid(),
-                                "offline": engine.config.offline, "daemon_started_at": started}
+                                "offline": engine.config.offline, "daemon_started_at": started,
+                                "cache_problems": cache_problems}
         try:
             import psutil
 

@@ -87,7 +87,12 @@ class Operations(pyfuse3.Operations):
         return entry_attributes(await self.vfs.lookup(parent_inode, _name(name)))
 
     async def forget(self, inode_list: Any) -> None:
-        """Inode numbers stay valid while mounted (see :mod:`mmfs.vfs`): nothing to free."""
+        """Frees provisional org nodes the kernel no longer holds (see :mod:`mmfs.vfs`)."""
+        for inode, nlookup in inode_list:
+            try:
+                self.vfs.forget(inode, nlookup)
+            except Exception:  # noqa: BLE001 - forget must not raise
+                log.exception("internal error in forget(%d, %d)", inode, nlookup)
 
     @_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
@@ -165,7 +170,7 @@ class Operations(pyfuse3.Operations):
         data.f_bsize = data.f_frsize = block
         data.f_blocks = max(limit // block, 1)
         data.f_bfree = data.f_bavail = max((limit - used) // block, 0)
-        data.f_files = len(self.vfs._nodes)
+        data.f_files = self.vfs.inode_count()
         data.f_ffree = data.f_favail = 0
         data.f_namemax = 255
         return data

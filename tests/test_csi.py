@@ -501,9 +501,7 @@ def test_probe_not_ready_while_mount_down(up):
     fs, p = up["fs"], up["plugin"]
     assert p.probe() is True
     fs.kill()  # dead FUSE connection: stat fails with ENOTCONN
-    start = time.monotonic()
-    assert p.probe() is False
-    assert time.monotonic() - start < 3
+    assert p.probe() is False  # an answer, not a hang (probe's gRPC deadline is the guard)
     subprocess.run(["umount", "-l", str(fs.root)], check=True)  # no mount at all
     assert p.probe() is False
     target = target_in(up, "pod1")
@@ -554,6 +552,8 @@ def test_read_ahead_is_set_on_the_fuse_device(env):
     (entry,) = [e for e in read_mountinfo() if e.mount_point == str(env["fs"].root)]
     knob = Path("/sys/class/bdi", entry.device, "read_ahead_kb")
     if not os.access(knob, os.W_OK):
+        if os.environ.get("CI"):
+            pytest.fail(f"{knob} is not writable, and CI is set: the read-ahead knob must be tested in CI")
         pytest.skip(f"{knob} is not writable here")
     knob.write_text("128\n")
     env["plugin"].start()
@@ -570,9 +570,8 @@ def test_prefetch_runs_in_background(env, tmp_path):
     env["plugin"].extra = ["--prefetch-command", str(fake)]
     env["plugin"].start()
     target = target_in(env, "pod1")
-    start = time.monotonic()
     env["plugin"].node.NodePublishVolume(publish_request(target, ctx={"repo": "acme/tiny", "prefetch": "true"}), timeout=20)
-    assert time.monotonic() - start < 5  # never waits for the prefetch
     wait_for(called.exists, what="prefetch command")
+    os.kill(int(pidfile.read_text()), 0)  # publish answered while the prefetch (sleep 30) still runs
     assert called.read_text().split() == ["prefetch", f"huggingface/acme/tiny@{COMMIT_A}", "--mount", str(env["fs"].root)]
     os.kill(int(pidfile.read_text()), signal.SIGTERM)  # the fake's own pid (exec kept it)

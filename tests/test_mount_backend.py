@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import backend_server.testing as backend_testing
 from mmfs.testing.hub import TestHub
 from mmfs.testing.models import REAL_REPO_ID, make_synthetic_model, real_model_dir
 from mmfs.testing.mount import MountProcess, fuse_available
@@ -18,7 +19,6 @@ pytestmark = [pytest.mark.fuse, pytest.mark.timeout(120)]
 
 MMFS = [sys.executable, "-m", "mmfs"]
 
-backend_testing = pytest.importorskip("backend_server.testing", reason="backend_server is not available")
 
 
 @pytest.fixture(autouse=True)
