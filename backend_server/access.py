@@ -14,9 +14,12 @@ must not reach a caller without access. The rule:
    the caller's own header; the answer is cached for ``caller_ttl`` seconds per
    (repo, sha256 of the header), never the header itself.
 
-When the upstream cannot be reached, the last known answer stands; a repo never probed
-counts as open only if it was never seen restricted (so a warm backend keeps serving
-public models with the Hub down), and restricted repos fail closed.
+When the upstream cannot be reached, the last known answer stands: a repo the backend's
+own token was last seen to read stays open (so a warm backend keeps serving public
+models with the Hub down), a restricted one stays restricted. A repo with no known
+answer fails closed: :class:`TransientError` (503) until a probe succeeds. Open repos
+are remembered on disk too, with a fingerprint of the token that saw them, so a restart
+with the Hub down keeps serving them, and a restart with another token does not.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class AccessControl:
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False, trust_env=False)
         self._own: dict[str, tuple[bool, float]] = {}  # repo id -> (restricted, checked at)
         self._callers: dict[tuple[str, str], tuple[bool, float]] = {}  # (repo id, token hash) -> (allowed, at)
+        self._fingerprint = hashlib.sha256(f"mmfs-access\0{token or ''}".encode()).hexdigest()[:16]
+        self._open: set[str] = set()  # repo ids our token was last seen to read (persisted)
         self._restricted: set[str] = self._load()
         self._flights: SingleFlight[tuple, bool] = SingleFlight()
         self.outcomes: dict[str, int] = {}
@@ -62,16 +67,21 @@ class AccessControl:
 
     def _load(self) -> set[str]:
         try:
-            return set(json.loads(self._state_file.read_text()).get("restricted", []))
+            state = json.loads(self._state_file.read_text())
+            restricted = set(state.get("restricted", []))
+            if state.get("token") == self._fingerprint:  # open for this token, not for another
+                self._open = set(state.get("open", [])) - restricted
+            return restricted
         except FileNotFoundError:
             return set()
-        except (OSError, ValueError, AttributeError) as exc:
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
             log.error("cannot read %s (%s): starting with no restricted repos known", self._state_file, exc)
             return set()
 
     def _save(self) -> None:
         tmp = self._state_file.with_name(self._state_file.name + ".tmp")
-        tmp.write_text(json.dumps({"restricted": sorted(self._restricted)}))
+        tmp.write_text(json.dumps({"restricted": sorted(self._restricted), "open": sorted(self._open),
+                                   "token": self._fingerprint}))
         os.replace(tmp, self._state_file)
 
     # -- checks --------------------------------------------------------------------------
@@ -84,6 +94,7 @@ class AccessControl:
         if repo.repo_id not in self._restricted:
             log.info("%s is gated or private for the backend's own token: callers are checked", repo)
             self._restricted.add(repo.repo_id)
+            self._open.discard(repo.repo_id)
             self._save()
         self._own[repo.repo_id] = (True, time.monotonic())
 
@@ -118,7 +129,13 @@ class AccessControl:
             restricted = bool(await self._flights.run(("own", repo.repo_id),
                                                       lambda: self._ask_own(repo, commit, path), nursery))
         except MmfsError as exc:
-            fallback = known[0] if known is not None else repo.repo_id in self._restricted
+            if known is not None:
+                fallback = known[0]
+            elif repo.repo_id in self._restricted or repo.repo_id in self._open:
+                fallback = repo.repo_id in self._restricted
+            else:  # never answered: fail closed
+                log.warning("cannot check access to %s upstream (%s) and no answer is known: refusing", repo, exc)
+                raise TransientError(f"cannot check access to {repo.repo_id} upstream ({exc}); retry later") from exc
             log.warning("cannot check access to %s upstream (%s); using the last known answer: %s", repo, exc,
                         "restricted" if fallback else "open")
             return fallback
@@ -126,9 +143,11 @@ class AccessControl:
             self.mark_restricted(repo)
         else:
             self._own[repo.repo_id] = (False, time.monotonic())
-            if repo.repo_id in self._restricted:
-                log.info("%s is no longer restricted for the backend's own token", repo)
+            if repo.repo_id in self._restricted or repo.repo_id not in self._open:
+                if repo.repo_id in self._restricted:
+                    log.info("%s is no longer restricted for the backend's own token", repo)
                 self._restricted.discard(repo.repo_id)
+                self._open.add(repo.repo_id)
                 self._save()
         return restricted
 

@@ -11,7 +11,12 @@ Three faces, one engine (the full reference is ``docs/protocol.md``):
   cluster cache;
 * operations: ``/healthz``, ``/metrics``, ``/v1/files``.
 
-Every name taken from a URL goes through :mod:`mmfs.names` before it reaches the engine.
+Every name taken from a URL goes through :mod:`mmfs.names` before it reaches the engine,
+and every answer about a repo, listings included, first passes :mod:`.access` (see
+:meth:`BackendApp._listing`). The engine asks the upstream with the backend's own
+``HF_TOKEN``; a caller's ``Authorization`` is forwarded only for repos that token cannot
+read, after the caller's token was checked, because the engine shares one fetch per chunk
+among all callers and a bad token must not fail the others' reads.
 Streams send chunks in order while the next ones are fetched (:meth:`FetchEngine.prefetch`
 into the shared memory tier), so a stream holds one chunk of its own at a time. A failure
 after the headers went out (the file failed verification, the upstream gave up) aborts
@@ -24,7 +29,6 @@ import fnmatch
 import hashlib
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import asdict
 from typing import Awaitable, Callable
 from urllib.parse import unquote
@@ -33,7 +37,8 @@ import blake3
 import trio
 
 from mmfs.engine import FetchEngine
-from mmfs.errors import AccessDenied, EntryNotFound, InvalidName, MmfsError, NotFound, first_error
+from mmfs.errors import (AccessDenied, EntryNotFound, InvalidName, MmfsError, NotFound, RepoNotFound,
+                         TransientError, first_error)
 from mmfs.manifest import ChunkKey, FileEntry, Manifest
 from mmfs.names import RepoRef, check_path, check_provider, check_repo_part, check_revision
 from mmfs.remote.backend import BLAKE3_HEADER
@@ -51,9 +56,14 @@ READAHEAD_BYTES = 32 << 20
 #: chunk it is sending): with 50 readers spread over a file this, not the reader count,
 #: bounds their memory. Streams wait for their turn; one stream is never slowed by it.
 STREAM_MEMORY = 32 << 20
+#: Seconds a stream waits for its share of ``STREAM_MEMORY`` before giving up (503 before
+#: the headers, an aborted body after): twice the server's send timeout, so a waiting
+#: stream outlasts any client that stopped reading while holding a share.
+STREAM_WAIT = 60.0
 #: Files warmed at once by ``POST /v1/prefetch``.
 PREFETCH_FILES = 4
-_DIGEST_CACHE = 65536
+#: Chunks at least this large are hashed on a worker thread.
+_THREAD_HASH_BYTES = 256 << 10
 
 
 class BadRange(InvalidName):
@@ -74,12 +84,16 @@ class ByteBudget:
         self.free = self.total
         self._released = trio.Event()
 
-    async def acquire(self, n: int) -> int:
+    async def acquire(self, n: int, timeout: float = float("inf")) -> int:
+        """Take ``n`` bytes (at most ``total``); :class:`TransientError` after ``timeout`` seconds."""
         n = min(n, self.total)
-        while self.free < n:
-            await self._released.wait()
-        self.free -= n
-        return n
+        with trio.move_on_after(timeout):
+            while self.free < n:
+                await self._released.wait()
+            self.free -= n
+            return n
+        raise TransientError(f"every streaming slot stayed busy for {timeout:g}s (--stream-memory "
+                             f"{self.total} bytes in use by other responses); retry")
 
     def release(self, n: int) -> None:
         self.free += n
@@ -90,7 +104,7 @@ class ByteBudget:
 class BackendApp:
     def __init__(self, engine: FetchEngine, access: AccessControl, metrics: Metrics, *,
                  upstream: str = "", data_dir: str = "", readahead_bytes: int = READAHEAD_BYTES,
-                 stream_memory: int = STREAM_MEMORY,
+                 stream_memory: int = STREAM_MEMORY, stream_wait: float = STREAM_WAIT,
                  stats: Callable[[], dict[str, int]] | None = None) -> None:
         self.engine = engine
         self.access = access
@@ -99,8 +113,8 @@ class BackendApp:
         self.data_dir = data_dir
         self.readahead_bytes = readahead_bytes
         self.stream_budget = ByteBudget(stream_memory)
+        self.stream_wait = stream_wait
         self.server_stats = stats or (lambda: {"connections": 0, "active_requests": 0})
-        self._digests: OrderedDict[ChunkKey, str] = OrderedDict()
 
     # -- dispatch -----------------------------------------------------------------------
 
@@ -155,7 +169,9 @@ class BackendApp:
                               "uptime_s": round(time.time() - self.metrics.started, 3),
                               "tiers": {t.name: {"used_bytes": t.used_bytes, "limit_bytes": t.limit_bytes,
                                                  "entries": t.entries} for t in stats.tiers},
-                              "inflight_fetches": stats.inflight})
+                              "inflight_fetches": stats.inflight,
+                              "stream_memory": {"used_bytes": self.stream_budget.total - self.stream_budget.free,
+                                                "limit_bytes": self.stream_budget.total}})
 
     async def metrics_page(self, request: Request, s: list[str]) -> Response:
         server = self.server_stats()
@@ -181,19 +197,13 @@ class BackendApp:
     async def v1_resolve(self, request: Request, s: list[str]) -> Response:
         repo = _repo(s[2], s[3], s[4])
         revision = check_revision("/".join(s[5:]))
-        auth = request.header("authorization")
-        commit = await self._resolve(repo, revision, auth)
-        if self.access.is_restricted(repo):
-            await self._check_listing(repo, commit, auth)
-        return Response.json({"commit": commit})
+        manifest = await self._listing(repo, revision, request.header("authorization"))
+        return Response.json({"commit": manifest.commit})
 
     async def v1_manifest(self, request: Request, s: list[str]) -> Response:
         repo = _repo(s[2], s[3], s[4])
         revision = check_revision("/".join(s[5:]))
-        auth = request.header("authorization")
-        manifest = await self._manifest(repo, revision, auth)
-        if self.access.is_restricted(repo):
-            await self._check_listing(repo, manifest.commit, auth)
+        manifest = await self._listing(repo, revision, request.header("authorization"))
         return Response(200, [("Content-Type", "application/json"), ("X-Repo-Commit", manifest.commit)],
                         manifest.dumps())
 
@@ -204,15 +214,14 @@ class BackendApp:
         raw_index = request.query_value("index")
         if raw_index is None or not raw_index.isdigit() or len(raw_index) > 12:
             raise InvalidName("the chunk endpoint needs ?index=N with N a chunk number (0, 1, ...)")
-        auth = request.header("authorization")
-        source, _ = await self._source(repo, revision, path, auth)
+        source, auth = await self._source(repo, revision, path, request.header("authorization"))
         index = int(raw_index)
         if index >= source.entry.chunk_count:
             raise InvalidName(f"chunk {index} is out of range: {path} has {source.entry.chunk_count} chunks "
                               f"of {source.entry.chunk_size} bytes")
         tier = self._tier_of(source.entry.chunk_key(index))
         data = await self._read_chunk(source, index, auth)
-        digest = await self._digest(source.entry.chunk_key(index), data)
+        digest = await _digest(data)
         self.metrics.served_bytes[tier] += len(data)
         start, end = source.entry.chunk_span(index)
         return Response(200, [("Content-Type", "application/octet-stream"), (BLAKE3_HEADER, digest),
@@ -223,8 +232,7 @@ class BackendApp:
         repo = _repo(s[2], s[3], s[4])
         revision = check_revision(s[5])
         path = check_path("/".join(s[6:]))
-        auth = request.header("authorization")
-        source, _ = await self._source(repo, revision, path, auth)
+        source, auth = await self._source(repo, revision, path, request.header("authorization"))
         return await self._serve_file(request, source, auth)
 
     async def v1_prefetch(self, request: Request, s: list[str]) -> Response:
@@ -234,8 +242,8 @@ class BackendApp:
         for pattern in patterns:
             if not pattern or "\0" in pattern or len(pattern) > 1024:
                 raise InvalidName("include patterns must be 1 to 1024 characters without NUL")
-        auth = request.header("authorization")
-        manifest = await self._manifest(repo, revision, auth)
+        manifest = await self._listing(repo, revision, request.header("authorization"))
+        auth = self._upstream_auth(repo, request.header("authorization"))
         chosen = [f for f in manifest.files if not patterns or any(fnmatch.fnmatchcase(f.path, p) for p in patterns)]
         started = time.perf_counter()
         upstream_before = self.engine.statistics().remote_bytes
@@ -248,7 +256,6 @@ class BackendApp:
                 entry = queue.pop(0)
                 source = FileSource(repo, manifest.commit, entry)
                 try:
-                    await self.access.check(repo, manifest.commit, entry.path, auth, self.engine.nursery)
                     await self._warm(source, auth)
                 except MmfsError as err:
                     errors.append(f"{entry.path}: {err}")
@@ -272,13 +279,9 @@ class BackendApp:
     async def hub_model_info(self, request: Request, s: list[str]) -> Response:
         repo = _repo("huggingface", s[2], s[3])
         revision = check_revision("/".join(s[5:])) if len(s) > 4 else "main"
-        auth = request.header("authorization")
-        manifest = await self._manifest(repo, revision, auth)
-        restricted = self.access.is_restricted(repo)
-        if restricted:
-            await self._check_listing(repo, manifest.commit, auth)
+        manifest = await self._listing(repo, revision, request.header("authorization"))
         blobs = (request.query_value("blobs") or "").lower() in ("true", "1")
-        return Response.json(model_info_json(manifest, blobs=blobs, gated=restricted),
+        return Response.json(model_info_json(manifest, blobs=blobs, gated=self.access.is_restricted(repo)),
                              headers=[("X-Repo-Commit", manifest.commit)])
 
     async def hub_tree(self, request: Request, s: list[str]) -> Response:
@@ -287,10 +290,7 @@ class BackendApp:
         path = "/".join(s[6:]).strip("/")
         if path:
             check_path(path)
-        auth = request.header("authorization")
-        manifest = await self._manifest(repo, revision, auth)
-        if self.access.is_restricted(repo):
-            await self._check_listing(repo, manifest.commit, auth)
+        manifest = await self._listing(repo, revision, request.header("authorization"))
         recursive = (request.query_value("recursive") or "").lower() in ("true", "1")
         return Response.json(tree_json(manifest, path, recursive), headers=[("X-Repo-Commit", manifest.commit)])
 
@@ -298,14 +298,14 @@ class BackendApp:
         repo = _repo("huggingface", s[0], s[1])
         revision = check_revision(s[3])
         path = check_path("/".join(s[4:]))
-        auth = request.header("authorization")
-        manifest = await self._manifest(repo, revision, auth)
-        try:
-            source, _ = await self._source(repo, manifest.commit, path, auth)
-        except EntryNotFound as err:
+        manifest = await self._listing(repo, revision, request.header("authorization"), path)
+        entry = manifest.file(path)
+        if entry is None:
             # The Hub names the commit even on a 404, so clients can cache the absence.
+            err = EntryNotFound(f"{path} does not exist in {repo.repo_id} at {manifest.commit}")
             return error_response(err, [("X-Repo-Commit", manifest.commit)])
-        return await self._serve_file(request, source, auth)
+        source = FileSource(repo, manifest.commit, entry)
+        return await self._serve_file(request, source, self._upstream_auth(repo, request.header("authorization")))
 
     # -- serving files ------------------------------------------------------------------
 
@@ -349,7 +349,7 @@ class BackendApp:
         labels[first] = self._tier_of(entry.chunk_key(first))
         read_ahead(first)
         budget = self.stream_budget
-        held_bytes = [await budget.acquire(size)]  # released by the body, or on_close if it never runs
+        held_bytes = [await budget.acquire(size, self.stream_wait)]  # released by the body or on_close
         try:
             held: list[bytes] = [await self._read_chunk(source, first, auth)]
         except BaseException:
@@ -367,7 +367,7 @@ class BackendApp:
                         data = held.pop()
                     else:
                         read_ahead(index)
-                        held_bytes.append(await budget.acquire(size))
+                        held_bytes.append(await budget.acquire(size, self.stream_wait))
                         data = await self._read_chunk(source, index, auth)
                     base = index * size
                     lo, hi = max(start - base, 0), min(end - base, len(data))
@@ -401,29 +401,35 @@ class BackendApp:
                 return tier.name
         return "upstream"
 
-    async def _digest(self, key: ChunkKey, data: bytes) -> str:
-        digest = self._digests.get(key)
-        if digest is None:
-            if len(data) >= 256 << 10:
-                digest = await trio.to_thread.run_sync(_blake3_hex, data)
-            else:
-                digest = _blake3_hex(data)
-            self._digests[key] = digest
-            if len(self._digests) > _DIGEST_CACHE:
-                self._digests.popitem(last=False)
-        else:
-            self._digests.move_to_end(key)
-        return digest
+    # -- engine calls, with access checks and gated-repo bookkeeping ----------------------
 
-    # -- engine calls, with gated-repo bookkeeping --------------------------------------
+    async def _listing(self, repo: RepoRef, revision: str, auth: str | None, path: str = "") -> Manifest:
+        """The manifest of ``repo`` at ``revision``, once ``auth`` is known to may read the repo.
 
-    async def _resolve(self, repo: RepoRef, revision: str, auth: str | None) -> str:
+        Asked with the backend's own token first (shared by every caller, and enough for
+        public and gated repos, whose listings the Hub shows to all); with the caller's
+        token only when ours is refused (a private repo). Cached or not, it is returned
+        only after :meth:`AccessControl.check`, which also establishes whether the repo
+        is restricted for our token (:meth:`_upstream_auth` relies on that). ``path``, when
+        the repo has it, is the file the check asks about.
+        """
         try:
-            return await self.engine.resolve(repo, revision, auth=auth)
-        except AccessDenied:
+            manifest = await self._manifest(repo, revision, None)
+        except (AccessDenied, RepoNotFound):
             if not auth:
-                self.access.mark_restricted(repo)
-            raise
+                raise
+            manifest = await self._manifest(repo, revision, auth)
+        probe = path if path and manifest.file(path) is not None else \
+            (manifest.files[0].path if manifest.files else ".gitattributes")
+        await self.access.check(repo, manifest.commit, probe, auth, self.engine.nursery)
+        return manifest
+
+    def _upstream_auth(self, repo: RepoRef, auth: str | None) -> str | None:
+        """The ``Authorization`` the engine sends upstream for ``repo`` (after :meth:`_listing`):
+        the caller's, already checked, where our own token cannot read the repo; else none
+        (the engine's own ``HF_TOKEN``), so one caller's bad token cannot fail the fetches
+        other callers share."""
+        return auth if self.access.is_restricted(repo) else None
 
     async def _manifest(self, repo: RepoRef, revision: str, auth: str | None) -> Manifest:
         try:
@@ -433,18 +439,14 @@ class BackendApp:
                 self.access.mark_restricted(repo)
             raise
 
-    async def _source(self, repo: RepoRef, revision: str, path: str, auth: str | None) -> tuple[FileSource, Manifest]:
-        manifest = await self._manifest(repo, revision, auth)
+    async def _source(self, repo: RepoRef, revision: str, path: str, auth: str | None
+                      ) -> tuple[FileSource, str | None]:
+        """The file and the ``Authorization`` to read it with upstream (see :meth:`_upstream_auth`)."""
+        manifest = await self._listing(repo, revision, auth, path)
         entry = manifest.file(path)
         if entry is None:
             raise EntryNotFound(f"{path} does not exist in {repo.repo_id} at {manifest.commit}")
-        await self.access.check(repo, manifest.commit, path, auth, self.engine.nursery)
-        return FileSource(repo, manifest.commit, entry), manifest
-
-    async def _check_listing(self, repo: RepoRef, commit: str, auth: str | None) -> None:
-        manifest = await self._manifest(repo, commit, auth)
-        if manifest.files:
-            await self.access.check(repo, commit, manifest.files[0].path, auth, self.engine.nursery)
+        return FileSource(repo, manifest.commit, entry), self._upstream_auth(repo, auth)
 
     async def _read_chunk(self, source: FileSource, index: int, auth: str | None) -> bytes:
         try:
@@ -477,8 +479,13 @@ def _repo(provider: str, org: str, name: str) -> RepoRef:
     return RepoRef(check_provider(provider), check_repo_part(org, "organisation"), check_repo_part(name))
 
 
-def _blake3_hex(data: bytes) -> str:
-    return blake3.blake3(data).hexdigest()
+async def _digest(data: bytes) -> str:
+    """The hex blake3 of one response's chunk, computed for that response: a digest kept
+    per chunk key would outlive a purge (integrity failure) and go out with the correct
+    bytes refetched later. About 0.3 ms per 4 MiB on a worker thread."""
+    if len(data) < _THREAD_HASH_BYTES:
+        return blake3.blake3(data).hexdigest()
+    return await trio.to_thread.run_sync(lambda: blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest())
 
 
 def error_response(err: MmfsError, headers: list[tuple[str, str]] | None = None) -> Response:

@@ -2,7 +2,8 @@
 
     mmfs-backend serve --listen 0.0.0.0:3000 --data-dir /data \\
         [--memory-cache 8GiB] [--memory-ttl 600] [--chunk-size 4MiB] \\
-        [--max-upstream-fetches 16] [--disk-cache 500GiB] [--stream-memory 32MiB]
+        [--max-upstream-fetches 16] [--disk-cache 500GiB] [--stream-memory 32MiB] \\
+        [--max-connections 1024] [--send-timeout 30]
 
 The upstream is the Hub at ``HF_ENDPOINT`` with ``HF_TOKEN``; ``HF_HUB_OFFLINE=1`` serves
 only what the data directory already holds. Under ``--data-dir``: ``chunks/`` (the cold
@@ -39,7 +40,7 @@ from mmfs.tiers.memory import MemoryTier
 
 from .access import AccessControl
 from .app import STREAM_MEMORY, BackendApp
-from .http import HTTPServer
+from .http import MAX_CONNECTIONS, SEND_TIMEOUT, HTTPServer
 from .metrics import Metrics
 
 log = logging.getLogger("backend_server")
@@ -110,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cold tier size (default: 90%% of the data volume's size)")
     serve.add_argument("--stream-memory", type=_size, default=STREAM_MEMORY, metavar="SIZE",
                        help="chunk bytes all streaming responses may hold at once (default 32MiB)")
+    serve.add_argument("--max-connections", type=_positive_int, default=MAX_CONNECTIONS, metavar="N",
+                       help=f"client connections served at once; more are answered 503 (default {MAX_CONNECTIONS})")
+    serve.add_argument("--send-timeout", type=_seconds, default=SEND_TIMEOUT, metavar="SECONDS",
+                       help="drop a client that takes no MiB of a response for this long (default 30); "
+                            "streams wait up to twice this for --stream-memory")
     serve.add_argument("--grace", type=_seconds, default=5.0, metavar="SECONDS",
                        help="on SIGTERM, how long requests in progress may take to finish (default 5)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -158,10 +164,11 @@ async def serve(args: argparse.Namespace) -> int:
     async with FetchEngine(tiers, remote, metadata, config) as engine:
         server: HTTPServer
         app = BackendApp(engine, access, metrics, upstream=remote.url, data_dir=str(data_dir),
-                         stream_memory=args.stream_memory,
+                         stream_memory=args.stream_memory, stream_wait=2 * args.send_timeout,
                          stats=lambda: {"connections": server.connections, "active_requests": server.active_requests})
         server = HTTPServer(app.handle, observer=lambda req, resp, sent, secs, done:
-                            metrics.observe(resp.route, req.method, resp.status, sent, done))
+                            metrics.observe(resp.route, req.method, resp.status, sent, done),
+                            max_connections=args.max_connections, send_timeout=args.send_timeout)
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
             await nursery.start(_watch_signals, stop)

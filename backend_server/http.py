@@ -13,6 +13,12 @@ either ``body`` (bytes) or ``stream``, an ``async def stream(send)`` that must h
 without completing the body, which every HTTP client reports as an error (a short
 body against ``Content-Length``). Requests are logged one line each at INFO, without
 header values (``Authorization`` never reaches a log).
+
+Slow or stalled clients cannot hold the server: a request head (and its small body)
+must arrive within ``head_timeout`` of its first byte, each piece of a response
+(:data:`SEND_PIECE` bytes at most) must be taken within ``send_timeout`` or the
+connection is dropped, and past ``max_connections`` open connections a new one is
+answered ``503`` and closed.
 """
 
 from __future__ import annotations
@@ -35,10 +41,21 @@ errlog = logging.getLogger(__name__)
 MAX_HEAD_BYTES = 64 << 10
 #: Largest request body read (only small JSON bodies are expected).
 MAX_BODY_BYTES = 1 << 20
-#: Seconds an idle keep-alive connection is kept, and the time allowed to send a request head.
+#: Seconds an idle keep-alive connection is kept, and the time allowed for a whole request
+#: head and body, counted from its first byte.
 KEEPALIVE_TIMEOUT = 75.0
 HEAD_TIMEOUT = 30.0
+#: Seconds a client may take to accept one piece of a response before it is dropped.
+SEND_TIMEOUT = 30.0
+#: Largest piece of a body handed to the socket under one ``send_timeout``.
+SEND_PIECE = 1 << 20
+#: Connections served at once; more are answered 503 and closed.
+MAX_CONNECTIONS = 1024
 RECEIVE_SIZE = 64 << 10
+_REFUSAL_BODY = b'{"error": "too many connections to this backend; retry"}'
+_REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"X-Error-Code: TransientError\r\nServer: mmfs-backend\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(_REFUSAL_BODY), _REFUSAL_BODY))
 
 Send = Callable[[bytes | memoryview], Awaitable[None]]
 
@@ -96,14 +113,25 @@ class _Aborted(Exception):
     """The response body could not be completed; the connection must be dropped."""
 
 
+class _SlowClient(ConnectionError):
+    """The client took no piece of the response within ``send_timeout``: treated as gone."""
+
+
 class HTTPServer:
     """Serves ``handler`` on listeners until cancelled."""
 
-    def __init__(self, handler: Handler, *, observer: Observer | None = None) -> None:
+    def __init__(self, handler: Handler, *, observer: Observer | None = None,
+                 max_connections: int = MAX_CONNECTIONS, send_timeout: float = SEND_TIMEOUT,
+                 head_timeout: float = HEAD_TIMEOUT, keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> None:
         self.handler = handler
         self.observer = observer
+        self.max_connections = max_connections
+        self.send_timeout = send_timeout
+        self.head_timeout = head_timeout
+        self.keepalive_timeout = keepalive_timeout
         self.connections = 0
         self.active_requests = 0
+        self.refused_connections = 0
 
     async def serve(self, listeners: list[trio.SocketListener], stop: trio.Event, *, grace: float = 5.0,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -124,6 +152,9 @@ class HTTPServer:
             connections.cancel_scope.cancel()
 
     async def _connection(self, stream: trio.SocketStream) -> None:
+        if self.connections >= self.max_connections:
+            await self._refuse(stream)
+            return
         self.connections += 1
         try:
             peer = stream.socket.getpeername()
@@ -144,28 +175,55 @@ class HTTPServer:
                 scope.shield = True
                 await stream.aclose()
 
-    async def _next_event(self, stream: trio.SocketStream, conn: h11.Connection, timeout: float) -> Any:
-        while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            with trio.move_on_after(timeout):
-                data = await stream.receive_some(RECEIVE_SIZE)
-                conn.receive_data(data)
-                continue
-            return None  # timed out
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        """Answer 503 to a connection over ``max_connections`` and close it, within a second."""
+        if self.refused_connections % 1000 == 0:
+            errlog.warning("%d connections open (--max-connections): refusing new ones with 503 "
+                           "(%d refused so far)", self.connections, self.refused_connections + 1)
+        self.refused_connections += 1
+        with trio.move_on_after(1.0):
+            try:
+                await stream.send_all(_REFUSAL)
+                await stream.send_eof()
+                # Lingering close, as in _send_simple: unread input would reset the answer away.
+                while await stream.receive_some(RECEIVE_SIZE):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+                pass
+        await trio.aclose_forcefully(stream)
+
+    @staticmethod
+    async def _next_event(stream: trio.SocketStream, conn: h11.Connection, deadline: float) -> Any:
+        """The next h11 event, or ``None`` when ``deadline`` (trio time) passes first."""
+        with trio.move_on_at(deadline):
+            while True:
+                event = conn.next_event()
+                if event is not h11.NEED_DATA:
+                    return event
+                conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
+        return None
 
     async def _one_request(self, stream: trio.SocketStream, conn: h11.Connection, client: str) -> bool:
         """Read one request and answer it; return whether the connection stays open."""
         try:
-            event = await self._next_event(stream, conn, KEEPALIVE_TIMEOUT if conn.our_state is h11.IDLE
-                                           else HEAD_TIMEOUT)
+            # An idle connection waits up to keepalive_timeout for a request to begin; from
+            # its first byte, the whole head and body get head_timeout together (a client
+            # trickling a byte at a time cannot hold the connection longer).
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                with trio.move_on_after(self.keepalive_timeout) as idle:
+                    conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
+                if idle.cancelled_caught:
+                    return False
+            deadline = trio.current_time() + self.head_timeout
+            if event is h11.NEED_DATA:
+                event = await self._next_event(stream, conn, deadline)
             if event is None or isinstance(event, h11.ConnectionClosed):
                 return False
             assert isinstance(event, h11.Request), event
             body = bytearray()
             while True:
-                part = await self._next_event(stream, conn, HEAD_TIMEOUT)
+                part = await self._next_event(stream, conn, deadline)
                 if part is None:
                     return False
                 if isinstance(part, h11.EndOfMessage):
@@ -229,16 +287,16 @@ class HTTPServer:
         if length is not None:
             headers.append((b"Content-Length", str(length).encode()))
         headers.append((b"Server", b"mmfs-backend"))
-        await stream.send_all(conn.send(h11.Response(status_code=response.status, headers=headers)))
+        await self._send_all(stream, conn.send(h11.Response(status_code=response.status, headers=headers)))
         if head_only:
-            await stream.send_all(conn.send(h11.EndOfMessage()))
+            await self._send_all(stream, conn.send(h11.EndOfMessage()))
             return 0, True
         sent = 0
         if response.stream is None:
             if response.body:
                 await self._send_data(stream, conn, response.body)
                 sent = len(response.body)
-            await stream.send_all(conn.send(h11.EndOfMessage()))
+            await self._send_all(stream, conn.send(h11.EndOfMessage()))
             return sent, True
 
         async def send(data: bytes | memoryview) -> None:
@@ -249,7 +307,7 @@ class HTTPServer:
 
         try:
             await response.stream(send)
-            await stream.send_all(conn.send(h11.EndOfMessage()))
+            await self._send_all(stream, conn.send(h11.EndOfMessage()))
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             return sent, False  # the client hung up
         except h11.LocalProtocolError as exc:
@@ -263,22 +321,29 @@ class HTTPServer:
             return sent, False
         return sent, True
 
-    @staticmethod
-    async def _send_data(stream: trio.SocketStream, conn: h11.Connection, data: bytes | memoryview) -> None:
+    async def _send_all(self, stream: trio.SocketStream, data: bytes | memoryview) -> None:
+        """``send_all`` in pieces of at most :data:`SEND_PIECE`, each within ``send_timeout``."""
+        view = memoryview(data)
+        for offset in range(0, len(view), SEND_PIECE):
+            with trio.move_on_after(self.send_timeout) as scope:
+                await stream.send_all(view[offset:offset + SEND_PIECE])
+            if scope.cancelled_caught:
+                raise _SlowClient(f"the client took no data for {self.send_timeout:g}s")
+
+    async def _send_data(self, stream: trio.SocketStream, conn: h11.Connection, data: bytes | memoryview) -> None:
         # send_with_data_passthrough hands the payload back untouched (no framing with a
         # Content-Length), so multi-MiB buffers go to the socket without a copy.
         for piece in conn.send_with_data_passthrough(h11.Data(data=data)):
-            await stream.send_all(piece)
+            await self._send_all(stream, piece)
 
-    @staticmethod
-    async def _send_simple(stream: trio.SocketStream, conn: h11.Connection, status: int, message: str) -> None:
+    async def _send_simple(self, stream: trio.SocketStream, conn: h11.Connection, status: int, message: str) -> None:
         body = json.dumps({"error": message}).encode()
         try:
-            await stream.send_all(conn.send(h11.Response(status_code=status, headers=[
+            await self._send_all(stream, conn.send(h11.Response(status_code=status, headers=[
                 (b"Content-Type", b"application/json"), (b"Content-Length", str(len(body)).encode()),
                 (b"Connection", b"close"), (b"X-Error-Code", b"InvalidName")])))
-            await stream.send_all(conn.send(h11.Data(data=body)))
-            await stream.send_all(conn.send(h11.EndOfMessage()))
+            await self._send_all(stream, conn.send(h11.Data(data=body)))
+            await self._send_all(stream, conn.send(h11.EndOfMessage()))
             # Lingering close: closing with unread input would reset the connection and
             # could destroy the answer before the client reads it. Drain a little first.
             await stream.send_eof()

@@ -15,6 +15,9 @@ from typing import Iterable
 from mmfs.engine import EngineStatistics
 
 TIERS_SERVED = ("memory", "disk", "upstream")
+#: Methods counted by name; any other (the client chooses it) counts as ``OTHER``, so
+#: clients cannot grow the number of series.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
 class Metrics:
@@ -27,7 +30,7 @@ class Metrics:
         self.access_checks: Counter[str] = Counter()
 
     def observe(self, route: str, method: str, status: int, sent: int, completed: bool) -> None:
-        self.requests[(route or "other", method, status)] += 1
+        self.requests[(route or "other", method if method in METHODS else "OTHER", status)] += 1
         self.response_bytes += sent
         if not completed:
             self.aborted_responses += 1

@@ -24,7 +24,7 @@ from .harness import BIN
 
 _LINE = re.compile(r"^(.*) (\d+)$")
 _FRAME = re.compile(r"^(?P<fn>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
-_IDLE_LEAVES = ("get_events (trio/_core/_io_epoll.py)", "WorkerThread._work (trio/_core/_thread_cache.py)")
+_IDLE_LEAVES = ("EpollIOManager.get_events (trio/_core/_io_epoll.py)", "WorkerThread._work (trio/_core/_thread_cache.py)")
 _MARKERS = ("site-packages/", "/work/main/", "/lib/python3.11/", "/lib/python3.12/")
 
 

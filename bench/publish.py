@@ -7,6 +7,7 @@ numbers then need a re-read).
 
 from __future__ import annotations
 
+import gzip
 import re
 import shutil
 from pathlib import Path
@@ -20,14 +21,18 @@ def publish(out: Path, bench_dir: Path) -> Path:
     for png in sorted(out.glob("*.png")):
         shutil.copyfile(png, plots / png.name)
     profiles = out / "profiles"
+    dest = bench_dir / "profiles"
     if profiles.is_dir():
-        dest = bench_dir / "profiles"
         if dest.exists():
             shutil.rmtree(dest)
-        shutil.copytree(profiles, dest)
+        dest.mkdir()
+        for raw in sorted(profiles.glob("*.txt")):  # collapsed stacks compress about 10x
+            with open(raw, "rb") as src, gzip.open(dest / (raw.name + ".gz"), "wb") as gz:
+                shutil.copyfileobj(src, gz)
     md = (out / "RESULTS.md").read_text()
     md = re.sub(r"\]\(([^)/]+\.png)\)", r"](plots/\1)", md)
-    md = md.replace("in the run's `profiles/` folder", "in `bench/profiles/`")
+    md = md.replace("in the run's `profiles/` folder", "in `bench/profiles/` (gzipped; `zcat` them into "
+                    "flamegraph.pl or speedscope)")
     analysis = bench_dir / "ANALYSIS.md"
     if analysis.exists():
         md = md.rstrip() + "\n\n" + analysis.read_text().strip() + "\n"

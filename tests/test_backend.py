@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -270,3 +271,82 @@ def test_gated_repo_needs_the_callers_own_access(hub: TestHub, hub_root: Path, t
     assert Path(path).read_bytes() == files[SHARD]
     assert "tok-sesame-1234" not in backend.log_text() and "Bearer" not in backend.log_text()
     assert "org/gated" in json.loads((backend.data_dir / "access.json").read_text())["restricted"]
+
+
+def gated(hub_root: Path, name: str, token: str, size: int = 1 << 20) -> dict[str, bytes]:
+    repo_dir = synthetic(hub_root, name, size)
+    (repo_dir / ".hub").mkdir()
+    (repo_dir / ".hub" / "gated").write_text(token)
+    return tree_files(repo_dir)
+
+
+def test_gated_listings_are_checked_even_when_cached(hub: TestHub, hub_root: Path, start_backend) -> None:
+    gated(hub_root, "listed", "tok-listed")
+    backend = start_backend()  # no HF_TOKEN of its own
+    commit = hub.commit("org/listed")
+    good = {"Authorization": "Bearer tok-listed"}
+    listings = ["/v1/resolve/huggingface/org/listed/main", f"/v1/manifest/huggingface/org/listed/{commit}",
+                "/v1/manifest/huggingface/org/listed/main", "/api/models/org/listed",
+                "/api/models/org/listed/revision/main", "/api/models/org/listed/tree/main"]
+    # An authorized caller first: the engine now holds every listing.
+    for target in listings:
+        response = httpx.get(backend.url + target, headers=good)
+        assert response.status_code == 200, target
+    assert httpx.get(f"{backend.url}/api/models/org/listed", headers=good).json()["gated"] == "manual"
+    # Callers without access get none of it, cached or not.
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        for target in listings:
+            response = httpx.get(backend.url + target, headers=headers)
+            assert response.status_code == 403 and response.headers["X-Error-Code"] == "GatedRepo", target
+            assert commit not in response.text and SHARD not in response.text
+        # Nor file names through prefetch errors, nor a file's absence through resolve.
+        response = httpx.post(f"{backend.url}/v1/prefetch/huggingface/org/listed/main", headers=headers)
+        assert response.status_code == 403 and SHARD not in response.text
+        response = httpx.head(f"{backend.url}/org/listed/resolve/main/nope.bin", headers=headers)
+        assert response.status_code == 403 and "X-Repo-Commit" not in response.headers
+
+
+def test_access_fails_closed_when_the_upstream_cannot_answer(hub: TestHub, hub_root: Path, start_backend) -> None:
+    files = gated(hub_root, "closed", "tok-closed")
+    commit = hub.commit("org/closed")
+
+    def url(backend: BackendProcess) -> str:
+        return f"{backend.url}/v1/file/huggingface/org/closed/{commit}/config.json"
+
+    # A backend whose own token reads the repo serves it to anyone, and caches it.
+    first = start_backend("data", env={"HF_TOKEN": "tok-closed"})
+    assert httpx.get(url(first)).content == files["config.json"]
+    first.stop()
+    hub.stop()
+    # The Hub is down. The same token was seen to read the repo: still served.
+    same = start_backend("data", env={"HF_TOKEN": "tok-closed"})
+    assert httpx.get(url(same)).content == files["config.json"]
+    same.stop()
+    # Another token (here none) has no answer for the repo: nothing is served until one comes.
+    other = start_backend("data")
+    response = httpx.get(url(other))
+    assert response.status_code == 503 and response.headers["X-Error-Code"] == "TransientError"
+    assert response.content != files["config.json"]
+
+
+def test_a_bad_token_on_an_open_repo_fails_no_reader(hub: TestHub, hub_root: Path, start_backend) -> None:
+    repo_dir = make_synthetic_model(hub_root / "org" / "shared", 8 << 20, n_shards=2)
+    (repo_dir / ".hub").mkdir()
+    (repo_dir / ".hub" / "gated").write_text("tok-shared")
+    files = tree_files(repo_dir)
+    first, second = sorted(p for p in files if p.endswith(".safetensors"))
+    backend = start_backend(chunk_size="256KiB", env={"HF_TOKEN": "tok-shared"})  # the repo is open for us
+    url = f"{backend.url}/v1/file/huggingface/org/shared/main/"
+    junk = {"Authorization": "Bearer junk"}
+    # The backend reads open repos with its own token: a caller's junk token is not sent upstream...
+    response = httpx.get(url + first, headers=junk, timeout=60)
+    assert response.status_code == 200 and response.content == files[first]
+    # ...so it cannot fail the fetches other callers join.
+    hub.set_rate("40MB/s")  # slow enough that the readers share the cold fetches
+    callers = [junk, {}, junk, {}]
+    with ThreadPoolExecutor(len(callers)) as pool:
+        answers = list(pool.map(lambda headers: httpx.get(url + second, headers=headers, timeout=60), callers))
+    for headers, response in zip(callers, answers):
+        assert response.status_code == 200, (headers, response.text[:200])
+        assert response.content == files[second]
+    assert hub.stats().bytes_served == len(files[first]) + len(files[second])

@@ -8,10 +8,12 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+import blake3
 import httpx
 import pytest
 
 from backend_server.testing import BackendProcess
+from mmfs.remote.backend import BLAKE3_HEADER
 from mmfs.testing.hub import TestHub
 from mmfs.testing.models import make_synthetic_model
 
@@ -116,3 +118,21 @@ def test_upstream_failing_past_the_retry_budget_is_a_clear_error(hub: TestHub, b
     assert 4 <= hub.stats().faults.get("failed", 0)
     hub.clear_faults()
     assert httpx.get(file_url(backend, "config.json")).content == repo["config.json"]
+
+
+def test_chunk_digests_follow_the_bytes_after_a_purge(hub: TestHub, backend: BackendProcess,
+                                                      repo: dict[str, bytes]) -> None:
+    data = repo[SHARD]
+    size = 256 << 10
+    base = f"{backend.url}/v1/chunk/huggingface/org/faulty/{hub.commit('org/faulty')}/{SHARD}"
+    hub.set_faults(corrupt=[SHARD])
+    bad = httpx.get(f"{base}?index=0")
+    assert bad.status_code == 200 and bad.content != data[:size]  # not the last chunk: served unverified
+    assert bad.headers[BLAKE3_HEADER] == blake3.blake3(bad.content).hexdigest()
+    response = httpx.get(f"{base}?index={(len(data) - 1) // size}")
+    assert response.status_code == 502 and response.headers["X-Error-Code"] == "IntegrityError"  # purged
+
+    hub.clear_faults()
+    good = httpx.get(f"{base}?index=0")
+    assert good.status_code == 200 and good.content == data[:size]
+    assert good.headers[BLAKE3_HEADER] == blake3.blake3(good.content).hexdigest()

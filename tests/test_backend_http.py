@@ -9,14 +9,19 @@ import random
 import signal
 import socket
 import subprocess
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import trio
 
+from backend_server.app import ByteBudget
+from backend_server.http import HTTPServer, Request, Response
 from backend_server.testing import BackendProcess, backend_command, parse_metrics
+from mmfs.errors import TransientError
 from mmfs.testing.hub import TestHub
 from mmfs.testing.models import make_synthetic_model, populate_hub_root
 
@@ -248,3 +253,123 @@ def test_logs_one_line_per_request_without_credentials_and_stops_cleanly(tmp_pat
     assert '"GET /v1/file/huggingface/org/web/main/config.json" 200' in request_lines[1]
     assert "hf_callersecret123" not in log and "hf_servertoken999" not in log and "Bearer" not in log
     assert "shutting down" in log and "stopped" in log
+
+
+def test_unknown_methods_share_one_metrics_series(backend: BackendProcess) -> None:
+    for method in ("FOOBAR", "X" * 40, "BREW"):
+        assert raw(backend, "/healthz", method)[0] == 405
+    text = httpx.get(f"{backend.url}/metrics").text
+    assert 'route="other",method="OTHER",status="405"} 3' in text
+    assert "FOOBAR" not in text and "BREW" not in text
+
+
+@pytest.mark.timeout(120)  # hang guard: before the fix the second download waited forever
+def test_a_client_that_stops_reading_does_not_block_others(tmp_path: Path, hub: TestHub) -> None:
+    root = hub.hub.root / "org" / "stall"
+    make_synthetic_model(root, 24 << 20, n_shards=1)
+    data = (root / SHARD).read_bytes()
+    # One chunk of stream memory: the stalled stream holds all of it while its send blocks.
+    with BackendProcess(tmp_path / "d", hub_url=hub.url, chunk_size="256KiB",
+                        extra_args=["--stream-memory", "256KiB", "--send-timeout", "2"]) as backend:
+        url = urlsplit(backend.url)
+        target = f"/v1/file/huggingface/org/stall/main/{SHARD}"
+        with socket.socket() as stalled:
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.settimeout(60)
+            stalled.connect((url.hostname, url.port))
+            stalled.sendall(f"GET {target} HTTP/1.1\r\nHost: backend\r\n\r\n".encode())
+            # Wait until the stalled stream holds the stream memory, then read in full elsewhere.
+            while httpx.get(f"{backend.url}/healthz").json()["stream_memory"]["used_bytes"] == 0:
+                pass
+            response = httpx.get(backend.url + target, timeout=60)
+            assert response.status_code == 200 and response.content == data
+            # The stalled client was cut off: its body ends short.
+            received = b""
+            try:
+                while chunk := stalled.recv(1 << 20):
+                    received += chunk
+            except ConnectionResetError:
+                pass
+            assert len(received.partition(b"\r\n\r\n")[2]) < len(data)
+        log = backend.log_text()
+    assert "ABORTED" in log
+
+
+async def serve_in_process(nursery: trio.Nursery, **options: object) -> tuple[int, trio.Event]:
+    """An :class:`HTTPServer` answering ``ok`` on a free loopback port; set the event to stop it."""
+    async def handler(request: Request) -> Response:
+        return Response.text("ok")
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    stop = trio.Event()
+    await nursery.start(partial(HTTPServer(handler, **options).serve, listeners, stop))  # type: ignore[arg-type]
+    return listeners[0].socket.getsockname()[1], stop
+
+
+async def test_a_trickled_request_head_is_cut_off() -> None:
+    async with trio.open_nursery() as nursery:
+        port, stop = await serve_in_process(nursery, head_timeout=0.5)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(30):  # hang guard: each byte used to restart a 75 s timer
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            closed = False
+            while not closed:
+                try:
+                    await stream.send_all(b"a")
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    break
+                with trio.move_on_after(0.1):
+                    try:
+                        closed = await stream.receive_some(1 << 10) == b""
+                    except trio.BrokenResourceError:
+                        closed = True
+        await stream.aclose()
+        stop.set()
+
+
+async def get_over(stream: trio.SocketStream) -> bytes:
+    """One keep-alive ``GET /`` on ``stream``; the status line and headers."""
+    await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    received = b""
+    while b"\r\n\r\nok" not in received and b"Connection: close" not in received:
+        data = await stream.receive_some(1 << 10)
+        if not data:
+            break
+        received += data
+    return received
+
+
+async def test_connections_past_the_cap_get_503() -> None:
+    async with trio.open_nursery() as nursery:
+        port, stop = await serve_in_process(nursery, max_connections=2)
+        with trio.fail_after(30):  # hang guard
+            held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+            for stream in held:
+                assert (await get_over(stream)).startswith(b"HTTP/1.1 200")
+            extra = await trio.open_tcp_stream("127.0.0.1", port)
+            answer = b""
+            while data := await extra.receive_some(1 << 10):
+                answer += data
+            assert answer.startswith(b"HTTP/1.1 503") and b"too many connections" in answer
+            await extra.aclose()
+            await held.pop().aclose()
+            while True:  # once the server has seen that close, a new connection is served
+                again = await trio.open_tcp_stream("127.0.0.1", port)
+                reply = await get_over(again)
+                await again.aclose()
+                if reply.startswith(b"HTTP/1.1 200"):
+                    break
+                assert reply.startswith(b"HTTP/1.1 503")
+                await trio.sleep(0.05)
+            for stream in held:
+                await stream.aclose()
+        stop.set()
+
+
+async def test_streams_wait_for_memory_only_so_long(autojump_clock: trio.abc.Clock) -> None:
+    budget = ByteBudget(10)
+    assert await budget.acquire(10) == 10
+    with pytest.raises(TransientError, match="stayed busy for 60s"):
+        await budget.acquire(5, timeout=60)
+    budget.release(10)
+    assert await budget.acquire(5, timeout=60) == 5

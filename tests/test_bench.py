@@ -15,9 +15,10 @@ from bench.results import Scenario
 
 def test_summarize_collapsed_counts_own_and_inclusive_samples() -> None:
     text = ("<module> (mmfs/daemon.py:3);read (mmfs/vfs.py:10);get (mmfs/tiers/disk.py:5) 3\n"
+            "<module> (mmfs/daemon.py:3);EpollIOManager.get_events (trio/_core/_io_epoll.py:243) 6\n"
             "<module> (mmfs/daemon.py:3);read (mmfs/vfs.py:12) 1\n")
     got = summarize_collapsed(text)
-    assert got["samples"] == 4
+    assert got["samples"] == 4 and got["idle_pct"] == 60.0
     assert got["self"][0] == ("get (mmfs/tiers/disk.py)", 75.0)
     assert dict(got["inclusive"])["read (mmfs/vfs.py)"] == 100.0
 
