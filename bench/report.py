@@ -172,7 +172,7 @@ def _bar_plot(s: Scenario, path: Path, figures: list[Figure], title: str, unit: 
     ax.set_yticklabels([f.label if len(f.label) < 70 else f.label[:67] + "..." for f in figs], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel(unit)
-    ax.set_title(title, fontsize=10)
+    fig.suptitle(title, fontsize=10)
     for i, f in enumerate(figs):
         ratio = s.ratio(f)
         if ratio is not None:
