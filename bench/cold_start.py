@@ -47,7 +47,7 @@ def _hf(ctx: Context, repo: str, endpoint: str, tag: str) -> dict[str, Any]:
     times = _times(t0, res)
     got = {r["bytes"] for r in res}
     rmtree(base)
-    return {"node_times": times, "bytes": sorted(got)}
+    return {"node_times": times, "bytes": sorted(got), "cpu": sum(r["cpu"] for r in res)}
 
 
 def _dynamo(ctx: Context, repo: str) -> dict[str, Any]:
@@ -100,7 +100,7 @@ def _mmfs(ctx: Context, repo: str, profile: bool = False) -> dict[str, Any]:
             t0, res = h.workers("s1-mmfs-read", argvs)
         untrace(max(_times(t0, res)))
         upstream = ctx.hub.bytes_served()
-        out = {"node_times": _times(t0, res), "upstream": upstream, "rss": dict(rss.peak),
+        out = {"node_times": _times(t0, res), "upstream": upstream, "rss": dict(rss.peak), "cpu": dict(rss.cpu),
                "bytes": sorted({r["bytes"] for r in res})}
         # Cluster restart: node caches wiped, the backend warm.
         for i, m in enumerate(list(mounts)):
@@ -143,7 +143,7 @@ def run(ctx: Context) -> list[Scenario]:
     n = cfg.nodes
     s1 = Scenario("cold_start", f"1. Cluster cold start: {n} nodes read a whole model, hub capped at "
                                 f"{cfg.hub_rate / 1e6:.0f} MB/s")
-    s6 = Scenario("memory", "6. Memory: peak RSS during the cluster cold start")
+    s6 = Scenario("memory", "6. Memory (and CPU): peak RSS during the cluster cold start")
     tools = ctx.harness.tools
     mmfs_missing = tools.missing(backend=True)
     endpoint_missing = None if tools.backend_ok else tools.missing(backend=True)
@@ -212,6 +212,9 @@ def run(ctx: Context) -> list[Scenario]:
                     s1.figure(pre + "restart.upstream", f"{tag}: mmfs cluster restart: upstream bytes / model",
                               "x").add(out["restart_upstream"] / size)
                     per_node.setdefault("mmfs restart", []).append(restart)
+                if variant == "hf" and tag == "synthetic":
+                    s6.figure("hf.cpu_per_gb", "baseline: snapshot_download processes, CPU seconds per GB "
+                                               "downloaded", "CPU s/GB").add(out["cpu"] / (n * size / 1e9))
                 if variant == "mmfs" and tag == "synthetic":
                     rss = out["rss"]
                     nodes = [v for k, v in rss.items() if k.startswith("node")]
@@ -225,6 +228,13 @@ def run(ctx: Context) -> list[Scenario]:
                         cfg.backend_memory / 2**20)
                     s6.figure("backend.peak", "mmfs-backend: peak RSS", "MiB", baseline="backend.config").add(
                         rss["backend"] / 2**20)
+                    cpu = out["cpu"]
+                    node_cpu = sum(v for k, v in cpu.items() if k.startswith("node"))
+                    s6.figure("node.cpu_per_gb", "mmfs node daemons: CPU seconds per GB a node reads", "CPU s/GB",
+                              baseline="hf.cpu_per_gb").add(node_cpu / (n * size / 1e9))
+                    s6.figure("backend.cpu_per_gb", "mmfs-backend: CPU seconds per GB served to nodes "
+                                                    "(fetching from the hub included)", "CPU s/GB").add(
+                        cpu["backend"] / (n * size / 1e9))
     if cfg.profile_seconds > 0 and not mmfs_missing and (BIN / "py-spy").exists():
         ctx.log("s1 profiling pass (not measured): mmfs on the synthetic model under py-spy")
         _mmfs(ctx, ctx.models.synthetic, profile=True)
@@ -257,7 +267,8 @@ def run(ctx: Context) -> list[Scenario]:
                                     f"{cfg.node_cache / 2**30:.0f} GiB"],
                                    ["mmfs-backend", f"{cfg.backend_memory / 2**20:.0f} MiB", "unbounded (data dir)"]]})
         s6.notes.append("RSS sampled every 0.1 s with psutil (children included) during the mmfs variant "
-                        "of scenario 1 on the synthetic model.")
+                        "of scenario 1 on the synthetic model; CPU is user + system time over the same span. "
+                        "1 / (CPU s/GB) is the GB/s one fully busy core sustains on that path.")
     if endpoint_missing:
         s1.notes.append(f"backend-as-HF_ENDPOINT variant not available: {endpoint_missing}")
     return [s1, s6]

@@ -487,6 +487,9 @@ class RssSampler:
                 pass
         self.interval = interval
         self.peak: dict[str, int] = {name: 0 for name in self.procs}
+        #: CPU seconds (user + system, children included) used while sampling.
+        self.cpu: dict[str, float] = {}
+        self._cpu0 = {name: self._cpu(p) for name, p in self.procs.items()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -499,6 +502,21 @@ class RssSampler:
         for p in family:
             try:
                 total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    @staticmethod
+    def _cpu(proc: psutil.Process) -> float:
+        total = 0.0
+        try:
+            family = [proc, *proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0.0
+        for p in family:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
             except psutil.NoSuchProcess:
                 pass
         return total
@@ -516,6 +534,7 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self.cpu = {name: self._cpu(p) - self._cpu0[name] for name, p in self.procs.items()}
 
 
 def rmtree(path: Path) -> None:

@@ -113,6 +113,8 @@ HEADLINES = [
     ("random", "cold.p99", "5. random 4 KiB, node cold: p99", "local, dropped"),
     ("memory", "node.peak", "6. node daemon peak RSS", "its --memory-cache"),
     ("memory", "backend.peak", "6. backend peak RSS", "its --memory-cache"),
+    ("memory", "node.cpu_per_gb", "6. node daemon CPU per GB read (cold start)", "snapshot_download's"),
+    ("memory", "backend.cpu_per_gb", "6. backend CPU per GB served (cold start)", ""),
 ]
 
 
@@ -192,7 +194,7 @@ def plot_scenario(s: Scenario, out: Path) -> list[str]:
         if unit == "x" and s.id == "cold_start":
             pass
         safe = {"s": "time", "ms": "latency", "GB/s": "throughput", "MiB": "memory", "x": "ratio",
-                "%": "percent", "GB": "bytes"}.get(unit, unit.replace("/", "_"))
+                "%": "percent", "GB": "bytes", "CPU s/GB": "cpu"}.get(unit, unit.replace("/", "_").replace(" ", "_"))
         name = f"{s.id}_{safe}.png"
         _bar_plot(s, out / name, figs, s.title, unit)
         if (out / name).exists():

@@ -57,10 +57,16 @@ def read_tree(root: Path, threads: int) -> int:
         return sum(pool.map(read_file, files))
 
 
+cpu0 = 0.0
+
+
 def _wait_go() -> None:
+    global cpu0
     print("ready", flush=True)
     if not sys.stdin.readline():
         raise SystemExit("released without go")
+    t = os.times()
+    cpu0 = t.user + t.system
 
 
 def main(argv: list[str]) -> int:
@@ -108,6 +114,8 @@ def main(argv: list[str]) -> int:
         end = time.time()
     else:
         raise SystemExit(f"unknown worker command {cmd!r}")
+    t = os.times()
+    extra["cpu"] = t.user + t.system - cpu0  # this process's threads: CPU spent on the work
     print(json.dumps({"start": start, "end": end, "bytes": nbytes, **extra}), flush=True)
     return 0
 
