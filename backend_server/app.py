@@ -5,6 +5,8 @@ Three faces, one engine (the full reference is ``docs/protocol.md``):
 * the node protocol (:mod:`mmfs.remote.backend` is its client): ``/v1/resolve``,
   ``/v1/manifest``, ``/v1/chunk`` (one verified chunk with ``X-Mmfs-Blake3``), plus
   ``/v1/file`` (a whole file or a ``Range``, streamed) and ``POST /v1/prefetch``;
+* with ``--nixl``, the NIXL data plane (:mod:`backend_server.nixl_plane`): ``/v1/nixl/agent``,
+  ``/v1/nixl/chunk`` (the chunk lands in a leased slot the node READs), ``/v1/nixl/release``;
 * the Hub's download API (``/api/models/...``, ``HEAD``/``GET /<org>/<name>/resolve/...``),
   generated from the engine's manifest and served from the engine, so an unmodified
   ``huggingface_hub`` pointed at the backend with ``HF_ENDPOINT`` reads through the
@@ -30,7 +32,7 @@ import hashlib
 import logging
 import time
 from dataclasses import asdict
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 from urllib.parse import unquote
 
 import blake3
@@ -47,6 +49,9 @@ from mmfs.remote.base import FileSource
 from .access import AccessControl
 from .http import Request, Response, Send
 from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from .nixl_plane import NixlPlane
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +110,9 @@ class BackendApp:
     def __init__(self, engine: FetchEngine, access: AccessControl, metrics: Metrics, *,
                  upstream: str = "", data_dir: str = "", readahead_bytes: int = READAHEAD_BYTES,
                  stream_memory: int = STREAM_MEMORY, stream_wait: float = STREAM_WAIT,
-                 stats: Callable[[], dict[str, int]] | None = None) -> None:
+                 stats: Callable[[], dict[str, int]] | None = None, nixl: NixlPlane | None = None) -> None:
         self.engine = engine
+        self.nixl = nixl
         self.access = access
         self.metrics = metrics
         self.upstream = upstream
@@ -147,6 +153,13 @@ class BackendApp:
                 handler = {"resolve": self.v1_resolve, "manifest": self.v1_manifest,
                            "prefetch": self.v1_prefetch}[kind]
                 return allow(kind, handler, "POST" if kind == "prefetch" else "GET")
+            if kind == "nixl" and len(s) >= 3:
+                if s[2] == "agent" and len(s) == 3:
+                    return allow("nixl_agent", self.nixl_agent, "GET")
+                if s[2] == "chunk" and len(s) >= 8:
+                    return allow("nixl_chunk", self.nixl_chunk, "GET")
+                if s[2] == "release" and len(s) == 4:
+                    return allow("nixl_release", self.nixl_release, "POST")
             if kind in ("chunk", "file") and len(s) >= 7:
                 if kind == "chunk":
                     return allow("chunk", self.v1_chunk, "GET")
@@ -178,7 +191,8 @@ class BackendApp:
         self.metrics.access_checks.clear()
         self.metrics.access_checks.update(self.access.outcomes)
         text = self.metrics.render(self.engine.statistics(), connections=server["connections"],
-                                   active_requests=server["active_requests"])
+                                   active_requests=server["active_requests"],
+                                   nixl=self.nixl.statistics() if self.nixl else None)
         return Response.text(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def files(self, request: Request, s: list[str]) -> Response:
@@ -208,9 +222,17 @@ class BackendApp:
                         manifest.dumps())
 
     async def v1_chunk(self, request: Request, s: list[str]) -> Response:
-        repo = _repo(s[2], s[3], s[4])
-        revision = check_revision(s[5])
-        path = check_path("/".join(s[6:]))
+        source, index, data, digest = await self._chunk(request, s[2:])
+        start, end = source.entry.chunk_span(index)
+        return Response(200, [("Content-Type", "application/octet-stream"), (BLAKE3_HEADER, digest),
+                              ("X-Repo-Commit", source.commit), ("X-Mmfs-Chunk-Range", f"{start}-{end - 1}"),
+                              ("X-Mmfs-Chunk-Size", str(source.entry.chunk_size))], data)
+
+    async def _chunk(self, request: Request, s: list[str]) -> tuple[FileSource, int, bytes, str]:
+        """One verified chunk for ``<provider>/<org>/<name>/<commit>/<path>?index=N`` (``s``)."""
+        repo = _repo(s[0], s[1], s[2])
+        revision = check_revision(s[3])
+        path = check_path("/".join(s[4:]))
         raw_index = request.query_value("index")
         if raw_index is None or not raw_index.isdigit() or len(raw_index) > 12:
             raise InvalidName("the chunk endpoint needs ?index=N with N a chunk number (0, 1, ...)")
@@ -223,10 +245,31 @@ class BackendApp:
         data = await self._read_chunk(source, index, auth)
         digest = await _digest(data)
         self.metrics.served_bytes[tier] += len(data)
+        return source, index, data, digest
+
+    # -- the NIXL data plane (docs/protocol.md, "NIXL data plane") ------------------------
+
+    def _plane(self) -> NixlPlane:
+        if self.nixl is None:
+            raise NotFound("this backend runs without a NIXL data plane (start it with --nixl); use /v1/chunk")
+        return self.nixl
+
+    async def nixl_agent(self, request: Request, s: list[str]) -> Response:
+        return Response.json(self._plane().describe())
+
+    async def nixl_chunk(self, request: Request, s: list[str]) -> Response:
+        plane = self._plane()
+        source, index, data, digest = await self._chunk(request, s[3:])
         start, end = source.entry.chunk_span(index)
-        return Response(200, [("Content-Type", "application/octet-stream"), (BLAKE3_HEADER, digest),
-                              ("X-Repo-Commit", source.commit), ("X-Mmfs-Chunk-Range", f"{start}-{end - 1}"),
-                              ("X-Mmfs-Chunk-Size", str(source.entry.chunk_size))], data)
+        answer = await plane.lease(data, digest)
+        answer.update(commit=source.commit, start=start, end=end)
+        return Response.json(answer)
+
+    async def nixl_release(self, request: Request, s: list[str]) -> Response:
+        failed = (request.query_value("failed") or "").lower() in ("1", "true")
+        if not self._plane().release(s[3], failed=failed):
+            raise NotFound(f"lease {s[3][:40]!r} is unknown or expired: do not trust bytes read under it")
+        return Response.json({"released": True})
 
     async def v1_file(self, request: Request, s: list[str]) -> Response:
         repo = _repo(s[2], s[3], s[4])

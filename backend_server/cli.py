@@ -3,7 +3,8 @@
     mmfs-backend serve --listen 0.0.0.0:3000 --data-dir /data \\
         [--memory-cache 8GiB] [--memory-ttl 600] [--chunk-size 4MiB] \\
         [--max-upstream-fetches 16] [--disk-cache 500GiB] [--stream-memory 32MiB] \\
-        [--max-connections 1024] [--send-timeout 30]
+        [--max-connections 1024] [--send-timeout 30] \\
+        [--nixl [--nixl-pool 256MiB] [--nixl-lease-timeout 10]]
 
 The upstream is the Hub at ``HF_ENDPOINT`` with ``HF_TOKEN``; ``HF_HUB_OFFLINE=1`` serves
 only what the data directory already holds. Under ``--data-dir``: ``chunks/`` (the cold
@@ -111,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cold tier size (default: 90%% of the data volume's size)")
     serve.add_argument("--stream-memory", type=_size, default=STREAM_MEMORY, metavar="SIZE",
                        help="chunk bytes all streaming responses may hold at once (default 32MiB)")
+    serve.add_argument("--nixl", action="store_true",
+                       help="also serve chunks over NIXL (needs nixl-cu12: pip install --no-deps 'nixl-cu12>=1.5,<2')")
+    serve.add_argument("--nixl-pool", type=_size, default=parse_size("256MiB"), metavar="SIZE",
+                       help="registered DRAM nodes READ chunks from, in chunk-size slots (default 256MiB)")
+    serve.add_argument("--nixl-lease-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                       help="how long a slot stays leased to a node that never releases it (default 10)")
     serve.add_argument("--max-connections", type=_positive_int, default=MAX_CONNECTIONS, metavar="N",
                        help=f"client connections served at once; more are answered 503 (default {MAX_CONNECTIONS})")
     serve.add_argument("--send-timeout", type=_seconds, default=SEND_TIMEOUT, metavar="SECONDS",
@@ -161,10 +168,17 @@ async def serve(args: argparse.Namespace) -> int:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
         raise MmfsError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    nixl = None
+    if args.nixl:
+        from .nixl_plane import NixlPlane, agent_name
+
+        nixl = NixlPlane(agent_name(listeners[0].socket.getsockname()[1]), pool_bytes=args.nixl_pool,
+                         slot_size=args.chunk_size, lease_timeout=args.nixl_lease_timeout)
+        log.info("NIXL data plane: agent %s, %d slots of %s", nixl.name, nixl.slots, format_size(nixl.slot_size))
     async with FetchEngine(tiers, remote, metadata, config) as engine:
         server: HTTPServer
         app = BackendApp(engine, access, metrics, upstream=remote.url, data_dir=str(data_dir),
-                         stream_memory=args.stream_memory, stream_wait=2 * args.send_timeout,
+                         stream_memory=args.stream_memory, stream_wait=2 * args.send_timeout, nixl=nixl,
                          stats=lambda: {"connections": server.connections, "active_requests": server.active_requests})
         server = HTTPServer(app.handle, observer=lambda req, resp, sent, secs, done:
                             metrics.observe(resp.route, req.method, resp.status, sent, done),
@@ -186,6 +200,10 @@ async def serve(args: argparse.Namespace) -> int:
                      format_size(args.chunk_size), fetches, config.holder)
             print(f"mmfs-backend listening on http://{shown}:{bound[1]}", flush=True)
             nursery.start_soon(_expire_memory, tiers[0], args.memory_ttl)
+            if nixl is not None:
+                nursery.start_soon(nixl.run)
+        if nixl is not None:
+            nixl.close()
         await access.aclose()
     log.info("stopped")
     return 0

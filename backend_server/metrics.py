@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from mmfs.engine import EngineStatistics
+
+if TYPE_CHECKING:
+    from .nixl_plane import PlaneStatistics
 
 TIERS_SERVED = ("memory", "disk", "upstream")
 #: Methods counted by name; any other (the client chooses it) counts as ``OTHER``, so
@@ -35,7 +38,8 @@ class Metrics:
         if not completed:
             self.aborted_responses += 1
 
-    def render(self, engine: EngineStatistics, *, connections: int, active_requests: int) -> str:
+    def render(self, engine: EngineStatistics, *, connections: int, active_requests: int,
+               nixl: PlaneStatistics | None = None) -> str:
         out = _Writer()
         out.metric("mmfs_backend_upstream_bytes_total", "counter", "Bytes fetched from the upstream (the Hub).",
                    [({}, engine.remote_bytes)])
@@ -81,6 +85,20 @@ class Metrics:
         out.metric("mmfs_backend_access_checks_total", "counter",
                    "Caller token checks against the upstream for gated repos, by outcome.",
                    [({"outcome": k}, v) for k, v in sorted(self.access_checks.items())])
+        out.metric("mmfs_nixl_chunks_total", "counter",
+                   "Chunks nodes read over the NIXL data plane (leases released in time).",
+                   [({}, nixl.chunks if nixl else 0)])
+        out.metric("mmfs_nixl_bytes_total", "counter", "Bytes nodes read over the NIXL data plane.",
+                   [({}, nixl.bytes if nixl else 0)])
+        out.metric("mmfs_nixl_fallbacks_total", "counter",
+                   "Chunks asked for over NIXL that went over TCP instead (no free slot, failed or late READ).",
+                   [({}, nixl.fallbacks if nixl else 0)])
+        out.metric("mmfs_nixl_lease_expirations_total", "counter", "NIXL slot leases that expired unreleased.",
+                   [({}, nixl.expired if nixl else 0)])
+        out.metric("mmfs_nixl_slots", "gauge", "NIXL slots in the registered pool (0 without --nixl).",
+                   [({}, nixl.slots if nixl else 0)])
+        out.metric("mmfs_nixl_slots_leased", "gauge", "NIXL slots leased to nodes now.",
+                   [({}, nixl.leased if nixl else 0)])
         out.metric("mmfs_backend_open_connections", "gauge", "Client connections open.", [({}, connections)])
         out.metric("mmfs_backend_active_requests", "gauge", "Requests being answered.", [({}, active_requests)])
         out.metric("mmfs_backend_start_time_seconds", "gauge", "Unix time the server started.",

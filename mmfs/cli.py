@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("mountpoint", metavar="MOUNTPOINT")
     mount.add_argument("--backend", metavar="URL", help="cluster backend URL (default: embedded mode, the Hub "
                        "at HF_ENDPOINT directly)")
+    mount.add_argument("--transport", choices=["tcp", "nixl", "auto"], default="auto",
+                       help="how chunk bytes come from --backend: nixl (NIXL READs, TCP per chunk when that "
+                       "fails), tcp, or auto (nixl where nixl-cu12 is installed here and the backend has --nixl; "
+                       "default)")
     mount.add_argument("--cache-dir", metavar="DIR", default=None,
                        help="disk chunk cache and metadata DB (default: /var/cache/mmfs)")
     mount.add_argument("--cache-size", metavar="SIZE", type=_size, default=parse_size("50GiB"),
@@ -91,7 +95,7 @@ def _mount(args: argparse.Namespace) -> int:
     if args.remote_timeout <= 0:
         print("mmfs mount: --remote-timeout must be positive", file=sys.stderr)
         return EXIT_USAGE
-    options = MountOptions(mountpoint=args.mountpoint, backend=args.backend,
+    options = MountOptions(mountpoint=args.mountpoint, backend=args.backend, transport=args.transport,
                            cache_dir=args.cache_dir or DEFAULT_CACHE_DIR, cache_size=args.cache_size,
                            memory_cache=args.memory_cache, chunk_size=args.chunk_size, read_ahead=args.read_ahead,
                            remote_timeout=args.remote_timeout, max_tasks=args.max_tasks, debug=args.debug)

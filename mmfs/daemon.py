@@ -2,6 +2,7 @@
 
     MemoryTier(--memory-cache) ─ DiskTier(--cache-dir, --cache-size) ─ remote
     remote = BackendRemote(--backend)  or, embedded, HubRemote(HF_ENDPOINT, HF_TOKEN)
+             (NixlBackendRemote with --transport nixl, or auto where nixl-cu12 is installed)
 
 Life cycle: open the caches (a cache dir that cannot be opened is logged and the daemon
 runs with the memory tier only: status shows the disk tier missing), clear a dead
@@ -50,6 +51,9 @@ class MountOptions:
     mountpoint: str
     #: Cluster backend URL; ``None`` is embedded mode (the Hub directly).
     backend: str | None = None
+    #: How chunk bytes come from the backend: ``tcp``, ``nixl`` (falls back to TCP per
+    #: chunk), or ``auto`` (``nixl`` where nixl-cu12 is installed here).
+    transport: str = "auto"
     cache_dir: str = DEFAULT_CACHE_DIR
     #: Disk chunk cache bound, bytes.
     cache_size: int = 50 << 30
@@ -79,6 +83,14 @@ def retry_policy(remote_timeout: float) -> RetryPolicy:
 def make_remote(options: MountOptions) -> Remote:
     policy = retry_policy(options.remote_timeout)
     if options.backend:
+        if options.transport != "tcp":
+            from .remote.nixl import NixlBackendRemote, nixl_available
+
+            if nixl_available():
+                return NixlBackendRemote(options.backend, policy=policy)
+            if options.transport == "nixl":
+                raise MmfsError("--transport nixl needs the NIXL Python package on this node: "
+                                "pip install --no-deps 'nixl-cu12>=1.5,<2' numpy (or use --transport auto)")
         return BackendRemote(options.backend, policy=policy)
     return HubRemote(chunk_size=options.chunk_size, policy=policy)
 
@@ -133,7 +145,9 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
 
     def describe() -> dict[str, Any]:
         info: dict[str, Any] = {"mountpoint": mountpoint, "mode": "backend" if options.backend else "embedded",
-                                "backend": options.backend, "cache_dir": os.path.abspath(options.cache_dir), "pid": os.getpid(),
+                                "backend": options.backend,
+                                "transport": options.transport if options.backend else None,
+                                "cache_dir": os.path.abspath(options.cache_dir), "pid": os.getpid(),
                                 "offline": engine.config.offline, "daemon_started_at": started,
                                 "cache_problems": cache_problems}
         try:

