@@ -122,6 +122,7 @@ class FetchEngine:
         # content id -> the blake3 of each of its chunks, for files that passed verification
         self._verified: dict[str, bytes] = {}
         self._recorded: set[str] = set()
+        self._purges: dict[str, int] = {}  # content id -> times it failed verification here
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: trio.Nursery | None = None
         self._remote_fetches = self._remote_bytes = self._integrity_failures = 0
@@ -253,10 +254,12 @@ class FetchEngine:
         entry = source.entry
         start, stop = entry.chunk_span(index)
         a, b = max(offset, start) - start, min(end, stop) - start
-        if b - a == stop - start or not self._servable(entry, index):
+        key = entry.chunk_key(index)
+        if b - a == stop - start or not self._servable(entry, index) or key in self._chunk_flights:
+            # Whole chunks, held-back tails, and chunks already on their way (read-ahead):
+            # through the chunk path, so the same bytes are not read twice.
             data = await self.read_chunk(source, index, auth=auth)
         else:
-            key = entry.chunk_key(index)
             for tier in self.tiers:
                 part = await tier.get_range(key, a, b)
                 if part is not None:
@@ -320,21 +323,26 @@ class FetchEngine:
             if data is not None:
                 return data
         load_from = max(first_tier, 1)
-        return await self._chunk_flights.run(key, lambda: self._load(source, index, auth, load_from), self.nursery)
+        try:
+            return await self._chunk_flights.run(key, lambda: self._load(source, index, auth, load_from), self.nursery)
+        except _PurgedWhileLoading:
+            # Joined a load whose file failed verification meanwhile: its bytes are
+            # suspect, but this reader asked afterwards; load the chunk afresh, once.
+            return await self._chunk_flights.run(key, lambda: self._load(source, index, auth, 1), self.nursery)
 
     async def _load(self, source: FileSource, index: int, auth: str | None, first_tier: int = 1) -> bytes:
         """Find a chunk in the tiers from ``first_tier`` down, or fetch it; write it back up."""
         key = source.entry.chunk_key(index)
+        purges = self._purges.get(key.content_id, 0)
         for depth in range(first_tier, len(self.tiers)):
-            tier = self.tiers[depth]
-            data = await tier.get(key)
+            data = await self.tiers[depth].get(key)
             if data is not None:
-                await self._store(key, data, self.tiers[:depth])
-                await self._advance_hash(source, index, data)
+                await self._store(key, data, self.tiers[:depth], purges)
+                await self._advance_hash(source, index, data, purges)
                 return data
         data = await self._fetch(source, index, auth)
-        await self._store(key, data, self.tiers)
-        await self._advance_hash(source, index, data)
+        await self._store(key, data, self.tiers, purges)
+        await self._advance_hash(source, index, data, purges)
         return data
 
     async def _fetch(self, source: FileSource, index: int, auth: str | None) -> bytes:
@@ -382,13 +390,25 @@ class FetchEngine:
             await trio.to_thread.run_sync(lambda: self.metadata.update_file(  # type: ignore[union-attr]
                 content_id, **changes))
 
-    async def _store(self, key: ChunkKey, data: bytes, tiers: Sequence[ChunkTier]) -> None:
-        for tier in tiers:
+    async def _store(self, key: ChunkKey, data: bytes, tiers: Sequence[ChunkTier], purges: int) -> None:
+        """Write a chunk into ``tiers`` unless its file was purged since it was looked up.
+
+        ``purges`` is the file's purge count when this load began: a file that failed
+        verification meanwhile must not get the chunk back into a cache. Checked before
+        each write; a purge during a disk write is caught by the disk tier itself."""
+        for tier in reversed(tiers):  # slowest first: the memory copy goes in last, at once
+            if self._purges.get(key.content_id, 0) != purges:
+                raise _PurgedWhileLoading(f"{key.content_id} failed verification while chunk {key.index} "
+                                          "was loaded")
             try:
                 await tier.put(key, data)
             except CacheError as exc:
                 # Disk full or broken: keep serving from the other tiers.
                 log.error("%s tier cannot store %s: %s", tier.name, key.content_id, exc)
+        if self._purges.get(key.content_id, 0) != purges:
+            for tier in tiers:
+                await tier.discard(key.content_id)
+            raise _PurgedWhileLoading(f"{key.content_id} failed verification while chunk {key.index} was loaded")
 
     # -- whole-file verification --------------------------------------------------------
 
@@ -411,8 +431,9 @@ class FetchEngine:
         digests = self._chunk_digests(entry)
         return None if digests is None else digests[32 * index:32 * index + 32]
 
-    async def _advance_hash(self, source: FileSource, index: int, data: bytes) -> None:
-        """Feed the file's running hash if this chunk is the next one it needs."""
+    async def _advance_hash(self, source: FileSource, index: int, data: bytes, purges: int) -> None:
+        """Feed the file's running hash if this chunk is the next one it needs (and its
+        load did not start before a purge of the file: such bytes are suspect)."""
         entry = source.entry
         if self.remote.verifies_files or self.is_verified(entry):
             return
@@ -420,7 +441,7 @@ class FetchEngine:
         if state.next_index != index or state.lock.locked():
             return
         async with state.lock:
-            if state.next_index != index:
+            if state.next_index != index or self._purges.get(entry.content_id, 0) != purges:
                 return
             await trio.to_thread.run_sync(state.feed, data)
             # Chunks that arrived early (parallel read-ahead) are still in memory: catch up.
@@ -448,6 +469,7 @@ class FetchEngine:
             return
 
         async def verify() -> None:
+            purges = self._purges.get(entry.content_id, 0)
             state = self._hash_state(entry)
             async with state.lock:
                 while state.next_index < entry.chunk_count:
@@ -459,6 +481,8 @@ class FetchEngine:
                     await trio.to_thread.run_sync(state.feed, data)
                 digest = state.hasher.hexdigest()
             self._file_hashes.pop(entry.content_id, None)
+            if self._purges.get(entry.content_id, 0) != purges:
+                raise _PurgedWhileLoading(f"{entry.path} failed verification while being verified again")
             if digest != entry.hash:
                 self._integrity_failures += 1
                 log.error("integrity: %s@%s %s: %s is %s, upstream said %s; purged from every tier",
@@ -482,6 +506,7 @@ class FetchEngine:
         return await self._chunk_flights.run(key, lambda: self._load(source, index, auth), self.nursery)
 
     async def _forget(self, entry: FileEntry, why: str) -> None:
+        self._purges[entry.content_id] = self._purges.get(entry.content_id, 0) + 1
         self._file_hashes.pop(entry.content_id, None)
         self._verified.pop(entry.content_id, None)
         self._recorded.discard(entry.content_id)
@@ -505,6 +530,10 @@ class FetchEngine:
             files_verified=len(self._verified),
             tiers=tuple(tier.statistics() for tier in self.tiers),
         )
+
+
+class _PurgedWhileLoading(IntegrityError):
+    """A chunk load outlived by a failed verification of its file."""
 
 
 def blake3_digest(data: bytes) -> bytes:

@@ -73,6 +73,7 @@ class DiskTier(ChunkTier):
         self._index: OrderedDict[ChunkKey, int] = OrderedDict()
         self._touched: set[ChunkKey] = set()
         self._writing: set[ChunkKey] = set()  # being written by a worker thread
+        self._discards: dict[str, int] = {}  # content id -> times discarded (see _store)
         self._seq = 0
         self._used = 0
         self._hits = self._misses = self._hit_bytes = self._evictions = self._errors = 0
@@ -178,11 +179,13 @@ class DiskTier(ChunkTier):
     async def put(self, key: ChunkKey, data: bytes) -> None:
         if len(data) > self._limit or key in self._index:
             return
-        await trio.to_thread.run_sync(self._store, key, data, limiter=self._limiter)
+        discards = self._discards.get(key.content_id, 0)
+        await trio.to_thread.run_sync(self._store, key, data, discards, limiter=self._limiter)
 
-    def _store(self, key: ChunkKey, data: bytes) -> None:
+    def _store(self, key: ChunkKey, data: bytes, discards: int) -> None:
         """Write the chunk, then index it; it becomes visible to readers only once its
-        digests are committed, and its bytes count against the limit from the start."""
+        digests are committed, and its bytes count against the limit from the start.
+        A write that a :meth:`discard` of its content overtook is thrown away."""
         with self._lock:
             if key in self._index or key in self._writing:
                 return
@@ -212,7 +215,14 @@ class DiskTier(ChunkTier):
                 touched, self._touched = self._touched, set()
             self._commit(victims, {key: (seq, len(data), digests)}, touched)
             with self._lock:
-                self._index[key] = len(data)
+                overtaken = self._discards.get(key.content_id, 0) != discards
+                if not overtaken:
+                    self._index[key] = len(data)
+                else:
+                    self._used -= len(data)
+            if overtaken:
+                self._path(key).unlink(missing_ok=True)
+                self._commit([key], {}, set())
         finally:
             with self._lock:
                 self._writing.discard(key)
@@ -267,9 +277,20 @@ class DiskTier(ChunkTier):
             self._path(key).unlink(missing_ok=True)
 
     async def discard(self, content_id: str) -> int:
-        doomed = [k for k in list(self._index) if k.content_id == content_id]
-        await trio.to_thread.run_sync(self._drop, doomed, limiter=self._limiter)
+        # Invisible at once (no reader may get these chunks from here on) and writes in
+        # flight are told; the files and index entries go in a worker thread.
+        with self._lock:
+            self._discards[content_id] = self._discards.get(content_id, 0) + 1
+            doomed = [k for k in self._index if k.content_id == content_id]
+            for key in doomed:
+                self._used -= self._index.pop(key)
+                self._touched.discard(key)
+        await trio.to_thread.run_sync(self._remove_files, doomed, limiter=self._limiter)
         return len(doomed)
+
+    def _remove_files(self, keys: list[ChunkKey]) -> None:
+        self._unlink(keys)
+        self._commit(keys, {}, set())
 
     def contains(self, key: ChunkKey) -> bool:
         return key in self._index
