@@ -356,7 +356,7 @@ class FetchEngine:
         if len(fetched.data) != end - start:
             raise IntegrityError(f"{source.entry.path}: chunk {index} has {len(fetched.data)} bytes, "
                                  f"expected {end - start}")
-        expected = self._known_digest(source.entry, index)
+        expected = self.known_digest(source.entry, index)
         if fetched.blake3 is not None or expected is not None:
             digest = await trio.to_thread.run_sync(blake3_digest, fetched.data)
             if fetched.blake3 is not None and digest.hex() != fetched.blake3 or \
@@ -426,7 +426,7 @@ class FetchEngine:
                 digests = None
         return digests
 
-    def _known_digest(self, entry: FileEntry, index: int) -> bytes | None:
+    def known_digest(self, entry: FileEntry, index: int) -> bytes | None:
         """The blake3 chunk ``index`` had when its file verified, if it did."""
         digests = self._chunk_digests(entry)
         return None if digests is None else digests[32 * index:32 * index + 32]
