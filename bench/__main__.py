@@ -19,6 +19,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -81,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, 1 repeat (CI smoke, < 2 min)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "out", help="where results go (default bench/out)")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/mmfs-bench"),
-                        help="scratch space for models, caches and mounts (default /tmp/mmfs-bench)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="scratch space for models, caches and mounts (default: a fresh "
+                             "$TMPDIR/mmfs-bench-XXXX, so concurrent runs never share one)")
     parser.add_argument("--only", action="append", choices=SCENARIOS, help="run only these scenario groups")
     parser.add_argument("--repeats", type=int, default=None, help="override the number of repeats")
     parser.add_argument("--nodes", type=int, default=None, help="override the number of nodes of scenario 1")
@@ -101,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     t_start = time.monotonic()
     out = args.out.resolve()
-    work = args.work.resolve()
+    if args.work is None:
+        work = Path(tempfile.mkdtemp(prefix="mmfs-bench-"))
+    else:
+        work = args.work.resolve()
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
         old.unlink()
@@ -114,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] note: {missing}; their scenarios will report 'not available'", flush=True)
     scenarios: list[Scenario] = []
     errors = 0
+    ctx_errors: list[str] = []
     # A hung mount must not hang CI: past this, the scenario in progress fails and teardown runs.
     limit = args.time_limit or (900 if cfg.quick else 5400)
 
@@ -150,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                     ctx.results[s.id] = s
                 scenarios += got
                 ctx.log(f"scenario group {name} done in {time.monotonic() - t0:.0f} s")
+            errors += len(ctx.errors)
+            ctx_errors += ctx.errors
     finally:
         signal.alarm(0)
         rmtree(work / "run")
@@ -161,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         run["commit"] += f"; at the end: {end_commit}"
     path = write_all(run, scenarios, out)
     print(f"[bench] wrote {path} and {out / 'results.json'} in {run['seconds']:.0f} s", flush=True)
-    if args.publish:
+    if args.publish and errors:
+        print(f"[bench] not published: {errors} error(s) in this run ({'; '.join(ctx_errors)[:500]})", flush=True)
+    elif args.publish:
         from .publish import publish
 
         print(f"[bench] published {publish(out, BENCH_DIR)}", flush=True)

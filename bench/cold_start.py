@@ -167,6 +167,7 @@ def run(ctx: Context) -> list[Scenario]:
                 if variant == "endpoint" and (endpoint_missing or not cfg.backend_endpoint_variant):
                     continue
                 ctx.log(f"s1 {tag} repeat {rep + 1}/{cfg.repeats}: {variant}")
+                mark = ctx.harness.checkpoint()
                 try:
                     if variant == "hf":
                         ctx.hub.reset()
@@ -186,6 +187,13 @@ def run(ctx: Context) -> list[Scenario]:
                         mmfs_missing = str(err)
                     else:
                         endpoint_missing = str(err)
+                    continue
+                except Exception as err:  # one failed repeat: say so, keep the others
+                    ctx.errors.append(f"s1 {tag} {variant} repeat {rep + 1}: {type(err).__name__}: {err}")
+                    s1.notes.append(f"ERROR: {tag} {variant} repeat {rep + 1} failed: {type(err).__name__}: "
+                                    f"{str(err)[:300]}")
+                    ctx.log(f"  {variant} failed: {err}")
+                    ctx.harness.cleanup_since(mark)
                     continue
                 times = out["node_times"]
                 wrong = [b for b in out.get("bytes", []) if b != size]

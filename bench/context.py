@@ -24,6 +24,8 @@ class Context:
     results: dict[str, Scenario] = field(default_factory=dict)
     #: py-spy recordings: (what was profiled, collapsed-stack file, bytes/s of the traced read, summary).
     profiles: list[tuple[str, Path, float, dict[str, Any] | None]] = field(default_factory=list)
+    #: Failures that did not stop a scenario (one repeat of one variant): the run exits 1.
+    errors: list[str] = field(default_factory=list)
     _counter: Iterator[int] = field(default_factory=itertools.count)
 
     def scratch(self, name: str) -> Path:

@@ -377,7 +377,7 @@ class Harness:
         while True:
             child.drain()
             if child.proc.poll() is not None:
-                raise Unavailable(f"mmfs-backend exited ({child.proc.returncode}): {child.tail()}")
+                raise RuntimeError(f"mmfs-backend exited ({child.proc.returncode}): {child.tail()}")
             try:
                 with urllib.request.urlopen(f"{url}/metrics", timeout=2) as resp:
                     resp.read()
@@ -385,7 +385,7 @@ class Harness:
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop(child)
-                    raise Unavailable(f"mmfs-backend did not answer /metrics within 60 s: {child.tail()}")
+                    raise RuntimeError(f"mmfs-backend did not answer /metrics within 60 s: {child.tail()}")
                 time.sleep(0.1)
         return BackendHandle(url, child, data_dir, memory_cache)
 
@@ -414,7 +414,9 @@ class Harness:
             child.wait_line(lambda s: s.startswith("mmfs: mounted"), 60)
         except (TimeoutError, RuntimeError) as err:
             self.unmount(handle)
-            raise Unavailable(f"mmfs mount failed: {err}") from err
+            if not os.path.exists("/dev/fuse"):
+                raise Unavailable(f"no /dev/fuse here: {err}") from err
+            raise RuntimeError(f"mmfs mount failed: {err}") from err  # mmfs is there and broke: an error
         return handle
 
     def unmount(self, mount: MountHandle) -> None:
