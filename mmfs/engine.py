@@ -56,6 +56,8 @@ def _env_flag(name: str) -> bool:
 class EngineConfig:
     #: Chunks fetched from the remote at once, across all files.
     max_concurrent_fetches: int = 16
+    #: Chunks handed to readers but not yet written to the slower tiers (disk), at most.
+    max_pending_writes: int = 8
     #: Seconds a branch or tag resolution is trusted before asking the remote again.
     ref_ttl: float = 30.0
     #: Never ask the remote to resolve a revision; use what the metadata DB remembers.
@@ -123,6 +125,10 @@ class FetchEngine:
         self._verified: dict[str, bytes] = {}
         self._recorded: set[str] = set()
         self._purges: dict[str, int] = {}  # content id -> times it failed verification here
+        self._write_slots = trio.Semaphore(config.max_pending_writes)
+        self._pending_writes = 0
+        self._writes_idle = trio.Event()
+        self._written_behind: dict[ChunkKey, bytes] = {}  # on their way to the disk tier
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: trio.Nursery | None = None
         self._remote_fetches = self._remote_bytes = self._integrity_failures = 0
@@ -137,6 +143,8 @@ class FetchEngine:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> bool | None:
         assert self._nursery is not None and self._nursery_cm is not None
+        if not await self.flush():
+            log.warning("stopping with %d chunk writes to the disk cache unfinished", self._pending_writes)
         self._nursery.cancel_scope.cancel()
         try:
             return await self._nursery_cm.__aexit__(exc_type, exc, tb)
@@ -340,6 +348,11 @@ class FetchEngine:
                 await self._store(key, data, self.tiers[:depth], purges)
                 await self._advance_hash(source, index, data, purges)
                 return data
+        data = self._written_behind.get(key)  # evicted from memory before it reached the disk
+        if data is not None:
+            await self._store(key, data, self.tiers[:1], purges)
+            await self._advance_hash(source, index, data, purges)
+            return data
         data = await self._fetch(source, index, auth)
         await self._store(key, data, self.tiers, purges)
         await self._advance_hash(source, index, data, purges)
@@ -391,24 +404,56 @@ class FetchEngine:
                 content_id, **changes))
 
     async def _store(self, key: ChunkKey, data: bytes, tiers: Sequence[ChunkTier], purges: int) -> None:
-        """Write a chunk into ``tiers`` unless its file was purged since it was looked up.
+        """Put a chunk into the first of ``tiers`` now and the others behind the reader.
 
+        A reader waits for the memory copy only: local disk writes (the largest cost of a
+        cold node on a busy disk) happen in the background, at most
+        ``max_pending_writes`` chunks at a time (then loads wait: back-pressure).
         ``purges`` is the file's purge count when this load began: a file that failed
-        verification meanwhile must not get the chunk back into a cache. Checked before
-        each write; a purge during a disk write is caught by the disk tier itself."""
-        for tier in reversed(tiers):  # slowest first: the memory copy goes in last, at once
-            if self._purges.get(key.content_id, 0) != purges:
-                raise _PurgedWhileLoading(f"{key.content_id} failed verification while chunk {key.index} "
-                                          "was loaded")
-            try:
-                await tier.put(key, data)
-            except CacheError as exc:
-                # Disk full or broken: keep serving from the other tiers.
-                log.error("%s tier cannot store %s: %s", tier.name, key.content_id, exc)
-        if self._purges.get(key.content_id, 0) != purges:
+        verification meanwhile must not get the chunk back into any cache."""
+        self._check_not_purged(key, purges)
+        if not tiers:
+            return
+        await self._put(tiers[0], key, data)
+        self._check_not_purged(key, purges)
+        if len(tiers) > 1:
+            await self._write_slots.acquire()
+            self._pending_writes += 1
+            self._written_behind[key] = data
+            self.nursery.start_soon(self._write_behind, key, data, tiers[1:], purges)
+
+    async def _write_behind(self, key: ChunkKey, data: bytes, tiers: Sequence[ChunkTier], purges: int) -> None:
+        try:
             for tier in tiers:
-                await tier.discard(key.content_id)
+                if self._purges.get(key.content_id, 0) != purges:
+                    return  # the disk tier also drops writes a discard overtook
+                await self._put(tier, key, data)
+        finally:
+            self._written_behind.pop(key, None)
+            self._write_slots.release()
+            self._pending_writes -= 1
+            if not self._pending_writes:
+                self._writes_idle.set()
+                self._writes_idle = trio.Event()
+
+    async def _put(self, tier: ChunkTier, key: ChunkKey, data: bytes) -> None:
+        try:
+            await tier.put(key, data)
+        except CacheError as exc:
+            # Disk full or broken: keep serving from the other tiers.
+            log.error("%s tier cannot store %s: %s", tier.name, key.content_id, exc)
+
+    def _check_not_purged(self, key: ChunkKey, purges: int) -> None:
+        if self._purges.get(key.content_id, 0) != purges:
             raise _PurgedWhileLoading(f"{key.content_id} failed verification while chunk {key.index} was loaded")
+
+    async def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until the chunks written behind readers are stored; False on timeout."""
+        with trio.move_on_after(timeout):
+            while self._pending_writes:
+                await self._writes_idle.wait()
+            return True
+        return False
 
     # -- whole-file verification --------------------------------------------------------
 
@@ -507,6 +552,8 @@ class FetchEngine:
 
     async def _forget(self, entry: FileEntry, why: str) -> None:
         self._purges[entry.content_id] = self._purges.get(entry.content_id, 0) + 1
+        for key in [k for k in self._written_behind if k.content_id == entry.content_id]:
+            del self._written_behind[key]
         self._file_hashes.pop(entry.content_id, None)
         self._verified.pop(entry.content_id, None)
         self._recorded.discard(entry.content_id)
