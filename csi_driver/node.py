@@ -22,6 +22,7 @@ import shutil
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -79,6 +80,7 @@ class NodeDriver:
         self.mount_root = mounts.canonical(config.mount_root)
         self.state = StateStore(config.state_dir)
         self._busy: set[str] = set()
+        self._background: set[str] = set()  # the part of _busy held by the re-bind loop
         self._busy_lock = threading.Lock()
         self._probe_lock = threading.Lock()
         self._probe_in_flight = False
@@ -90,23 +92,34 @@ class NodeDriver:
 
     @contextlib.contextmanager
     def _claim(self, *keys: str) -> Iterator[None]:
-        if not self._try_claim(keys):
-            raise CsiError(grpc.StatusCode.ABORTED, f"an operation on {' / '.join(keys)} is already in progress")
+        """Hold ``keys`` for an RPC: ``ABORTED`` while another RPC holds one of them. A
+        re-bind pass holding one (a short health check) is waited for instead: the
+        plugin's own background work must not fail a kubelet call."""
+        deadline = time.monotonic() + self.config.fs_timeout + 1.0
+        while not self._try_claim(keys):
+            with self._busy_lock:
+                only_background = all(k in self._background for k in keys if k in self._busy)
+            if not only_background or time.monotonic() > deadline:
+                raise CsiError(grpc.StatusCode.ABORTED, f"an operation on {' / '.join(keys)} is already in progress")
+            time.sleep(0.02)
         try:
             yield
         finally:
             self._release(keys)
 
-    def _try_claim(self, keys: tuple[str, ...]) -> bool:
+    def _try_claim(self, keys: tuple[str, ...], *, background: bool = False) -> bool:
         with self._busy_lock:
             if any(k in self._busy for k in keys):
                 return False
             self._busy.update(keys)
+            if background:
+                self._background.update(keys)
             return True
 
     def _release(self, keys: tuple[str, ...]) -> None:
         with self._busy_lock:
             self._busy.difference_update(keys)
+            self._background.difference_update(keys)
 
     # ---- health ----
 
@@ -365,7 +378,7 @@ class NodeDriver:
         rebound = 0
         for entry in self.state.all():
             keys = (f"volume:{entry.volume_id}", f"target:{entry.target_path}")
-            if not self._try_claim(keys):
+            if not self._try_claim(keys, background=True):
                 continue
             try:
                 if self._rebind_if_stale(entry):
