@@ -25,7 +25,6 @@ import os
 import shutil
 import signal
 import sys
-from functools import partial
 from pathlib import Path
 
 import trio

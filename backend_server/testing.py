@@ -14,12 +14,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import urllib.request
 from pathlib import Path
 from types import TracebackType
 
 import psutil
+
+from mmfs.testing.process import start_until_ready, stop
 
 
 def backend_command() -> list[str]:
@@ -63,37 +64,22 @@ class BackendProcess:
         self.url = ""
 
     def start(self, timeout: float = 30.0) -> "BackendProcess":
-        log = open(self.log_path, "a")
-        try:
-            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, text=True, env=self.env)
-        finally:
-            log.close()
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()),  # type: ignore[union-attr]
-                                  daemon=True)
-        reader.start()
-        reader.join(timeout)
+        self.proc, line = start_until_ready(self.argv, self.env, log_path=self.log_path, timeout=timeout)
         prefix = "mmfs-backend listening on "
-        if not line or not line[0].startswith(prefix):
+        if not line.startswith(prefix):
             code = self.proc.poll()
             self.kill()
-            raise RuntimeError(f"mmfs-backend did not start (exit {code}): {line[0] if line else 'no output'!r}\n"
+            raise RuntimeError(f"mmfs-backend did not start (exit {code}): {line or 'no output'!r}\n"
                                f"{self.log_text()[-2000:]}")
-        self.url = line[0][len(prefix):].strip()
+        self.url = line[len(prefix):].strip()
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         """Signal the server, wait for it, return its exit status."""
         if self.proc is None:
             return 0
-        self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            code = -9
-        self._close()
+        code = stop(self.proc, sig, timeout)
+        self.proc = None
         return code
 
     def kill(self) -> None:

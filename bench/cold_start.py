@@ -20,7 +20,6 @@ beat it.
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any
 
 from .context import Context

@@ -20,8 +20,6 @@ from __future__ import annotations
 import os
 import random
 import socket
-import statistics
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ from typing import Any
 from .config import BIGFILE_NAME
 from .context import Context
 from .harness import BIN, MountHandle, drop_caches, rmtree
-from .profile import Profiler, summarize_collapsed
+from .profile import Profiler
 from .results import Scenario
 from .workers import read_file
 
@@ -172,7 +170,7 @@ def run(ctx: Context) -> list[Scenario]:
         secs, n = timed_read(path_of(m))
         if n != size:
             raise RuntimeError(f"read {n} of {size} bytes through the mount")
-        s3.figure("mmfs.cold_all", f"mmfs, node and backend cold, hub uncapped (first read)", "GB/s",
+        s3.figure("mmfs.cold_all", "mmfs, node and backend cold, hub uncapped (first read)", "GB/s",
                   baseline="native.warm").add(_gbps(size, secs))
         h.unmount(m)
         rmtree(m.cache_dir.parent)

@@ -17,7 +17,7 @@ from huggingface_hub.errors import GatedRepoError
 
 from backend_server.testing import BackendProcess
 from mmfs.engine import FetchEngine
-from mmfs.errors import AccessDenied, EntryNotFound, RepoNotFound, RevisionNotFound
+from mmfs.errors import EntryNotFound, RepoNotFound, RevisionNotFound
 from mmfs.names import parse_repo_id
 from mmfs.remote._http import RetryPolicy
 from mmfs.remote.backend import BLAKE3_HEADER, BackendRemote

@@ -77,7 +77,7 @@ BAD_INPUTS = [
     # (target, method, headers, status, text in the error message)
     (f"{BASE}/../../../../etc/passwd", "GET", None, 400, "'..'"),
     (f"{BASE}/%2e%2e/%2e%2e/etc/passwd", "GET", None, 400, "'..'"),
-    (f"/org/web/resolve/main/..%2F..%2Fetc%2Fpasswd", "GET", None, 400, "'..'"),
+    ("/org/web/resolve/main/..%2F..%2Fetc%2Fpasswd", "GET", None, 400, "'..'"),
     (f"{BASE}/./config.json", "GET", None, 400, "'.'"),
     (f"{BASE}//etc/passwd", "GET", None, 400, "absolute"),
     (f"{BASE}/config.json%00.txt", "GET", None, 400, "NUL"),

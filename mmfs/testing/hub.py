@@ -44,6 +44,7 @@ import hmac
 import json
 import os
 import secrets
+import signal
 import socket
 import stat
 import struct
@@ -64,6 +65,7 @@ from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 from ..errors import AccessDenied, EntryNotFound, MmfsError, NotFound, RepoNotFound, RevisionNotFound
 from ..names import check_path, check_repo_part, check_revision
 from ..sizes import parse_rate
+from .process import child_env, start_until_ready, stop
 
 DEFAULT_LFS_THRESHOLD = 1 << 20
 #: Corrupted responses flip the first byte of the body and every byte whose file offset
@@ -982,35 +984,18 @@ class HubProcess(HubClient):
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self, timeout: float = 30.0) -> "HubProcess":
-        env = dict(os.environ)
-        package_parent = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True, env=env)
-        line: list[str] = []
-        stdout = self.proc.stdout
-        assert stdout is not None
-        reader = threading.Thread(target=lambda: line.append(stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout)
+        self.proc, line = start_until_ready(self.argv, child_env(), log_path=None, timeout=timeout)
         prefix = "hub listening on "
-        if not line or not line[0].startswith(prefix):
+        if not line.startswith(prefix):
             self.stop()
-            raise RuntimeError(f"the hub did not start within {timeout} s: {line[0] if line else 'no output'!r}")
-        self.url = line[0][len(prefix):].strip()
+            raise RuntimeError(f"the hub did not start within {timeout} s: {line or 'no output'!r}")
+        self.url = line[len(prefix):].strip()
         return self
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
-        self.proc = None
+        if self.proc is not None:
+            stop(self.proc, signal.SIGTERM, timeout=5)
+            self.proc = None
 
     def __enter__(self) -> "HubProcess":
         return self.start()

@@ -16,10 +16,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from .process import child_env, start_until_ready, stop
 
 READY_PREFIX = "mmfs: mounted "
 
@@ -58,29 +59,19 @@ class MountProcess:
         self.env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT")}
         if hub_url:
             self.env["HF_ENDPOINT"] = hub_url
-        self.env.update(env or {})
-        package_parent = str(Path(__file__).resolve().parents[2])
-        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, self.env.get("PYTHONPATH")]))
+        self.env = child_env({**self.env, **(env or {})})
         self.proc: subprocess.Popen[str] | None = None
         self.ready_line = ""
 
     def start(self, timeout: float = 30.0) -> "MountProcess":
         self.mountpoint.mkdir(parents=True, exist_ok=True) if not _is_mounted(self.mountpoint) else None
-        log = open(self.log_path, "a")
-        try:
-            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, text=True, env=self.env)
-        finally:
-            log.close()
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
-        reader.start()
-        reader.join(timeout)
-        if not line or not line[0].startswith(READY_PREFIX):
+        self.proc, line = start_until_ready(self.argv, self.env, log_path=self.log_path, timeout=timeout)
+        if not line.startswith(READY_PREFIX):
             code = self.proc.poll()
             self.stop()
             raise RuntimeError(f"mmfs mount did not get ready within {timeout} s (exit {code}): "
-                               f"{line[0] if line else 'no output'!r}\n{self.log_text()[-3000:]}")
-        self.ready_line = line[0].strip()
+                               f"{line or 'no output'!r}\n{self.log_text()[-3000:]}")
+        self.ready_line = line.strip()
         return self
 
     def repo(self, repo_id: str, revision: str = "main", provider: str = "huggingface") -> Path:
@@ -113,15 +104,7 @@ class MountProcess:
         """SIGTERM and wait; return the exit status. The mountpoint is unmounted in any case."""
         code = None
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                code = self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            if self.proc.stdout:
-                self.proc.stdout.close()
+            code = stop(self.proc, signal.SIGTERM, timeout)
             self.proc = None
         if _is_mounted(self.mountpoint):
             force_unmount(self.mountpoint)
