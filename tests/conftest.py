@@ -5,10 +5,13 @@
   :func:`mmfs.testing.models.make_synthetic_model` (``hub_root / "org" / "name"``).
 - ``hub``: a running :class:`mmfs.testing.hub.TestHub` over ``hub_root`` on a free
   loopback port, stopped after the test; ``hub.url`` is the ``HF_ENDPOINT``.
+- Tests marked ``fuse`` (real mounts) need ``/dev/fuse`` and root: without them they
+  skip, except under CI (``CI`` set), where that fails them: they must never skip there.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -27,3 +30,18 @@ def hub_root(tmp_path: Path) -> Path:
 def hub(hub_root: Path) -> Iterator[TestHub]:
     with TestHub(hub_root) as running:
         yield running
+
+
+@pytest.fixture(autouse=True)
+def _fuse_tests_need_fuse(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("fuse") is None:
+        return
+    if not os.path.exists("/dev/fuse"):
+        reason = "/dev/fuse is missing"
+    elif os.geteuid() != 0:
+        reason = "real mounts need root"
+    else:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}, and CI is set: FUSE tests must run in CI")
+    pytest.skip(reason)

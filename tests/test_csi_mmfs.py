@@ -17,7 +17,7 @@ from csi_driver import csi_pb2 as pb
 from csi_driver.mounts import read_mountinfo
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_csi import Plugin, _require_fuse, lazy_umount_under, mounted, publish_request, serves, wait_for  # noqa: E402
+from test_csi import Plugin, lazy_umount_under, mounted, publish_request, serves, wait_for  # noqa: E402
 
 REPO = "sentence-transformers/all-MiniLM-L6-v2"
 MMFS = shutil.which("mmfs", path=str(Path(sys.executable).parent)) or shutil.which("mmfs")
@@ -66,7 +66,6 @@ class MmfsMount:
 
 @pytest.fixture
 def stack(tmp_path, hub):
-    _require_fuse()
     if MMFS is None:
         pytest.fail("the mmfs console script is not installed")
     sock_dir = tempfile.mkdtemp(prefix="csi-sock-")

@@ -20,20 +20,12 @@ import pytest
 
 from mmfs.testing.hub import TestHub
 from mmfs.testing.models import REAL_REPO_ID, make_synthetic_model, real_model_dir
-from mmfs.testing.mount import MountProcess, fuse_available, force_unmount
+from mmfs.testing.mount import MountProcess, force_unmount
 from mmfs.testing.net import free_port
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(120)]
 
 MMFS = [sys.executable, "-m", "mmfs"]
-
-
-@pytest.fixture(autouse=True)
-def _need_fuse() -> None:
-    if not fuse_available():
-        if os.environ.get("CI"):
-            pytest.fail("/dev/fuse is missing: FUSE tests must run in CI")
-        pytest.skip("/dev/fuse is missing")
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import pytest
 from backend_server.testing import BackendProcess, backend_command
 from mmfs.testing.hub import TestHub
 from mmfs.testing.models import REAL_REPO_ID, make_synthetic_model
-from mmfs.testing.mount import MountProcess, fuse_available
+from mmfs.testing.mount import MountProcess
 
 SHARD = "model-00001-of-00001.safetensors"
 NODE = Path(__file__).with_name("nixl_node.py")
@@ -101,10 +101,6 @@ def test_real_model_over_nixl_byte_identical(hub: TestHub, hub_root: Path, start
 @pytest.mark.timeout(120)
 def test_mount_with_transport_nixl_reads_real_model(tmp_path: Path, hub: TestHub, hub_root: Path,
                                                      start_backend) -> None:
-    if not fuse_available():
-        if os.environ.get("CI"):
-            pytest.fail("/dev/fuse is missing: FUSE tests must run in CI")
-        pytest.skip("/dev/fuse is missing")
     backend = start_backend()
     upstream = repo_digests(hub_root / REAL_REPO_ID)
     with MountProcess(tmp_path / "mnt", tmp_path / "cache", backend=backend.url,
