@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from mmfs.mountutil import unescape_mountinfo
-
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -57,6 +55,21 @@ class MountEntry:
         return self.fs_type == "fuse" or self.fs_type.startswith("fuse.") or self.fs_type == "fuseblk"
 
 
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
 def read_mountinfo(path: str = MOUNTINFO) -> list[MountEntry]:
     """The mount table of this process's mount namespace, in mount order."""
     entries = []
@@ -69,11 +82,11 @@ def read_mountinfo(path: str = MOUNTINFO) -> list[MountEntry]:
                     mount_id=int(fields[0]),
                     parent_id=int(fields[1]),
                     device=fields[2],
-                    root=unescape_mountinfo(fields[3]),
-                    mount_point=unescape_mountinfo(fields[4]),
+                    root=_unescape(fields[3]),
+                    mount_point=_unescape(fields[4]),
                     options=fields[5],
                     fs_type=fields[sep + 1],
-                    source=unescape_mountinfo(fields[sep + 2]),
+                    source=_unescape(fields[sep + 2]),
                 )
             )
     return entries

@@ -28,7 +28,7 @@ class MountInfo:
     source: str
 
 
-def unescape_mountinfo(field: str) -> str:
+def _unescape(field: str) -> str:
     """mountinfo escapes space, tab, newline and backslash as octal."""
     out, i = [], 0
     while i < len(field):
@@ -47,7 +47,7 @@ def mounts() -> list[MountInfo]:
         for line in f:
             fields = line.split()
             sep = fields.index("-")
-            found.append(MountInfo(unescape_mountinfo(fields[4]), fields[2], fields[sep + 1], unescape_mountinfo(fields[sep + 2])))
+            found.append(MountInfo(_unescape(fields[4]), fields[2], fields[sep + 1], _unescape(fields[sep + 2])))
     return found
 
 
