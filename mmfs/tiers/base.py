@@ -1,9 +1,12 @@
 """The interface every cache tier implements, so the fetch engine sees the chain as a list.
 
-A tier answers ``get`` with the verified bytes of a chunk or ``None`` (a miss is not an
-error: a tier that finds a damaged entry drops it and reports a miss). ``put`` may refuse
-to keep what does not fit, and raises :class:`~mmfs.errors.CacheError` only when the tier
-itself is broken (disk full, I/O error); the engine logs that and carries on without it.
+A tier holds :class:`Chunk` records: a chunk's bytes with the block digests computed once
+when they arrived, and whether they matched the file's chunk map (verified) or arrived
+before a map existed (provisional; see :mod:`mmfs.chunkmap`). ``get`` answers a chunk or
+``None`` (a miss is not an error: a tier that finds a damaged entry drops it and reports a
+miss). ``put`` may refuse to keep what does not fit, and raises
+:class:`~mmfs.errors.CacheError` only when the tier itself is broken (disk full, I/O
+error); the engine logs that and carries on without it.
 """
 
 from __future__ import annotations
@@ -11,7 +14,24 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from ..chunkmap import ChunkMap, fingerprint
 from ..manifest import ChunkKey
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One copy of a chunk's bytes, as held by a tier."""
+
+    #: The bytes (a ``bytearray`` when received straight into a buffer: never written to).
+    data: bytes | bytearray
+    #: blake3 of each 64 KiB block of ``data``, computed once when the bytes arrived.
+    digests: bytes
+    #: True once the digests matched the file's chunk map; False: provisional.
+    verified: bool
+
+    @property
+    def fingerprint(self) -> bytes:
+        return fingerprint(self.digests)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,28 +60,39 @@ class ChunkTier(ABC):
     name: str
 
     @abstractmethod
-    async def get(self, key: ChunkKey) -> bytes | None:
-        """Return the chunk's bytes, verified, or ``None`` when the tier does not hold it."""
+    async def get(self, key: ChunkKey) -> Chunk | None:
+        """Return the chunk (its bytes checked against its digests where they could have
+        changed, as on disk), or ``None`` when the tier does not hold it."""
 
     async def get_range(self, key: ChunkKey, start: int, end: int) -> bytes | None:
-        """Bytes ``[start, end)`` of the chunk, verified, or ``None``.
+        """Bytes ``[start, end)`` of a *verified* chunk, checked, or ``None``.
 
-        Tiers that can read and verify part of a chunk (the disk tier, per 64 KiB block)
-        override this so small random reads do not load whole chunks."""
-        data = await self.get(key)
-        return None if data is None else data[start:end]
+        Tiers that can read and check part of a chunk (the disk tier, per block) override
+        this so small random reads do not load whole chunks. Provisional chunks are not
+        answered here: the engine serves them through :meth:`get` and remembers them."""
+        chunk = await self.get(key)
+        return None if chunk is None or not chunk.verified else bytes(chunk.data[start:end])
 
     @abstractmethod
-    async def put(self, key: ChunkKey, data: bytes) -> None:
-        """Keep ``data`` (already verified by the caller), evicting older chunks to make room."""
+    async def put(self, key: ChunkKey, chunk: Chunk) -> None:
+        """Keep ``chunk``, evicting older chunks to make room."""
 
     @abstractmethod
     async def discard(self, content_id: str) -> int:
-        """Drop every chunk of ``content_id`` (used when a file fails verification); return how many."""
+        """Drop every chunk of ``content_id`` (every chunk size): the file failed its check."""
 
-    def peek(self, key: ChunkKey) -> bytes | None:
+    @abstractmethod
+    async def settle(self, chunk_map: ChunkMap) -> list[int]:
+        """Check every provisional chunk held of the map's content and chunk size against it:
+        mark the matching ones verified, drop the others; return the dropped indices."""
+
+    def peek(self, key: ChunkKey) -> Chunk | None:
         """The chunk if the tier can answer without I/O, not counted as a hit; else ``None``."""
         return None
+
+    def contains(self, key: ChunkKey) -> bool:
+        """Whether the tier holds the chunk now (no I/O, not counted)."""
+        return self.peek(key) is not None
 
     @abstractmethod
     def statistics(self) -> TierStatistics:
