@@ -3,8 +3,9 @@
 Three faces, one engine (the full reference is ``docs/protocol.md``):
 
 * the node protocol (:mod:`mmfs.remote.backend` is its client): ``/v1/resolve``,
-  ``/v1/manifest``, ``/v1/chunk`` (one verified chunk with ``X-Mmfs-Blake3``), plus
-  ``/v1/file`` (a whole file or a ``Range``, streamed) and ``POST /v1/prefetch``;
+  ``/v1/manifest``, ``/v1/chunk`` (one chunk; ``X-Mmfs-Verified`` once the file is),
+  ``/v1/map`` (a file's chunk map, docs/datapath.md), plus ``/v1/file`` (a whole file or a
+  ``Range``, streamed) and ``POST /v1/prefetch``;
 * with ``--nixl``, the NIXL data plane (:mod:`backend_server.nixl_plane`): ``/v1/nixl/agent``,
   ``/v1/nixl/chunk`` (the chunk lands in a leased slot the node READs), ``/v1/nixl/release``;
 * the Hub's download API (``/api/models/...``, ``HEAD``/``GET /<org>/<name>/resolve/...``),
@@ -20,9 +21,12 @@ and every answer about a repo, listings included, first passes :mod:`.access` (s
 read, after the caller's token was checked, because the engine shares one fetch per chunk
 among all callers and a bad token must not fail the others' reads.
 Streams send chunks in order while the next ones are fetched (:meth:`FetchEngine.prefetch`
-into the shared memory tier), so a stream holds one chunk of its own at a time. A failure
-after the headers went out (the file failed verification, the upstream gave up) aborts
-the connection mid-body: a client never sees a complete, wrong file.
+into the shared memory tier), so a stream holds one chunk of its own at a time. A stream
+is a reader like a FUSE handle (:class:`~mmfs.engine.Served`): its last chunk goes out only
+once the file's map exists and every provisional chunk it sent matches it. A failure after
+the headers went out aborts the connection mid-body, and a client that then resumes a file
+that failed verification here gets the whole file again (``200``, not ``206``), so a client
+never completes a wrong file, resumes included (docs/datapath.md).
 """
 
 from __future__ import annotations
@@ -35,15 +39,16 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Awaitable, Callable
 from urllib.parse import unquote
 
-import blake3
 import trio
 
-from mmfs.engine import FetchEngine
+from mmfs.budget import ByteBudget
+from mmfs.engine import FetchEngine, Served
 from mmfs.errors import (AccessDenied, EntryNotFound, InvalidName, MmfsError, NotFound, RepoNotFound,
-                         TransientError, first_error)
+                         first_error)
 from mmfs.manifest import ChunkKey, FileEntry, Manifest
+from mmfs.tiers.base import Chunk
 from mmfs.names import RepoRef, check_path, check_provider, check_repo_part, check_revision
-from mmfs.remote.backend import BLAKE3_HEADER
+from mmfs.remote.backend import VERIFIED_HEADER
 from mmfs.remote.base import FileSource
 
 from .access import AccessControl
@@ -67,8 +72,8 @@ STREAM_MEMORY = 32 << 20
 STREAM_WAIT = 60.0
 #: Files warmed at once by ``POST /v1/prefetch``.
 PREFETCH_FILES = 4
-#: Chunks at least this large are hashed on a worker thread.
-_THREAD_HASH_BYTES = 256 << 10
+#: Longest ``/v1/map?wait=`` may hold a request, seconds.
+MAX_MAP_WAIT = 30.0
 
 
 class BadRange(InvalidName):
@@ -79,31 +84,6 @@ class BadRange(InvalidName):
 
 class MethodNotAllowed(InvalidName):
     status = 405
-
-
-class ByteBudget:
-    """A semaphore counted in bytes: ``await acquire(n)`` waits until ``n`` bytes are free."""
-
-    def __init__(self, total: int) -> None:
-        self.total = max(1, total)
-        self.free = self.total
-        self._released = trio.Event()
-
-    async def acquire(self, n: int, timeout: float = float("inf")) -> int:
-        """Take ``n`` bytes (at most ``total``); :class:`TransientError` after ``timeout`` seconds."""
-        n = min(n, self.total)
-        with trio.move_on_after(timeout):
-            while self.free < n:
-                await self._released.wait()
-            self.free -= n
-            return n
-        raise TransientError(f"every streaming slot stayed busy for {timeout:g}s (--stream-memory "
-                             f"{self.total} bytes in use by other responses); retry")
-
-    def release(self, n: int) -> None:
-        self.free += n
-        self._released.set()
-        self._released = trio.Event()
 
 
 class BackendApp:
@@ -118,7 +98,7 @@ class BackendApp:
         self.upstream = upstream
         self.data_dir = data_dir
         self.readahead_bytes = readahead_bytes
-        self.stream_budget = ByteBudget(stream_memory)
+        self.stream_budget = ByteBudget(stream_memory, "--stream-memory budget")
         self.stream_wait = stream_wait
         self.server_stats = stats or (lambda: {"connections": 0, "active_requests": 0})
 
@@ -160,9 +140,11 @@ class BackendApp:
                     return allow("nixl_chunk", self.nixl_chunk, "GET")
                 if s[2] == "release" and len(s) == 4:
                     return allow("nixl_release", self.nixl_release, "POST")
-            if kind in ("chunk", "file") and len(s) >= 7:
+            if kind in ("chunk", "file", "map") and len(s) >= 7:
                 if kind == "chunk":
                     return allow("chunk", self.v1_chunk, "GET")
+                if kind == "map":
+                    return allow("map", self.v1_map, "GET")
                 return allow("file", self.v1_file, "GET", "HEAD")
             raise NotFound(f"no such endpoint: /{'/'.join(s)} (see docs/protocol.md)")
         if s[:2] == ["api", "models"] and len(s) >= 4:
@@ -222,31 +204,55 @@ class BackendApp:
                         manifest.dumps())
 
     async def v1_chunk(self, request: Request, s: list[str]) -> Response:
-        source, index, data, digest = await self._chunk(request, s[2:])
+        source, index, data, verified = await self._chunk(request, s[2:])
         start, end = source.entry.chunk_span(index)
-        return Response(200, [("Content-Type", "application/octet-stream"), (BLAKE3_HEADER, digest),
+        return Response(200, [("Content-Type", "application/octet-stream"),
                               ("X-Repo-Commit", source.commit), ("X-Mmfs-Chunk-Range", f"{start}-{end - 1}"),
-                              ("X-Mmfs-Chunk-Size", str(source.entry.chunk_size))], data)
+                              ("X-Mmfs-Chunk-Size", str(source.entry.chunk_size)),
+                              *([(VERIFIED_HEADER, "1")] if verified else [])], data)
 
-    async def _chunk(self, request: Request, s: list[str]) -> tuple[FileSource, int, bytes, str]:
-        """One verified chunk for ``<provider>/<org>/<name>/<commit>/<path>?index=N`` (``s``)."""
-        repo = _repo(s[0], s[1], s[2])
-        revision = check_revision(s[3])
-        path = check_path("/".join(s[4:]))
+    async def _chunk(self, request: Request, s: list[str]) -> tuple[FileSource, int, bytes, bool]:
+        """One chunk for ``<provider>/<org>/<name>/<commit>/<path>?index=N`` (``s``), and
+        whether its file is verified (its map exists). Not hashed here: nodes hash what
+        they receive once and check it against the map (docs/datapath.md)."""
+        source, auth = await self._file_of(request, s)
         raw_index = request.query_value("index")
         if raw_index is None or not raw_index.isdigit() or len(raw_index) > 12:
             raise InvalidName("the chunk endpoint needs ?index=N with N a chunk number (0, 1, ...)")
-        source, auth = await self._source(repo, revision, path, request.header("authorization"))
         index = int(raw_index)
         if index >= source.entry.chunk_count:
-            raise InvalidName(f"chunk {index} is out of range: {path} has {source.entry.chunk_count} chunks "
-                              f"of {source.entry.chunk_size} bytes")
+            raise InvalidName(f"chunk {index} is out of range: {source.entry.path} has {source.entry.chunk_count} "
+                              f"chunks of {source.entry.chunk_size} bytes")
         tier = self._tier_of(source.entry.chunk_key(index))
-        data = await self._read_chunk(source, index, auth)
-        known = self.engine.known_digest(source.entry, index)
-        digest = known.hex() if known is not None else await _digest(data)
-        self.metrics.served_bytes[tier] += len(data)
-        return source, index, data, digest
+        chunk = await self._read_chunk(source, index, auth)
+        self.metrics.served_bytes[tier] += len(chunk.data)
+        return source, index, chunk.data, chunk.verified or self.engine.is_verified(source.entry)
+
+    async def _file_of(self, request: Request, s: list[str]) -> tuple[FileSource, str | None]:
+        """The file ``<provider>/<org>/<name>/<commit>/<path>`` (``s``) names, access checked."""
+        repo = _repo(s[0], s[1], s[2])
+        revision = check_revision(s[3])
+        path = check_path("/".join(s[4:]))
+        return await self._source(repo, revision, path, request.header("authorization"))
+
+    async def v1_map(self, request: Request, s: list[str]) -> Response:
+        """A file's chunk map; ``?wait=SECONDS`` verifies the file first, answering ``202``
+        with the progress so far if that takes longer (the node asks again)."""
+        source, auth = await self._file_of(request, s[2:])
+        raw_wait = request.query_value("wait") or "0"
+        try:
+            wait = min(float(raw_wait), MAX_MAP_WAIT)
+        except ValueError:
+            raise InvalidName(f"wait must be a number of seconds, not {raw_wait[:40]!r}") from None
+        chunk_map = self.engine.known_map(source.entry)
+        if chunk_map is None and wait > 0:
+            with trio.move_on_after(wait):
+                chunk_map = await self.engine.chunk_map(source, wait=True, auth=auth)
+        if chunk_map is None:
+            return Response.json({"verified_bytes": self.engine.verification_progress(source.entry),
+                                  "size": source.entry.size}, 202, [("Retry-After", "1")])
+        return Response(200, [("Content-Type", "application/octet-stream"), ("X-Repo-Commit", source.commit),
+                              ("X-Mmfs-Chunk-Size", str(chunk_map.chunk_size))], chunk_map.digests)
 
     # -- the NIXL data plane (docs/protocol.md, "NIXL data plane") ------------------------
 
@@ -260,9 +266,9 @@ class BackendApp:
 
     async def nixl_chunk(self, request: Request, s: list[str]) -> Response:
         plane = self._plane()
-        source, index, data, digest = await self._chunk(request, s[3:])
+        source, index, data, verified = await self._chunk(request, s[3:])
         start, end = source.entry.chunk_span(index)
-        answer = await plane.lease(data, digest)
+        answer = await plane.lease(data, verified)
         answer.update(commit=source.commit, start=start, end=end)
         return Response.json(answer)
 
@@ -356,6 +362,14 @@ class BackendApp:
     async def _serve_file(self, request: Request, source: FileSource, auth: str | None) -> Response:
         entry = source.entry
         span = parse_range(request.header("range"), entry.size)
+        if span is not None and span[0] > 0 and span[1] == entry.size and self.engine.failures(entry):
+            # The shape of a resume, of a file that failed verification here: the client's
+            # prefix may hold bytes of the failed attempt. The whole file (200) makes Hub
+            # clients start over (huggingface_hub truncates on a 200 to a Range request).
+            log.warning("%s@%s %s: Range %s ignored (the file failed verification here before; a resume "
+                        "could complete a corrupt file): sending all of it", source.repo, source.commit,
+                        entry.path, request.header("range"))
+            span = None
         headers = [("Content-Type", "application/octet-stream"), ("Accept-Ranges", "bytes"),
                    ("X-Repo-Commit", source.commit), ("ETag", f'"{entry.hash}"')]
         if entry.is_lfs:
@@ -393,9 +407,10 @@ class BackendApp:
         labels[first] = self._tier_of(entry.chunk_key(first))
         read_ahead(first)
         budget = self.stream_budget
+        served = Served()
         held_bytes = [await budget.acquire(size, self.stream_wait)]  # released by the body or on_close
         try:
-            held: list[bytes] = [await self._read_chunk(source, first, auth)]
+            held: list[bytes] = [(await self._read_chunk(source, first, auth, served)).data]
         except BaseException:
             budget.release(held_bytes.pop())
             raise
@@ -412,7 +427,7 @@ class BackendApp:
                     else:
                         read_ahead(index)
                         held_bytes.append(await budget.acquire(size, self.stream_wait))
-                        data = await self._read_chunk(source, index, auth)
+                        data = (await self._read_chunk(source, index, auth, served)).data
                     base = index * size
                     lo, hi = max(start - base, 0), min(end - base, len(data))
                     await send(memoryview(data)[lo:hi])
@@ -438,10 +453,7 @@ class BackendApp:
     def _tier_of(self, key: ChunkKey) -> str:
         """Which tier would answer ``key`` now; ``upstream`` when none holds it."""
         for tier in self.engine.tiers:
-            if tier.peek(key) is not None:
-                return tier.name
-            contains = getattr(tier, "contains", None)
-            if contains is not None and contains(key):
+            if tier.contains(key):
                 return tier.name
         return "upstream"
 
@@ -492,9 +504,10 @@ class BackendApp:
             raise EntryNotFound(f"{path} does not exist in {repo.repo_id} at {manifest.commit}")
         return FileSource(repo, manifest.commit, entry), self._upstream_auth(repo, auth)
 
-    async def _read_chunk(self, source: FileSource, index: int, auth: str | None) -> bytes:
+    async def _read_chunk(self, source: FileSource, index: int, auth: str | None,
+                          served: Served | None = None) -> Chunk:
         try:
-            return await self.engine.read_chunk(source, index, auth=auth)
+            return await self.engine.read_chunk(source, index, auth=auth, served=served)
         except AccessDenied:
             if not auth:
                 self.access.mark_restricted(source.repo)
@@ -521,16 +534,6 @@ def _segments(path: str) -> list[str]:
 
 def _repo(provider: str, org: str, name: str) -> RepoRef:
     return RepoRef(check_provider(provider), check_repo_part(org, "organisation"), check_repo_part(name))
-
-
-async def _digest(data: bytes) -> str:
-    """The hex blake3 of one response's chunk of a file not verified yet, computed for
-    that response: a digest kept per chunk key would outlive a purge (integrity failure)
-    and go out with the correct bytes refetched later. About 0.3 ms per 4 MiB on a
-    worker thread. Verified files use the engine's reference digests instead."""
-    if len(data) < _THREAD_HASH_BYTES:
-        return blake3.blake3(data).hexdigest()
-    return await trio.to_thread.run_sync(lambda: blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest())
 
 
 def error_response(err: MmfsError, headers: list[tuple[str, str]] | None = None) -> Response:

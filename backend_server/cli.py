@@ -30,11 +30,12 @@ from pathlib import Path
 import trio
 
 from mmfs.engine import EngineConfig, FetchEngine
-from mmfs.errors import MmfsError
+from mmfs.errors import CacheError, MmfsError
 from mmfs.manifest import DEFAULT_CHUNK_SIZE
 from mmfs.metadata import MetadataStore
 from mmfs.remote.hub import HubRemote, hub_endpoint
 from mmfs.sizes import format_size, parse_size
+from mmfs.tiers.base import ChunkTier
 from mmfs.tiers.disk import DiskTier
 from mmfs.tiers.memory import MemoryTier
 
@@ -159,7 +160,11 @@ async def serve(args: argparse.Namespace) -> int:
     fetches = args.max_upstream_fetches or max(4, min(16, (32 << 20) // args.chunk_size))
     config = EngineConfig.from_env(max_concurrent_fetches=fetches)
     remote = HubRemote(chunk_size=args.chunk_size)
-    tiers = [MemoryTier(args.memory_cache, ttl_seconds=args.memory_ttl), DiskTier(data_dir / "chunks", disk_limit)]
+    tiers: list[ChunkTier] = [MemoryTier(args.memory_cache, ttl_seconds=args.memory_ttl)]
+    try:
+        tiers.append(DiskTier(data_dir / "chunks", disk_limit))
+    except CacheError as exc:  # a crash loop would serve nothing: serve from memory instead
+        log.error("%s: running without the cold tier (memory only)", exc)
     metadata = MetadataStore(data_dir / "metadata")
     access = AccessControl(remote.url, os.environ.get("HF_TOKEN") or None, data_dir / "access.json")
     metrics = Metrics()

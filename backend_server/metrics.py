@@ -53,8 +53,15 @@ class Metrics:
         out.metric("mmfs_backend_integrity_failures_total", "counter",
                    "Chunks or files whose bytes failed their hash (purged, never served).",
                    [({}, engine.integrity_failures)])
-        out.metric("mmfs_backend_files_verified", "gauge", "Files verified against their upstream hash.",
+        out.metric("mmfs_backend_files_verified", "gauge",
+                   "Files verified against their upstream hash by this process (chunk maps made).",
                    [({}, engine.files_verified)])
+        out.metric("mmfs_backend_provisional_dropped_total", "counter",
+                   "Chunk copies received before their file's map existed that did not match it (dropped).",
+                   [({}, engine.provisional_dropped)])
+        out.metric("mmfs_backend_pending_write_bytes", "gauge",
+                   "Chunk bytes waiting to be written to the cold tier (bounded).",
+                   [({}, engine.pending_write_bytes)])
         out.metric("mmfs_backend_served_bytes_total", "counter",
                    "File bytes sent to clients, by the tier that supplied them.",
                    [({"tier": tier}, self.served_bytes[tier]) for tier in TIERS_SERVED])

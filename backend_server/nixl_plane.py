@@ -5,7 +5,7 @@
     add_remote_agent(metadata)
     GET /v1/nixl/chunk/...?index=N ────▶   engine.read_chunk (same rules as /v1/chunk),
                                            copy into a free slot, lease it
-                        ◀───────────────   {slot, addr, length, blake3, lease_id}
+                        ◀───────────────   {slot, addr, length, verified, lease_id}
     NIXL READ addr..addr+length  ═══════▶  (one-sided: no backend code runs)
     POST /v1/nixl/release/<lease_id> ──▶   200 while the lease held, else 404
 
@@ -147,7 +147,7 @@ class NixlPlane:
                 "backend": "UCX", "mem_type": "DRAM", "slot_size": self.slot_size, "slots": self.slots,
                 "lease_timeout_s": self.lease_timeout}
 
-    async def lease(self, data: bytes, blake3: str) -> dict[str, Any]:
+    async def lease(self, data: bytes, verified: bool) -> dict[str, Any]:
         """Copy ``data`` into a free slot and lease it; the body of a ``/v1/nixl/chunk`` answer.
 
         Raises :class:`NixlBusy` when ``data`` does not fit a slot or none frees up in time.
@@ -174,7 +174,7 @@ class NixlPlane:
         lease = Lease(secrets.token_hex(12), slot, len(data), time.monotonic() + self.lease_timeout)
         self._leases[lease.lease_id] = lease
         self._active_until = time.monotonic() + 1.0
-        return {"slot": slot, "addr": self.base + offset, "length": len(data), "blake3": blake3,
+        return {"slot": slot, "addr": self.base + offset, "length": len(data), "verified": verified,
                 "lease_id": lease.lease_id, "agent": self.name, "lease_timeout_s": self.lease_timeout}
 
     def release(self, lease_id: str, *, failed: bool = False) -> bool:

@@ -96,6 +96,16 @@ class ChunkMap:
         """Whether a copy of chunk ``index`` with these block digests is the verified one."""
         return self.chunk_digests(index) == digests
 
+    def recut(self, chunk_size: int) -> "ChunkMap | None":
+        """The map of the same content for another chunk size, where blocks line up (both
+        sizes multiples of ``BLOCK_SIZE``: the blocks are then the same 64 KiB of the file);
+        ``None`` where they do not, and the file must be verified again for that size."""
+        if chunk_size == self.chunk_size:
+            return self
+        if chunk_size % BLOCK_SIZE or self.chunk_size % BLOCK_SIZE:
+            return None
+        return ChunkMap(self.content_id, self.size, chunk_size, self.digests)
+
 
 def map_key(content_id: str, chunk_size: int) -> str:
     """Maps are keyed by content *and* chunk size: the same content cut differently has

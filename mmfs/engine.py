@@ -1,4 +1,4 @@
-"""The fetch engine: "chunk k of file F at commit C" into verified bytes.
+"""The fetch engine: "chunk k of file F at commit C" into bytes whose trust is known.
 
 One engine, two deployments. The node daemon runs it with the backend as its remote (or,
 embedded, the Hub); the backend server runs it with the Hub as its remote. For each
@@ -6,16 +6,19 @@ chunk it asks the tiers in order (memory, then disk), then the remote, and write
 found back into the faster tiers::
 
     read_chunk ─▶ memory ─▶ disk ─▶ remote (single-flight, capped concurrency)
-                   ▲          ▲          │ blake3 checked against the remote's digest
-                   └──────────┴──────────┘ write-back
+                   ▲          ▲          │ block digests computed once, on arrival
+                   └──────────┴──────────┘ write-back (disk: behind the reader, bounded in bytes)
 
-Verification. A chunk from a remote that vouches for a blake3 digest is checked against
-it. A whole file is checked against its upstream hash (LFS sha256 or git blob id) by
-hashing chunks in order as they arrive; a file's *last* chunk is held back until that
-check passes, so a reader of a whole file never completes on corrupted bytes. On a
-mismatch every tier forgets the file and readers get :class:`IntegrityError` (EIO).
-When the remote is a backend, it does the whole-file check and holds the tail back
-itself (``Remote.verifies_files``).
+Trust (docs/datapath.md). A file's chunk map (:mod:`mmfs.chunkmap`) is the reference every
+chunk copy is checked against. Where the remote is the upstream, this engine makes the map:
+it feeds chunks in order to the whole-file hash (LFS sha256 or git blob id) and, when the
+hash matches, the block digests it fed become the map. Where the remote is a backend
+(``Remote.verifies_files``), the backend made the map and this engine fetches it. Chunks that
+arrive before the map exists are provisional: readers may get them, except a file's last
+chunk, which is served only once the map exists and only to a reader whose provisional
+chunks (remembered in its :class:`Served`) all match it. When a map arrives, every
+provisional copy held is settled against it; where a copy is dropped, or a file fails its
+check, listeners (the FUSE layer: page caches) are told.
 
 Use it as an async context manager: it owns a nursery in which fetches run, so a reader
 that is cancelled never cancels a fetch other readers wait on.
@@ -30,20 +33,21 @@ import socket
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Sequence
+from typing import Callable, Sequence
 
-import blake3
 import trio
 
-from .errors import CacheError, IntegrityError, MmfsError, NotFound, first_error
+from .budget import ByteBudget
+from .chunkmap import ChunkMap, block_digests, map_key
+from .errors import CacheError, IntegrityError, MmfsError, NotFound, UpstreamError, first_error
 from .manifest import ChunkKey, FileEntry, Manifest
 from .metadata import MetadataStore
 from .names import RepoRef, is_commit
 from .remote.base import FetchedChunk, FileSource, Remote
 from .singleflight import SingleFlight
-from .tiers.base import ChunkTier, TierStatistics
+from .tiers.base import Chunk, ChunkTier, TierStatistics
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +60,24 @@ def _env_flag(name: str) -> bool:
 class EngineConfig:
     #: Chunks fetched from the remote at once, across all files.
     max_concurrent_fetches: int = 16
-    #: Chunks handed to readers but not yet written to the slower tiers (disk), at most.
-    max_pending_writes: int = 8
+    #: Bytes of chunks handed to readers but not yet written to the slower tiers (disk).
+    max_pending_write_bytes: int = 64 << 20
     #: Seconds a branch or tag resolution is trusted before asking the remote again.
     ref_ttl: float = 30.0
     #: Never ask the remote to resolve a revision; use what the metadata DB remembers.
     offline: bool = False
     #: Who holds chunks in memory, recorded per file (``POD_NAME``, else the host name).
     holder: str = ""
+    #: Seconds between asks for the map of a file this node holds provisional chunks of
+    #: (remotes that verify files), and how long a "not verified yet" answer is trusted.
+    map_poll_interval: float = 5.0
+    #: Seconds one ask for a map may wait at the remote while it verifies the file; the
+    #: engine asks again as long as the remote reports progress.
+    map_wait: float = 10.0
+    #: Longest a wait for a file's verification may go without any progress.
+    stall_timeout: float = 60.0
+    #: Bytes of chunk maps kept in memory (the metadata DB keeps them all).
+    map_cache_bytes: int = 64 << 20
 
     @classmethod
     def from_env(cls, **overrides: object) -> "EngineConfig":
@@ -80,25 +94,44 @@ class EngineStatistics:
     inflight: int
     integrity_failures: int
     files_verified: int
+    provisional_dropped: int
+    pending_write_bytes: int
     tiers: tuple[TierStatistics, ...]
 
 
+@dataclass(slots=True)
+class Served:
+    """What one reader (a FUSE file handle, a backend response) was given before the
+    file's map existed: chunk index -> fingerprint of the provisional copy it got."""
+
+    provisional: dict[int, bytes] = field(default_factory=dict)
+
+    def note(self, index: int, chunk: Chunk) -> None:
+        if not chunk.verified:
+            self.provisional[index] = chunk.fingerprint
+
+    def mismatches(self, chunk_map: ChunkMap) -> list[int]:
+        """Indices of chunks this reader got that the map says were wrong."""
+        return sorted(i for i, fp in self.provisional.items() if chunk_map.chunk_fingerprint(i) != fp)
+
+
 class _FileHash:
-    """Whole-file hash of one content, advanced as chunks arrive in order, and the blake3
-    of each chunk fed to it: once the file verifies, those become the reference every
-    later fetch of the same chunk is checked against."""
+    """Whole-file hash of one content, advanced as chunks arrive in order, and the block
+    digests of each chunk fed to it: if the file matches, those become its chunk map."""
 
     def __init__(self, entry: FileEntry) -> None:
         self.hasher = entry.new_hasher()
-        self.chunk_digests: list[bytes] = []
+        self.digests: list[bytes] = []
         self.next_index = 0
+        self.hashed_bytes = 0
         self.lock = trio.Lock()
 
-    def feed(self, data: bytes) -> None:
-        """Hash one more chunk (in a worker thread: hashlib and blake3 release the GIL)."""
-        self.hasher.update(data)
-        self.chunk_digests.append(blake3_digest(data))
+    def feed(self, chunk: Chunk) -> None:
+        """Hash one more chunk (in a worker thread: hashlib releases the GIL)."""
+        self.hasher.update(chunk.data)
+        self.digests.append(chunk.digests)
         self.next_index += 1
+        self.hashed_bytes += len(chunk.data)
 
 
 #: Chunks fetched ahead while a file's remaining chunks are hashed for verification.
@@ -116,28 +149,39 @@ class FetchEngine:
         self.metadata = metadata
         self.config = config
         self._fetch_limiter = trio.CapacityLimiter(config.max_concurrent_fetches)
-        self._chunk_flights: SingleFlight[ChunkKey, bytes] = SingleFlight()
+        self._chunk_flights: SingleFlight[ChunkKey, Chunk] = SingleFlight()
         self._meta_flights: SingleFlight[tuple, object] = SingleFlight()
         self._refs: dict[tuple[RepoRef, str], tuple[str, float]] = {}
         self._manifests: dict[tuple[RepoRef, str], Manifest] = {}
-        self._file_hashes: OrderedDict[str, _FileHash] = OrderedDict()
-        # content id -> the blake3 of each of its chunks, for files that passed verification
-        self._verified: dict[str, bytes] = {}
+        self._file_hashes: OrderedDict[str, _FileHash] = OrderedDict()  # map key -> running hash
+        self._maps: OrderedDict[str, ChunkMap] = OrderedDict()  # map key -> map (LRU by bytes)
+        self._map_bytes = 0
+        self._no_local_map: set[str] = set()  # map keys the metadata DB was found not to hold
+        self._next_map_ask: dict[str, float] = {}  # map key -> when to ask the remote again
+        self._remote_progress: dict[str, int] = {}  # map key -> bytes the remote has verified
+        self._provisional: dict[str, FileSource] = {}  # map key -> a file holding provisional chunks
         self._recorded: set[str] = set()
         self._purges: dict[str, int] = {}  # content id -> times it failed verification here
-        self._write_slots = trio.Semaphore(config.max_pending_writes)
+        self._listeners: list[Callable[[str], None]] = []
+        self._write_budget = ByteBudget(config.max_pending_write_bytes, "write-behind budget")
         self._pending_writes = 0
         self._writes_idle = trio.Event()
-        self._written_behind: dict[ChunkKey, bytes] = {}  # on their way to the disk tier
+        self._written_behind: dict[ChunkKey, Chunk] = {}  # on their way to the disk tier
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: trio.Nursery | None = None
-        self._remote_fetches = self._remote_bytes = self._integrity_failures = 0
+        self._remote_fetches = self._remote_bytes = self._integrity_failures = self._dropped = 0
+        self._verified_count = 0
+        #: Grows whenever bytes arrive or a remote reports verification progress: waiters
+        #: with a deadline extend it while this moves (bytes are flowing, so no EIO).
+        self.activity = 0
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def __aenter__(self) -> "FetchEngine":
         self._nursery_cm = trio.open_nursery()
         self._nursery = await self._nursery_cm.__aenter__()
+        if self.remote.verifies_files:
+            self._nursery.start_soon(self._poll_maps)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -161,6 +205,19 @@ class FetchEngine:
         if self._nursery is None:
             raise RuntimeError("FetchEngine used outside 'async with'")
         return self._nursery
+
+    def add_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(content_id)`` whenever bytes of that content that readers may
+        hold (page caches) turned out wrong: a provisional copy failed its map, or the
+        file failed its whole-file check."""
+        self._listeners.append(listener)
+
+    def _tell(self, content_id: str) -> None:
+        for listener in self._listeners:
+            try:
+                listener(content_id)
+            except Exception:  # noqa: BLE001 - a listener's bug must not stop verification
+                log.exception("integrity listener failed for %s", content_id)
 
     # -- revisions and manifests --------------------------------------------------------
 
@@ -229,19 +286,24 @@ class FetchEngine:
     def known_manifests(self) -> list[Manifest]:
         return list(self._manifests.values())
 
-    # -- chunks -------------------------------------------------------------------------
+    # -- reads --------------------------------------------------------------------------
 
-    async def read(self, source: FileSource, offset: int, size: int, *, auth: str | None = None) -> bytes:
-        """Bytes ``[offset, offset+size)`` of a file, short only at end of file."""
+    async def read(self, source: FileSource, offset: int, size: int, *, auth: str | None = None,
+                   served: Served | None = None) -> bytes:
+        """Bytes ``[offset, offset+size)`` of a file, short only at end of file.
+
+        ``served`` is the reader's record of provisional chunks it was given (see
+        :class:`Served`); a reader without one is treated as a fresh reader each call."""
         entry = source.entry
         indices = entry.chunks_for(offset, size)
         end = min(offset + size, entry.size)
+        served = served if served is not None else Served()
         if len(indices) <= 1:
-            return await self._read_span(source, indices[0], offset, end, auth) if indices else b""
+            return await self._read_span(source, indices[0], offset, end, auth, served) if indices else b""
         parts: dict[int, bytes] = {}
 
         async def fetch(index: int) -> None:
-            parts[index] = await self._read_span(source, index, offset, end, auth)
+            parts[index] = await self._read_span(source, index, offset, end, auth, served)
 
         try:
             async with trio.open_nursery() as nursery:
@@ -254,66 +316,79 @@ class FetchEngine:
             raise error from None
         return b"".join(parts[i] for i in indices)
 
-    async def _read_span(self, source: FileSource, index: int, offset: int, end: int, auth: str | None) -> bytes:
+    async def _read_span(self, source: FileSource, index: int, offset: int, end: int, auth: str | None,
+                         served: Served) -> bytes:
         """The part of chunk ``index`` inside the file range ``[offset, end)``.
 
-        A part smaller than the chunk is asked of each tier as a range, so the disk tier
-        reads and verifies only the blocks it covers; a full miss loads the whole chunk."""
+        A part of a verified chunk is asked of each tier as a range, so the disk tier reads
+        and checks only the blocks it covers; anything else loads the whole chunk."""
         entry = source.entry
         start, stop = entry.chunk_span(index)
         a, b = max(offset, start) - start, min(end, stop) - start
         key = entry.chunk_key(index)
-        if b - a == stop - start or not self._servable(entry, index) or key in self._chunk_flights:
-            # Whole chunks, held-back tails, and chunks already on their way (read-ahead):
-            # through the chunk path, so the same bytes are not read twice.
-            data = await self.read_chunk(source, index, auth=auth)
-        else:
+        if b - a < stop - start and index != entry.chunk_count - 1 and key not in self._chunk_flights \
+                and self.known_map(entry) is not None:
             for tier in self.tiers:
                 part = await tier.get_range(key, a, b)
                 if part is not None:
                     return part
-            data = await self._chunk(source, index, auth, first_tier=len(self.tiers))
-        return data if b - a == len(data) else data[a:b]
+        chunk = await self.read_chunk(source, index, auth=auth, served=served)
+        return chunk.data if b - a == len(chunk.data) else bytes(memoryview(chunk.data)[a:b])
 
-    def _servable(self, entry: FileEntry, index: int) -> bool:
-        """Whether chunk ``index`` may be served now: all but a file's last chunk may; the
-        last one once the whole file matched its hash (here or, per the remote, upstream)."""
-        return index != entry.chunk_count - 1 or self.remote.verifies_files or self.is_verified(entry)
-
-    def read_cached(self, source: FileSource, offset: int, size: int) -> bytes | memoryview | None:
+    def read_cached(self, source: FileSource, offset: int, size: int,
+                    served: Served | None = None) -> bytes | memoryview | None:
         """:meth:`read` answered from the first tier alone, without waiting; ``None`` on a miss.
 
         The fast path of the FUSE read loop: no task switch, no copy when the range lies in
-        one chunk (a ``memoryview`` into it). A range that reaches a file's last chunk is
-        only served once the file is verified, as in :meth:`read_chunk`.
-        """
+        one chunk (a ``memoryview`` into it). A range reaching a file's last chunk is left
+        to :meth:`read` unless the file's map is known and the reader holds no provisional
+        chunk; provisional chunks served here are noted in ``served``."""
         entry = source.entry
         indices = entry.chunks_for(offset, size)
         if not indices:
             return b""
         get = getattr(self.tiers[0], "get_nowait", None) if self.tiers else None
-        if get is None or not self._servable(entry, indices[-1]):
+        if get is None:
             return None
+        if indices[-1] == entry.chunk_count - 1 and (self.known_map(entry) is None
+                                                     or served is None or served.provisional):
+            return None
+        chunks = []
+        for index in indices:
+            chunk = get(entry.chunk_key(index))
+            if chunk is None or (not chunk.verified and (served is None or self.known_map(entry) is not None)):
+                return None
+            chunks.append(chunk)
+        if served is not None:
+            for index, chunk in zip(indices, chunks):
+                served.note(index, chunk)
         base = indices[0] * entry.chunk_size
         end = min(offset + size, entry.size)
-        if len(indices) == 1:
-            data = get(entry.chunk_key(indices[0]))
-            return None if data is None else memoryview(data)[offset - base:end - base]
-        parts = []
-        for index in indices:
-            data = get(entry.chunk_key(index))
-            if data is None:
-                return None
-            parts.append(data)
-        return b"".join(parts)[offset - base:end - base]
+        if len(chunks) == 1:
+            return memoryview(chunks[0].data)[offset - base:end - base]
+        return b"".join(c.data for c in chunks)[offset - base:end - base]
 
-    async def read_chunk(self, source: FileSource, index: int, *, auth: str | None = None) -> bytes:
-        """Chunk ``index`` of ``source``, verified; a file's last chunk only once the file is."""
-        data = await self._chunk(source, index, auth)
+    async def read_chunk(self, source: FileSource, index: int, *, auth: str | None = None,
+                         served: Served | None = None) -> Chunk:
+        """Chunk ``index`` of ``source`` for a reader.
+
+        A file's last chunk only once the file's map exists, verified, and only when every
+        provisional chunk this reader got (``served``) matches the map; other chunks may be
+        provisional (noted in ``served``)."""
         entry = source.entry
-        if index == entry.chunk_count - 1 and not self.remote.verifies_files:
-            await self._verify_file(source, auth)
-        return data
+        if index == entry.chunk_count - 1:
+            chunk_map = await self.chunk_map(source, wait=True, auth=auth)
+            assert chunk_map is not None
+            wrong = served.mismatches(chunk_map) if served is not None else []
+            if wrong:
+                raise IntegrityError(f"{entry.path}: chunks {wrong[:8]} this reader was given before the file "
+                                     f"was verified turned out wrong; open the file again")
+        chunk = await self._chunk(source, index, auth)
+        if served is not None:
+            served.note(index, chunk)
+        elif not chunk.verified and self.remote.verifies_files:
+            self._want_map(source)
+        return chunk
 
     def prefetch(self, source: FileSource, indices: range, *, auth: str | None = None) -> None:
         """Start fetching chunks in the background; errors surface when they are read."""
@@ -323,65 +398,80 @@ class FetchEngine:
                 continue
             self._chunk_flights.start(key, lambda i=index: self._load(source, i, auth), self.nursery)
 
-    async def _chunk(self, source: FileSource, index: int, auth: str | None, *, first_tier: int = 0) -> bytes:
-        """A whole chunk from the tiers from ``first_tier`` on (the caller missed those above), or fetched."""
+    async def _chunk(self, source: FileSource, index: int, auth: str | None) -> Chunk:
+        """A whole chunk, from the tiers or fetched; checked against the map if one is known."""
         key = source.entry.chunk_key(index)
-        if first_tier == 0 and self.tiers:
-            data = await self.tiers[0].get(key)
-            if data is not None:
-                return data
-        load_from = max(first_tier, 1)
+        chunk = await self.tiers[0].get(key) if self.tiers else None
+        if chunk is None:
+            chunk = await self._load_shared(source, index, auth)
+        if not chunk.verified:
+            chunk_map = self.known_map(source.entry)
+            if chunk_map is not None:
+                if chunk_map.matches(index, chunk.digests):
+                    return Chunk(chunk.data, chunk.digests, True)
+                # A copy that arrived while the map was on its way: settle drops it.
+                await self._settle(source, chunk_map)
+                chunk = await self._load_shared(source, index, auth)
+                if not chunk.verified and not chunk_map.matches(index, chunk.digests):
+                    raise IntegrityError(f"{source.entry.path}: chunk {index} does not match the file's chunk map")
+        return chunk
+
+    async def _load_shared(self, source: FileSource, index: int, auth: str | None) -> Chunk:
+        key = source.entry.chunk_key(index)
         try:
-            return await self._chunk_flights.run(key, lambda: self._load(source, index, auth, load_from), self.nursery)
+            return await self._chunk_flights.run(key, lambda: self._load(source, index, auth), self.nursery)
         except _PurgedWhileLoading:
             # Joined a load whose file failed verification meanwhile: its bytes are
             # suspect, but this reader asked afterwards; load the chunk afresh, once.
-            return await self._chunk_flights.run(key, lambda: self._load(source, index, auth, 1), self.nursery)
+            return await self._chunk_flights.run(key, lambda: self._load(source, index, auth), self.nursery)
 
-    async def _load(self, source: FileSource, index: int, auth: str | None, first_tier: int = 1) -> bytes:
-        """Find a chunk in the tiers from ``first_tier`` down, or fetch it; write it back up."""
+    async def _load(self, source: FileSource, index: int, auth: str | None) -> Chunk:
+        """Find a chunk in the tiers below the first, or fetch it; write it back up."""
         key = source.entry.chunk_key(index)
         purges = self._purges.get(key.content_id, 0)
-        for depth in range(first_tier, len(self.tiers)):
-            data = await self.tiers[depth].get(key)
-            if data is not None:
-                await self._store(key, data, self.tiers[:depth], purges)
-                await self._advance_hash(source, index, data, purges)
-                return data
-        data = self._written_behind.get(key)  # evicted from memory before it reached the disk
-        if data is not None:
-            await self._store(key, data, self.tiers[:1], purges)
-            await self._advance_hash(source, index, data, purges)
-            return data
-        data = await self._fetch(source, index, auth)
-        await self._store(key, data, self.tiers, purges)
-        await self._advance_hash(source, index, data, purges)
-        return data
+        for depth in range(1, len(self.tiers)):
+            chunk = await self.tiers[depth].get(key)
+            if chunk is not None:
+                await self._store(source, key, chunk, self.tiers[:depth], purges)
+                await self._advance_hash(source, index, chunk, purges)
+                return chunk
+        chunk = self._written_behind.get(key)  # evicted from memory before it reached the disk
+        if chunk is not None:
+            await self._store(source, key, chunk, self.tiers[:1], purges)
+            await self._advance_hash(source, index, chunk, purges)
+            return chunk
+        chunk = await self._fetch(source, index, auth)
+        await self._store(source, key, chunk, self.tiers, purges)
+        await self._advance_hash(source, index, chunk, purges)
+        return chunk
 
-    async def _fetch(self, source: FileSource, index: int, auth: str | None) -> bytes:
-        start, end = source.entry.chunk_span(index)
+    async def _fetch(self, source: FileSource, index: int, auth: str | None) -> Chunk:
+        """Chunk ``index`` from the remote, hashed once into its block digests and checked
+        against the file's map where one is known (else provisional)."""
+        entry = source.entry
+        start, end = entry.chunk_span(index)
         async with self._fetch_limiter:
             try:
                 fetched = await self.remote.fetch_chunk(source, index, auth=auth)
             except IntegrityError:
-                await self._forget(source.entry, "the remote reported a failed verification")
+                await self._forget(source, "the remote reported a failed verification")
                 raise
         if len(fetched.data) != end - start:
-            raise IntegrityError(f"{source.entry.path}: chunk {index} has {len(fetched.data)} bytes, "
-                                 f"expected {end - start}")
-        expected = self.known_digest(source.entry, index)
-        if fetched.blake3 is not None or expected is not None:
-            digest = await trio.to_thread.run_sync(blake3_digest, fetched.data)
-            if fetched.blake3 is not None and digest.hex() != fetched.blake3 or \
-                    expected is not None and digest != expected:
-                self._integrity_failures += 1
-                log.error("integrity: %s@%s %s chunk %d: blake3 %s, expected %s", source.repo, source.commit,
-                          source.entry.path, index, digest.hex(), fetched.blake3 or expected.hex())  # type: ignore[union-attr]
-                raise IntegrityError(f"{source.entry.path}: chunk {index} failed its blake3 check")
+            raise IntegrityError(f"{entry.path}: chunk {index} has {len(fetched.data)} bytes, expected {end - start}")
+        self.activity += len(fetched.data)
+        digests = await trio.to_thread.run_sync(block_digests, fetched.data)
+        chunk_map = self.known_map(entry)
+        if chunk_map is not None and not chunk_map.matches(index, digests):
+            self._integrity_failures += 1
+            log.error("integrity: %s@%s %s chunk %d does not match the file's chunk map (from %s)", source.repo,
+                      source.commit, entry.path, index, self.remote.url or "the remote")
+            raise IntegrityError(f"{entry.path}: chunk {index} does not match the file's chunk map")
         self._remote_fetches += 1
         self._remote_bytes += len(fetched.data)
         await self._record_download(source, fetched)
-        return fetched.data
+        if chunk_map is None and fetched.file_verified and self.remote.verifies_files:
+            self._want_map(source, force=True)
+        return Chunk(fetched.data, digests, chunk_map is not None)
 
     async def _record_download(self, source: FileSource, fetched: FetchedChunk) -> None:
         """Note where a file came from, once per content and process.
@@ -393,7 +483,7 @@ class FetchEngine:
             return
         self._recorded.add(content_id)
         changes: dict[str, object] = {}
-        if not self.remote.verifies_files and content_id not in self._verified:
+        if not self.remote.verifies_files and self.known_map(source.entry) is None:
             changes["inflight_download"] = f"{self.config.holder}:{uuid.uuid4().hex[:16]}"
         record = self.metadata.get_file(content_id)
         if record is None or not record.downloaded_at:
@@ -403,42 +493,53 @@ class FetchEngine:
             await trio.to_thread.run_sync(lambda: self.metadata.update_file(  # type: ignore[union-attr]
                 content_id, **changes))
 
-    async def _store(self, key: ChunkKey, data: bytes, tiers: Sequence[ChunkTier], purges: int) -> None:
+    # -- storing ------------------------------------------------------------------------
+
+    async def _store(self, source: FileSource, key: ChunkKey, chunk: Chunk, tiers: Sequence[ChunkTier],
+                     purges: int) -> None:
         """Put a chunk into the first of ``tiers`` now and the others behind the reader.
 
-        A reader waits for the memory copy only: local disk writes (the largest cost of a
-        cold node on a busy disk) happen in the background, at most
-        ``max_pending_writes`` chunks at a time (then loads wait: back-pressure).
-        ``purges`` is the file's purge count when this load began: a file that failed
-        verification meanwhile must not get the chunk back into any cache."""
+        A reader waits for the memory copy only: local disk writes happen in the
+        background, at most ``max_pending_write_bytes`` at a time (then loads wait:
+        back-pressure). ``purges`` is the file's purge count when this load began: a file
+        that failed verification meanwhile must not get the chunk back into any cache."""
         self._check_not_purged(key, purges)
+        if not chunk.verified:
+            self._provisional.setdefault(map_key(key.content_id, key.chunk_size), source)
         if not tiers:
             return
-        await self._put(tiers[0], key, data)
+        await self._put(tiers[0], key, chunk)
         self._check_not_purged(key, purges)
         if len(tiers) > 1:
-            await self._write_slots.acquire()
+            taken = await self._write_budget.acquire(len(chunk.data))
             self._pending_writes += 1
-            self._written_behind[key] = data
-            self.nursery.start_soon(self._write_behind, key, data, tiers[1:], purges)
+            self._written_behind[key] = chunk
+            self.nursery.start_soon(self._write_behind, key, chunk, tiers[1:], purges, taken)
 
-    async def _write_behind(self, key: ChunkKey, data: bytes, tiers: Sequence[ChunkTier], purges: int) -> None:
+    async def _write_behind(self, key: ChunkKey, chunk: Chunk, tiers: Sequence[ChunkTier], purges: int,
+                            taken: int) -> None:
         try:
             for tier in tiers:
                 if self._purges.get(key.content_id, 0) != purges:
                     return  # the disk tier also drops writes a discard overtook
-                await self._put(tier, key, data)
+                chunk_map = self._maps.get(map_key(key.content_id, key.chunk_size))
+                if not chunk.verified and chunk_map is not None:
+                    # The map arrived while this write waited: store the settled copy only.
+                    if not chunk_map.matches(key.index, chunk.digests):
+                        return
+                    chunk = Chunk(chunk.data, chunk.digests, True)
+                await self._put(tier, key, chunk)
         finally:
             self._written_behind.pop(key, None)
-            self._write_slots.release()
+            self._write_budget.release(taken)
             self._pending_writes -= 1
             if not self._pending_writes:
                 self._writes_idle.set()
                 self._writes_idle = trio.Event()
 
-    async def _put(self, tier: ChunkTier, key: ChunkKey, data: bytes) -> None:
+    async def _put(self, tier: ChunkTier, key: ChunkKey, chunk: Chunk) -> None:
         try:
-            await tier.put(key, data)
+            await tier.put(key, chunk)
         except CacheError as exc:
             # Disk full or broken: keep serving from the other tiers.
             log.error("%s tier cannot store %s: %s", tier.name, key.content_id, exc)
@@ -455,32 +556,178 @@ class FetchEngine:
             return True
         return False
 
-    # -- whole-file verification --------------------------------------------------------
+    # -- chunk maps ---------------------------------------------------------------------
 
     def is_verified(self, entry: FileEntry) -> bool:
-        """Whether the file matched its upstream hash (here, or in an earlier run)."""
-        return self._chunk_digests(entry) is not None
+        """Whether the file's chunk map is known here (it matched its upstream hash)."""
+        return self.known_map(entry) is not None
 
-    def _chunk_digests(self, entry: FileEntry) -> bytes | None:
-        digests = self._verified.get(entry.content_id)
-        if digests is None and self.metadata is not None:
-            digests = self.metadata.get_chunk_digests(entry.content_id)
-            if digests is not None and len(digests) == 32 * entry.chunk_count:
-                self._verified[entry.content_id] = digests
-            else:
-                digests = None
-        return digests
+    def known_map(self, entry: FileEntry) -> ChunkMap | None:
+        """The file's chunk map if this process or its metadata DB has it (no remote call)."""
+        key = map_key(entry.content_id, entry.chunk_size)
+        found = self._maps.get(key)
+        if found is not None:
+            self._maps.move_to_end(key)
+            return found
+        if self.metadata is None or key in self._no_local_map:
+            return None
+        found = self.metadata.get_map(entry.content_id, entry.chunk_size)
+        if found is None:
+            for other in self.metadata.map_sizes(entry.content_id):
+                stored = self.metadata.get_map(entry.content_id, other)
+                found = stored.recut(entry.chunk_size) if stored is not None else None
+                if found is not None:
+                    break
+        if found is not None and found.size == entry.size:
+            self._cache_map(found)
+            return found
+        self._no_local_map.add(key)
+        return None
+
+    def _cache_map(self, chunk_map: ChunkMap) -> None:
+        if chunk_map.key in self._maps:
+            return
+        self._maps[chunk_map.key] = chunk_map
+        self._map_bytes += len(chunk_map.digests)
+        while self._map_bytes > self.config.map_cache_bytes and len(self._maps) > 1:
+            _, old = self._maps.popitem(last=False)
+            self._map_bytes -= len(old.digests)
 
     def known_digest(self, entry: FileEntry, index: int) -> bytes | None:
-        """The blake3 chunk ``index`` had when its file verified, if it did."""
-        digests = self._chunk_digests(entry)
-        return None if digests is None else digests[32 * index:32 * index + 32]
+        """The block digests of chunk ``index`` from the file's map, if known."""
+        chunk_map = self.known_map(entry)
+        return None if chunk_map is None else chunk_map.chunk_digests(index)
 
-    async def _advance_hash(self, source: FileSource, index: int, data: bytes, purges: int) -> None:
+    def verification_progress(self, entry: FileEntry) -> int:
+        """Bytes of the file hashed so far by a whole-file check under way here (0: none)."""
+        state = self._file_hashes.get(map_key(entry.content_id, entry.chunk_size))
+        return state.hashed_bytes if state is not None else 0
+
+    async def chunk_map(self, source: FileSource, *, wait: bool = False, auth: str | None = None) -> ChunkMap | None:
+        """The file's chunk map; with ``wait``, made (or waited for) if it does not exist yet.
+
+        Without ``wait``: what is known here, or (remotes that verify files) what the
+        remote has now, asked at most every ``map_poll_interval`` seconds. With ``wait``:
+        this engine verifies the whole file itself, or waits while the remote does, for as
+        long as it makes progress; :class:`IntegrityError` if the file fails its check."""
+        entry = source.entry
+        found = self.known_map(entry)
+        if found is not None:
+            return found
+        if not self.remote.verifies_files:
+            if not wait:
+                return None
+            await self._verify_file(source, auth)
+            found = self.known_map(entry)
+            if found is None:
+                raise IntegrityError(f"{entry.path} failed verification while this reader waited")
+            return found
+        key = map_key(entry.content_id, entry.chunk_size)
+        if not wait:
+            if self._next_map_ask.get(key, 0.0) > time.monotonic():
+                return None
+            return await self._meta_flights.run(("map", key, False), lambda: self._ask_map(source, auth, 0.0),
+                                                self.nursery)  # type: ignore[return-value]
+        last_progress, since = -1, time.monotonic()
+        while True:
+            answer = await self._meta_flights.run(("map", key, True),
+                                                  lambda: self._ask_map(source, auth, self.config.map_wait),
+                                                  self.nursery)
+            if isinstance(answer, ChunkMap):
+                return answer
+            progress = self._remote_progress.get(key, 0)
+            if progress != last_progress:
+                last_progress, since = progress, time.monotonic()
+            elif time.monotonic() - since > self.config.stall_timeout:
+                raise UpstreamError(f"{entry.path}: {self.remote.url} made no verification progress for "
+                                    f"{self.config.stall_timeout:g}s")
+
+    async def _ask_map(self, source: FileSource, auth: str | None, wait: float) -> ChunkMap | None:
+        """One ask of the remote; adopts the map it answers with."""
+        entry = source.entry
+        key = map_key(entry.content_id, entry.chunk_size)
+        try:
+            answer = await self.remote.fetch_map(source, wait=wait, auth=auth)
+        except IntegrityError:
+            await self._forget(source, "the remote reported a failed verification")
+            raise
+        if isinstance(answer, ChunkMap):
+            if answer.content_id != entry.content_id or answer.size != entry.size \
+                    or answer.chunk_size != entry.chunk_size:
+                raise UpstreamError(f"{self.remote.url} sent a chunk map for another file than {entry.path}")
+            self._remote_progress.pop(key, None)
+            await self._adopt(source, answer, verified_here=False)
+            return answer
+        if answer != self._remote_progress.get(key):
+            self.activity += 1
+        self._remote_progress[key] = answer
+        self._next_map_ask[key] = time.monotonic() + self.config.map_poll_interval
+        return None
+
+    def _want_map(self, source: FileSource, *, force: bool = False) -> None:
+        """Ask the remote for a map in the background (at most every poll interval)."""
+        key = map_key(source.entry.content_id, source.entry.chunk_size)
+        if key in self._maps:
+            return
+        if not force and self._next_map_ask.get(key, 0.0) > time.monotonic():
+            return
+        self._next_map_ask[key] = time.monotonic() + self.config.map_poll_interval
+
+        async def ask() -> None:
+            try:
+                await self._meta_flights.run(("map", key, False), lambda: self._ask_map(source, None, 0.0),
+                                             self.nursery)
+            except MmfsError as exc:
+                log.debug("chunk map of %s not available: %s", source.entry.path, exc)
+
+        self.nursery.start_soon(ask)
+
+    async def _poll_maps(self) -> None:
+        """Remotes that verify files: ask for the maps of files held provisionally here, so
+        that what a node holds is settled even if nobody reads the file's end."""
+        while True:
+            await trio.sleep(self.config.map_poll_interval)
+            for key, source in list(self._provisional.items()):
+                if key in self._maps:
+                    self._provisional.pop(key, None)
+                else:
+                    self._want_map(source)
+
+    async def _adopt(self, source: FileSource, chunk_map: ChunkMap, *, verified_here: bool) -> None:
+        """A file's map is known: keep it and settle every provisional copy held."""
+        self._cache_map(chunk_map)
+        self._next_map_ask.pop(chunk_map.key, None)
+        self._no_local_map.discard(chunk_map.key)
+        if verified_here:
+            self._verified_count += 1
+        if self.metadata is not None:
+            await trio.to_thread.run_sync(lambda: self.metadata.put_map(  # type: ignore[union-attr]
+                chunk_map, verified_here=verified_here))
+        await self._settle(source, chunk_map)
+
+    async def _settle(self, source: FileSource, chunk_map: ChunkMap) -> None:
+        dropped: set[int] = set()
+        for tier in self.tiers:
+            dropped.update(await tier.settle(chunk_map))
+        for key, chunk in list(self._written_behind.items()):
+            if key.content_id == chunk_map.content_id and key.chunk_size == chunk_map.chunk_size \
+                    and not chunk.verified and not chunk_map.matches(key.index, chunk.digests):
+                dropped.add(key.index)  # _write_behind checks the map before writing
+        self._provisional.pop(chunk_map.key, None)
+        if dropped:
+            self._dropped += len(dropped)
+            log.warning("integrity: %s@%s %s: %d chunk copies received before the file was verified did not "
+                        "match it and were dropped (chunks %s)", source.repo, source.commit, source.entry.path,
+                        len(dropped), sorted(dropped)[:8])
+            self._tell(chunk_map.content_id)
+
+    # -- whole-file verification (remotes that do not verify files) ---------------------
+
+    async def _advance_hash(self, source: FileSource, index: int, chunk: Chunk, purges: int) -> None:
         """Feed the file's running hash if this chunk is the next one it needs (and its
         load did not start before a purge of the file: such bytes are suspect)."""
         entry = source.entry
-        if self.remote.verifies_files or self.is_verified(entry):
+        if self.remote.verifies_files or self.known_map(entry) is not None:
             return
         state = self._hash_state(entry)
         if state.next_index != index or state.lock.locked():
@@ -488,7 +735,7 @@ class FetchEngine:
         async with state.lock:
             if state.next_index != index or self._purges.get(entry.content_id, 0) != purges:
                 return
-            await trio.to_thread.run_sync(state.feed, data)
+            await trio.to_thread.run_sync(state.feed, chunk)
             # Chunks that arrived early (parallel read-ahead) are still in memory: catch up.
             while self.tiers and state.next_index < entry.chunk_count:
                 ahead = self.tiers[0].peek(entry.chunk_key(state.next_index))
@@ -497,20 +744,21 @@ class FetchEngine:
                 await trio.to_thread.run_sync(state.feed, ahead)
 
     def _hash_state(self, entry: FileEntry) -> _FileHash:
-        state = self._file_hashes.get(entry.content_id)
+        key = map_key(entry.content_id, entry.chunk_size)
+        state = self._file_hashes.get(key)
         if state is None:
-            state = self._file_hashes[entry.content_id] = _FileHash(entry)
-            for content_id, old in list(self._file_hashes.items()):
+            state = self._file_hashes[key] = _FileHash(entry)
+            for old_key, old in list(self._file_hashes.items()):
                 if len(self._file_hashes) <= _MAX_FILE_HASHES:
                     break
                 if not old.lock.locked() and old is not state:
-                    del self._file_hashes[content_id]
-        self._file_hashes.move_to_end(entry.content_id)
+                    del self._file_hashes[old_key]
+        self._file_hashes.move_to_end(key)
         return state
 
     async def _verify_file(self, source: FileSource, auth: str | None) -> None:
         entry = source.entry
-        if self.is_verified(entry):
+        if self.known_map(entry) is not None:
             return
 
         async def verify() -> None:
@@ -522,48 +770,62 @@ class FetchEngine:
                     # Keep the chunks still to hash coming while this one is hashed.
                     self.prefetch(source, range(index + 1, min(entry.chunk_count, index + 1 + _VERIFY_AHEAD)),
                                   auth=auth)
-                    data = await self._chunk_unlocked(source, index, auth)
-                    await trio.to_thread.run_sync(state.feed, data)
+                    chunk = await self._chunk_for_hash(source, index, auth)
+                    if self._purges.get(entry.content_id, 0) != purges:
+                        break
+                    await trio.to_thread.run_sync(state.feed, chunk)
+                    self.activity += 1
                 digest = state.hasher.hexdigest()
-            self._file_hashes.pop(entry.content_id, None)
+            self._file_hashes.pop(map_key(entry.content_id, entry.chunk_size), None)
             if self._purges.get(entry.content_id, 0) != purges:
                 raise _PurgedWhileLoading(f"{entry.path} failed verification while being verified again")
             if digest != entry.hash:
                 self._integrity_failures += 1
                 log.error("integrity: %s@%s %s: %s is %s, upstream said %s; purged from every tier",
                           source.repo, source.commit, entry.path, entry.hash_algo, digest, entry.hash)
-                await self._forget(entry, f"{entry.hash_algo} mismatch: got {digest}")
+                await self._forget(source, f"{entry.hash_algo} mismatch: got {digest}")
                 raise IntegrityError(f"{entry.path}: content does not match its {entry.hash_algo} {entry.hash}")
-            digests = b"".join(state.chunk_digests)
-            self._verified[entry.content_id] = digests
-            if self.metadata is not None:
-                await trio.to_thread.run_sync(self.metadata.mark_verified, entry.content_id, digests)
+            chunk_map = ChunkMap(entry.content_id, entry.size, entry.chunk_size, b"".join(state.digests))
+            await self._adopt(source, chunk_map, verified_here=True)
 
-        await self._meta_flights.run(("verify", entry.content_id), verify, self.nursery)
+        await self._meta_flights.run(("verify", entry.content_id, entry.chunk_size), verify, self.nursery)
 
-    async def _chunk_unlocked(self, source: FileSource, index: int, auth: str | None) -> bytes:
+    async def _chunk_for_hash(self, source: FileSource, index: int, auth: str | None) -> Chunk:
         """A chunk for hashing: through the tiers and single-flight, without re-entering the hash."""
         key = source.entry.chunk_key(index)
         for tier in self.tiers:
-            data = await tier.get(key)
-            if data is not None:
-                return data
+            chunk = await tier.get(key)
+            if chunk is not None:
+                return chunk
         return await self._chunk_flights.run(key, lambda: self._load(source, index, auth), self.nursery)
 
-    async def _forget(self, entry: FileEntry, why: str) -> None:
-        self._purges[entry.content_id] = self._purges.get(entry.content_id, 0) + 1
-        for key in [k for k in self._written_behind if k.content_id == entry.content_id]:
+    async def _forget(self, source: FileSource, why: str) -> None:
+        """The file failed verification (here or at the remote): every copy of it goes."""
+        entry = source.entry
+        content_id = entry.content_id
+        self._purges[content_id] = self._purges.get(content_id, 0) + 1
+        for key in [k for k in self._written_behind if k.content_id == content_id]:
             del self._written_behind[key]
-        self._file_hashes.pop(entry.content_id, None)
-        self._verified.pop(entry.content_id, None)
-        self._recorded.discard(entry.content_id)
+        for key in [k for k in self._file_hashes if k.startswith(content_id + ":")]:
+            del self._file_hashes[key]
+        for key in [k for k in self._maps if k.startswith(content_id + ":")]:
+            self._map_bytes -= len(self._maps.pop(key).digests)
+        for key in [k for k in self._provisional if k.startswith(content_id + ":")]:
+            del self._provisional[key]
+        self._recorded.discard(content_id)
         for tier in self.tiers:
-            await tier.discard(entry.content_id)
+            await tier.discard(content_id)
         if self.metadata is not None:
-            record = self.metadata.get_file(entry.content_id)
-            failures = (record.failures if record else 0) + 1
             await trio.to_thread.run_sync(lambda: self.metadata.mark_failed(  # type: ignore[union-attr]
-                entry.content_id, failures=failures, last_failure=why))
+                content_id, last_failure=why))
+        self._tell(content_id)
+
+    def failures(self, entry: FileEntry) -> int:
+        """Times this content failed verification here (recorded in the metadata DB)."""
+        if self.metadata is None:
+            return self._purges.get(entry.content_id, 0)
+        record = self.metadata.get_file(entry.content_id)
+        return max(record.failures if record else 0, self._purges.get(entry.content_id, 0))
 
     # -- observability ------------------------------------------------------------------
 
@@ -574,7 +836,9 @@ class FetchEngine:
             coalesced=self._chunk_flights.coalesced,
             inflight=len(self._chunk_flights),
             integrity_failures=self._integrity_failures,
-            files_verified=len(self._verified),
+            files_verified=self._verified_count,
+            provisional_dropped=self._dropped,
+            pending_write_bytes=self._write_budget.used,
             tiers=tuple(tier.statistics() for tier in self.tiers),
         )
 
@@ -583,11 +847,9 @@ class _PurgedWhileLoading(IntegrityError):
     """A chunk load outlived by a failed verification of its file."""
 
 
-def blake3_digest(data: bytes) -> bytes:
-    """The blake3 of a chunk, as sent in ``X-Mmfs-Blake3`` (hex) and kept per verified file."""
-    return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest()
-
-
 def _auth_id(auth: str | None) -> str | None:
     """Callers' credentials as part of a flight key, without keeping (or logging) them."""
     return hashlib.sha256(auth.encode()).hexdigest()[:16] if auth else None
+
+
+__all__ = ["EngineConfig", "EngineStatistics", "FetchEngine", "Served"]

@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 import pyfuse3
 import trio
 
-from .errors import IntegrityError, MmfsError
+from .errors import MmfsError
 from .vfs import Attributes, Vfs
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class Operations(pyfuse3.Operations):
         self._next_dir = 1
         #: Set once the kernel's INIT request was answered (see :mod:`mmfs.daemon`).
         self.initialized = trio.Event()
+        vfs.invalidate = self._invalidate
 
     def init(self) -> None:
         self.initialized.set()
@@ -131,20 +132,17 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
-        try:
-            return await self.vfs.read(fh, off, size)
-        except IntegrityError:
-            inode = self.vfs.inode_of(fh)
-            if inode is not None:
-                trio.lowlevel.spawn_system_task(self._drop_pages, inode)
-            raise
+        return await self.vfs.read(fh, off, size)
+
+    def _invalidate(self, inode: int) -> None:
+        trio.lowlevel.spawn_system_task(self._drop_pages, inode)
 
     @staticmethod
     async def _drop_pages(inode: int) -> None:
-        """Drop the kernel's cached pages of a file that failed verification.
+        """Drop the kernel's cached pages of a file whose bytes turned out wrong.
 
-        In a thread, after the reply: the kernel may hold page locks until this read is
-        answered, and invalidation waits for them."""
+        In a thread, after the current reply: the kernel may hold page locks until a read
+        in progress is answered, and invalidation waits for them."""
         try:
             await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
         except Exception as exc:  # noqa: BLE001 - best effort; the next open drops them anyway

@@ -7,8 +7,9 @@ Four tables:
   ``HF_HUB_OFFLINE=1``) the last known commit is used, so a node whose caches are warm
   keeps working with the backend and the Hub gone.
 * ``manifests``: ``provider/org/name@commit`` -> the commit's manifest (immutable).
-* ``chunk_digests``: content id -> the blake3 of each chunk of a file that passed
-  whole-file verification; a chunk fetched again later must match it.
+* ``maps``: ``<content id>:<chunk size>`` -> the file's chunk map (:mod:`mmfs.chunkmap`),
+  recorded once the whole file matched its upstream hash (here or, fetched, at the
+  backend); every copy of a chunk held or fetched later must match it.
 * ``files``: content id -> a record per file content: where it came from (source URL,
   ETag, Last-Modified), when it was downloaded, whether it passed whole-file
   verification, the id of the download in flight (so a waiter can tell which fetch it is
@@ -19,6 +20,9 @@ Four tables:
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+import struct
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,11 +30,15 @@ from typing import Any
 
 import lmdb
 
+from .chunkmap import ChunkMap, map_key
 from .errors import CacheError
 from .manifest import Manifest
 from .names import RepoRef
 
-_MAP_SIZE = 1 << 30
+log = logging.getLogger(__name__)
+
+_INITIAL_MAP_SIZE = 64 << 20  # LMDB address space; doubled whenever a write finds it full
+_MAP_HEADER = struct.Struct(">Q")  # file size, before the digests
 
 
 @dataclass(slots=True)
@@ -60,15 +68,41 @@ class MetadataStore:
     """Small LMDB database of refs, manifests and file records. Calls are short and local."""
 
     def __init__(self, path: Path) -> None:
+        path = Path(path)
         try:
-            Path(path).mkdir(parents=True, exist_ok=True)
-            self._env = lmdb.open(str(path), map_size=_MAP_SIZE, max_dbs=4, sync=False, metasync=False)
+            self._open(path)
         except (OSError, lmdb.Error) as exc:
-            raise CacheError(f"cannot open metadata database at {path}: {exc}") from exc
+            # A damaged database must not stop the daemon (a crash loop under a DaemonSet):
+            # move it aside once and start empty; only a second failure is an error.
+            aside = path.with_name(f"{path.name}.quarantine-{int(time.time())}")
+            log.error("metadata database at %s is unusable (%s); moved to %s, starting empty", path, exc, aside)
+            try:
+                if path.exists():
+                    shutil.move(str(path), str(aside))
+                self._open(path)
+            except (OSError, lmdb.Error) as again:
+                raise CacheError(f"cannot open metadata database at {path}: {again}") from again
+
+    def _open(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self._env = lmdb.open(str(path), map_size=_INITIAL_MAP_SIZE, max_dbs=4, sync=False, metasync=False)
         self._refs = self._env.open_db(b"refs")
         self._manifests = self._env.open_db(b"manifests")
         self._files = self._env.open_db(b"files")
-        self._chunk_digests = self._env.open_db(b"chunk_digests")
+        self._maps = self._env.open_db(b"maps")
+        with self._env.begin() as txn:  # a file that is not LMDB fails here, not on first use
+            txn.stat(self._files)
+
+    def _write(self, fn: Any) -> Any:
+        """Run ``fn(txn)`` in a write transaction, growing the map when it is full."""
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    return fn(txn)
+            except lmdb.MapFullError:
+                self._env.set_mapsize(self._env.info()["map_size"] * 2)
+            except lmdb.Error as exc:
+                raise CacheError(f"metadata write failed: {exc}") from exc
 
     @staticmethod
     def _repo_key(repo: RepoRef, revision: str) -> bytes:
@@ -79,11 +113,7 @@ class MetadataStore:
             return txn.get(key)
 
     def _put(self, db: Any, key: bytes, value: bytes) -> None:
-        try:
-            with self._env.begin(db=db, write=True) as txn:
-                txn.put(key, value)
-        except lmdb.Error as exc:
-            raise CacheError(f"metadata write failed: {exc}") from exc
+        self._write(lambda txn: txn.put(key, value, db=db))
 
     # refs
 
@@ -128,42 +158,68 @@ class MetadataStore:
 
     def update_file(self, content_id: str, **changes: Any) -> FileRecord:
         """Read-modify-write one file record in a single transaction."""
-        try:
-            with self._env.begin(db=self._files, write=True) as txn:
-                raw = txn.get(content_id.encode())
-                record = FileRecord(**json.loads(raw)) if raw else FileRecord(content_id)
-                for name, value in changes.items():
-                    setattr(record, name, value)
-                txn.put(content_id.encode(), json.dumps(asdict(record)).encode())
-                return record
-        except lmdb.Error as exc:
-            raise CacheError(f"metadata write failed: {exc}") from exc
+        def change(txn: Any) -> FileRecord:
+            return self._update(txn, content_id, changes)
+        return self._write(change)
 
-    def mark_verified(self, content_id: str, chunk_digests: bytes) -> None:
-        """Record that a content matched its upstream hash, with the blake3 of each chunk
-        (32 bytes each, in order): the reference later fetches of its chunks must match."""
-        try:
-            with self._env.begin(write=True) as txn:
-                txn.put(content_id.encode(), chunk_digests, db=self._chunk_digests)
-                raw = txn.get(content_id.encode(), db=self._files)
-                record = FileRecord(**json.loads(raw)) if raw else FileRecord(content_id)
-                record.verified, record.inflight_download = True, ""
-                txn.put(content_id.encode(), json.dumps(asdict(record)).encode(), db=self._files)
-        except lmdb.Error as exc:
-            raise CacheError(f"metadata write failed: {exc}") from exc
+    def _update(self, txn: Any, content_id: str, changes: dict[str, Any]) -> FileRecord:
+        raw = txn.get(content_id.encode(), db=self._files)
+        record = FileRecord(**json.loads(raw)) if raw else FileRecord(content_id)
+        for name, value in changes.items():
+            setattr(record, name, value)
+        txn.put(content_id.encode(), json.dumps(asdict(record)).encode(), db=self._files)
+        return record
 
-    def get_chunk_digests(self, content_id: str) -> bytes | None:
-        return self._get(self._chunk_digests, content_id.encode())
+    # chunk maps
 
-    def mark_failed(self, content_id: str, *, failures: int, last_failure: str) -> None:
-        """A content failed verification: it is neither verified nor downloaded any more."""
+    def put_map(self, chunk_map: ChunkMap, *, verified_here: bool) -> None:
+        """Keep a file's chunk map; ``verified_here``: this process checked the whole file
+        (the file record then says verified, and no download is in flight any more)."""
+        def store(txn: Any) -> None:
+            txn.put(chunk_map.key.encode(), _MAP_HEADER.pack(chunk_map.size) + chunk_map.digests, db=self._maps)
+            if verified_here:
+                self._update(txn, chunk_map.content_id, {"verified": True, "inflight_download": ""})
+        self._write(store)
+
+    def get_map(self, content_id: str, chunk_size: int) -> ChunkMap | None:
+        raw = self._get(self._maps, map_key(content_id, chunk_size).encode())
+        if raw is None or len(raw) < _MAP_HEADER.size:
+            return None
         try:
-            with self._env.begin(write=True) as txn:
-                txn.delete(content_id.encode(), db=self._chunk_digests)
-        except lmdb.Error as exc:
-            raise CacheError(f"metadata write failed: {exc}") from exc
-        self.update_file(content_id, verified=False, failures=failures, last_failure=last_failure,
-                         downloaded_at=0.0, inflight_download="")
+            return ChunkMap(content_id, _MAP_HEADER.unpack_from(raw)[0], chunk_size, bytes(raw[_MAP_HEADER.size:]))
+        except ValueError:
+            return None  # damaged: as if never recorded; the file is verified again
+
+    def map_sizes(self, content_id: str) -> list[int]:
+        """Chunk sizes for which a map of ``content_id`` is recorded."""
+        prefix = f"{content_id}:".encode()
+        with self._env.begin(db=self._maps) as txn:
+            cursor = txn.cursor()
+            found = []
+            if cursor.set_range(prefix):
+                for raw in cursor.iternext(keys=True, values=False):
+                    if not raw.startswith(prefix):
+                        break
+                    found.append(int(raw[len(prefix):]))
+            return found
+
+    def mark_failed(self, content_id: str, *, last_failure: str) -> None:
+        """A content failed verification: its maps go, it is neither verified nor
+        downloaded any more, and its failure count grows (the backend then refuses to
+        resume ranges of it: see docs/datapath.md)."""
+        prefix = f"{content_id}:".encode()
+
+        def fail(txn: Any) -> None:
+            cursor = txn.cursor(db=self._maps)
+            if cursor.set_range(prefix):
+                while cursor.key().startswith(prefix):
+                    if not cursor.delete():
+                        break
+            raw = txn.get(content_id.encode(), db=self._files)
+            failures = FileRecord(**json.loads(raw)).failures if raw else 0
+            self._update(txn, content_id, {"verified": False, "failures": failures + 1, "last_failure": last_failure,
+                                           "downloaded_at": 0.0, "inflight_download": ""})
+        self._write(fail)
 
     def files(self) -> list[FileRecord]:
         with self._env.begin(db=self._files) as txn:

@@ -46,8 +46,8 @@ from typing import Any, Callable
 
 import trio
 
-from .engine import FetchEngine
-from .errors import IntegrityError, InvalidName, MmfsError, NotFound, RevisionNotFound, UpstreamError
+from .engine import FetchEngine, Served
+from .errors import IntegrityError, InvalidName, MmfsError, NotFound, RevisionNotFound, UpstreamError, first_error
 from .manifest import FileEntry, Manifest
 from .names import PROVIDERS, RepoRef, check_repo_part, check_revision, is_commit
 from .prefetch import ReadAhead, ReadAheadConfig
@@ -171,6 +171,8 @@ class _Handle:
     node: Node
     source: FileSource | None = None
     read_ahead: ReadAhead | None = None
+    #: Provisional chunks this handle was given (checked before it gets the file's end).
+    served: Served = field(default_factory=Served)
     data: bytes = b""  # virtual files: content fixed at open
 
 
@@ -220,6 +222,10 @@ class Vfs:
         self._trees: dict[tuple[RepoRef, str], _Tree] = {}
         self._handles: dict[int, _Handle] = {}
         self._suspect: set[int] = set()  # inodes whose kernel page cache must be dropped
+        self._by_content: dict[str, set[int]] = {}  # content id -> file inodes showing it
+        #: Drops the kernel's cached pages of an inode; set by the FUSE adapter.
+        self.invalidate: Callable[[int], None] = lambda inode: None
+        engine.add_listener(self._content_failed)
         self._next_handle = 1
         self._started = time.time()
         self._mtime_ns = int(self._started * 1e9)
@@ -252,6 +258,8 @@ class Vfs:
         inherited = {"provider": parent.provider, "org": parent.org, "repo": parent.repo, "commit": parent.commit}
         node = Node(inode, kind, parent.inode, name, **{**inherited, **fields})
         self._nodes[inode] = node
+        if node.entry is not None:
+            self._by_content.setdefault(node.entry.content_id, set()).add(inode)
         self._by_name[key] = inode
         if provisional:
             self._provisional[inode] = 0
@@ -297,13 +305,37 @@ class Vfs:
 
     # -- bounded remote calls -----------------------------------------------------------
 
-    async def _bounded(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
-        try:
-            with trio.fail_after(self.config.remote_timeout):
-                return await fn(*args)
-        except trio.TooSlowError:
+    async def _bounded(self, what: str, fn: Callable[..., Any], *args: Any, patient: bool = False) -> Any:
+        """``fn(*args)``, failed after ``remote_timeout`` seconds; ``patient``: seconds
+        without progress (a reader of a file's end waits while the whole file is fetched
+        and verified: bytes flowing is not a hang)."""
+        timeout = self.config.remote_timeout
+        result: list[Any] = []
+
+        async def extend_while_active(scope: trio.CancelScope) -> None:
+            seen = self.engine.activity
+            while True:
+                await trio.sleep(min(1.0, timeout / 4))
+                if self.engine.activity != seen:
+                    seen = self.engine.activity
+                    scope.deadline = trio.current_time() + timeout
+
+        with trio.move_on_after(timeout) as scope:
+            try:
+                async with trio.open_nursery() as nursery:
+                    if patient:
+                        nursery.start_soon(extend_while_active, scope)
+                    result.append(await fn(*args))
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                error = first_error(group)
+                if error is None:
+                    raise
+                raise error from None
+        if scope.cancelled_caught and not result:
             raise UpstreamError(f"{what}: no answer from {self.engine.remote.url or 'the remote'} "
-                                f"within {self.config.remote_timeout:g} s") from None
+                                f"within {timeout:g} s") from None
+        return result[0]
 
     async def _manifest(self, repo: RepoRef, commit: str) -> Manifest:
         return await self._bounded(f"{repo}@{commit}", self.engine.manifest, repo, commit)
@@ -509,10 +541,6 @@ class Vfs:
         self._suspect.discard(inode)
         return OpenFile(handle, keep_cache=keep, direct_io=False)
 
-    def inode_of(self, handle: int) -> int | None:
-        state = self._handles.get(handle)
-        return state.node.inode if state is not None else None
-
     async def read(self, handle: int, offset: int, size: int) -> bytes | memoryview:
         """``size`` bytes at ``offset``; fewer only at end of file (a memoryview when zero-copy)."""
         state = self._handles.get(handle)
@@ -526,13 +554,13 @@ class Vfs:
         if ahead:
             self._ra_requested += len(ahead)
             self.engine.prefetch(source, ahead)
-        cached = self.engine.read_cached(source, offset, size)
+        cached = self.engine.read_cached(source, offset, size, state.served)
         if cached is not None:
             self._read_bytes += len(cached)
             return cached
         try:
-            data = await self._bounded(f"{source.repo}@{source.commit}/{source.entry.path}", self.engine.read,
-                                       source, offset, size)
+            data = await self._bounded(f"{source.repo}@{source.commit}/{source.entry.path}", self._read_through,
+                                       state, offset, size, patient=True)
         except MmfsError as exc:
             self._read_errors += 1
             if isinstance(exc, IntegrityError):
@@ -545,6 +573,18 @@ class Vfs:
             raise
         self._read_bytes += len(data)
         return data
+
+    async def _read_through(self, state: _Handle, offset: int, size: int) -> bytes:
+        assert state.source is not None
+        return await self.engine.read(state.source, offset, size, served=state.served)
+
+    def _content_failed(self, content_id: str) -> None:
+        """Bytes of ``content_id`` that readers may have turned out wrong: every inode
+        showing that content (any repo, any commit) loses its cached pages, now and at
+        its next open."""
+        for inode in self._by_content.get(content_id, ()):
+            self._suspect.add(inode)
+            self.invalidate(inode)
 
     async def release(self, handle: int) -> None:
         state = self._handles.pop(handle, None)

@@ -20,7 +20,8 @@ from mmfs.engine import FetchEngine
 from mmfs.errors import EntryNotFound, RepoNotFound, RevisionNotFound
 from mmfs.names import parse_repo_id
 from mmfs.remote._http import RetryPolicy
-from mmfs.remote.backend import BLAKE3_HEADER, BackendRemote
+from mmfs.chunkmap import ChunkMap, block_digests
+from mmfs.remote.backend import VERIFIED_HEADER, BackendRemote
 from mmfs.remote.base import FileSource
 from mmfs.testing.hub import TestHub
 from mmfs.testing.models import REAL_REPO_ID, make_synthetic_model
@@ -191,11 +192,16 @@ async def test_node_protocol_with_backend_remote(hub: TestHub, hub_root: Path, s
         pieces = []
         for index in range(entry.chunk_count):
             chunk = await remote.fetch_chunk(source, index)
-            assert chunk.blake3 and len(chunk.blake3) == 64
             pieces.append(chunk.data)
         assert b"".join(pieces) == files[SHARD]
+        # Serving the tail verified the file: the backend hands out its chunk map, whose
+        # block digests are those of the true bytes.
+        chunk_map = await remote.fetch_map(source)
+        assert isinstance(chunk_map, ChunkMap)
+        assert all(chunk_map.matches(i, block_digests(p)) for i, p in enumerate(pieces))
+        assert (await remote.fetch_chunk(source, 0)).file_verified
 
-        # The node's own engine over the backend verifies each chunk's blake3.
+        # The node's own engine over the backend checks each chunk against the map.
         async with FetchEngine([MemoryTier(64 << 20)], BackendRemote(backend.url)) as engine:
             node_manifest = await engine.manifest(repo, "main")
             source = FileSource(repo, node_manifest.commit, node_manifest.file(SHARD))
@@ -212,7 +218,7 @@ async def test_node_protocol_with_backend_remote(hub: TestHub, hub_root: Path, s
             await remote.fetch_chunk(FileSource(repo, commit, entry.__class__("nope.bin", 10, "sha256", "0" * 64,
                                                                                entry.chunk_size)), 0)
         response = httpx.get(f"{backend.url}/v1/chunk/huggingface/org/node/{commit}/{SHARD}?index=2")
-        assert response.headers[BLAKE3_HEADER] == __import__("blake3").blake3(response.content).hexdigest()
+        assert response.headers[VERIFIED_HEADER] == "1"
         assert response.content == files[SHARD][2 << 18:3 << 18]
     finally:
         await remote.aclose()

@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-import blake3
 import httpx
 import pytest
 
 from backend_server.testing import BackendProcess
-from mmfs.remote.backend import BLAKE3_HEADER
+from mmfs.chunkmap import block_digests
+from mmfs.remote.backend import VERIFIED_HEADER
 from mmfs.testing.hub import TestHub
 from mmfs.testing.models import make_synthetic_model
 
@@ -120,19 +120,27 @@ def test_upstream_failing_past_the_retry_budget_is_a_clear_error(hub: TestHub, b
     assert httpx.get(file_url(backend, "config.json")).content == repo["config.json"]
 
 
-def test_chunk_digests_follow_the_bytes_after_a_purge(hub: TestHub, backend: BackendProcess,
-                                                      repo: dict[str, bytes]) -> None:
+def test_chunk_map_follows_the_bytes_after_a_purge(hub: TestHub, backend: BackendProcess,
+                                                   repo: dict[str, bytes]) -> None:
     data = repo[SHARD]
     size = 256 << 10
-    base = f"{backend.url}/v1/chunk/huggingface/org/faulty/{hub.commit('org/faulty')}/{SHARD}"
+    path = f"huggingface/org/faulty/{hub.commit('org/faulty')}/{SHARD}"
+    base = f"{backend.url}/v1/chunk/{path}"
     hub.set_faults(corrupt=[SHARD])
     bad = httpx.get(f"{base}?index=0")
-    assert bad.status_code == 200 and bad.content != data[:size]  # not the last chunk: served unverified
-    assert bad.headers[BLAKE3_HEADER] == blake3.blake3(bad.content).hexdigest()
+    assert bad.status_code == 200 and bad.content != data[:size]  # not the last chunk: served provisionally
+    assert VERIFIED_HEADER not in bad.headers
+    pending = httpx.get(f"{backend.url}/v1/map/{path}")  # not verified, and not asked to wait
+    assert pending.status_code == 202 and pending.json()["size"] == len(data)
     response = httpx.get(f"{base}?index={(len(data) - 1) // size}")
     assert response.status_code == 502 and response.headers["X-Error-Code"] == "IntegrityError"  # purged
+    failed = httpx.get(f"{backend.url}/v1/map/{path}?wait=5", timeout=60)  # verifies afresh: still corrupt
+    assert failed.status_code == 502 and failed.headers["X-Error-Code"] == "IntegrityError"
 
     hub.clear_faults()
+    chunk_map = httpx.get(f"{backend.url}/v1/map/{path}?wait=20", timeout=60)
+    assert chunk_map.status_code == 200
+    expected = b"".join(block_digests(data[i:i + size]) for i in range(0, len(data), size))
+    assert chunk_map.content == expected  # the map of the true bytes, never of the corrupt copy
     good = httpx.get(f"{base}?index=0")
-    assert good.status_code == 200 and good.content == data[:size]
-    assert good.headers[BLAKE3_HEADER] == blake3.blake3(good.content).hexdigest()
+    assert good.status_code == 200 and good.content == data[:size] and good.headers[VERIFIED_HEADER] == "1"

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import trio
 
-from backend_server.app import ByteBudget
+from mmfs.budget import ByteBudget
 from backend_server.http import HTTPServer, Request, Response
 from backend_server.testing import BackendProcess, backend_command, parse_metrics
 from mmfs.errors import TransientError

@@ -8,7 +8,8 @@ import hashlib
 import pytest
 import trio
 
-from mmfs.engine import EngineConfig, FetchEngine
+from mmfs.chunkmap import ChunkMap, block_digests
+from mmfs.engine import EngineConfig, FetchEngine, Served
 from mmfs.errors import IntegrityError, InvalidName, NotFound, UpstreamError
 from mmfs.manifest import SHA256, FileEntry, Manifest
 from mmfs.metadata import MetadataStore
@@ -144,8 +145,10 @@ async def test_damaged_disk_chunk_is_a_miss(tmp_path):
         manifest = await engine.manifest(REPO, "main")
         source = FileSource(REPO, manifest.commit, manifest.file("w.bin"))
         await engine.read(source, 0, len(data))
-    for f in (tmp_path / "chunks" / "chunks").rglob("*.0"):
-        f.write_bytes(b"\0" * CHUNK)
+    for f in (tmp_path / "chunks" / "data").rglob("*"):
+        if f.is_file():  # one sparse file per content: chunk 0 at offset 0
+            with open(f, "r+b") as out:
+                out.write(b"\0" * CHUNK)
     async with await _open(remote, tmp_path) as engine:
         source = FileSource(REPO, COMMIT, (await engine.manifest(REPO, "main")).file("w.bin"))
         assert await engine.read(source, 0, CHUNK) == data[:CHUNK]
@@ -169,6 +172,60 @@ async def test_refetch_of_a_verified_file_is_checked_against_its_chunk_digests(t
             await engine.read(source, 0, 10)
         remote.corrupt = False
         assert await engine.read(source, 0, len(data)) == data
+
+
+async def _source(engine: FetchEngine, path: str = "w.bin") -> FileSource:
+    manifest = await engine.manifest(REPO, "main")
+    return FileSource(REPO, manifest.commit, manifest.file(path))
+
+
+async def test_a_reader_given_a_bad_provisional_chunk_never_gets_the_end(tmp_path):
+    # A chunk hashed into the whole-file check, evicted, then fetched again corrupt and
+    # served: the file verifies (with the good copy), the bad copy is dropped, and the
+    # reader who got it fails at the end instead of completing a wrong file.
+    data = payload(6 * CHUNK)
+    remote = BytesRemote({"w.bin": data})
+    async with FetchEngine([MemoryTier(2 * CHUNK)], remote, MetadataStore(tmp_path / "meta")) as engine:
+        source = await _source(engine)
+        await engine.read(source, 0, 3 * CHUNK)  # chunks 0-2 hashed; memory keeps 2 chunks
+        remote.corrupt = True
+        reader = Served()
+        assert await engine.read(source, 0, CHUNK, served=reader) != data[:CHUNK]
+        remote.corrupt = False
+        with pytest.raises(IntegrityError):
+            await engine.read(source, 0, len(data), served=reader)
+        chunk_map = engine.known_map(source.entry)
+        assert chunk_map is not None and chunk_map.matches(0, block_digests(data[:CHUNK]))
+        assert await engine.read(source, 0, len(data), served=Served()) == data
+
+
+async def test_the_end_of_a_file_waits_for_its_map(tmp_path):
+    # A tail-first reader (torch.load of a zip) gets the end only once the whole file
+    # matched its hash; it gets it then, from one read.
+    data = payload(5 * CHUNK + 5)
+    remote = BytesRemote({"w.bin": data}, delay=0.01)
+    async with FetchEngine([MemoryTier(1 << 20)], remote) as engine:
+        source = await _source(engine)
+        assert await engine.read(source, len(data) - 10, 10) == data[-10:]
+        assert remote.fetches == 6 and engine.is_verified(source.entry)
+
+
+async def test_a_new_chunk_size_reuses_the_map_where_blocks_line_up(tmp_path):
+    # The backend's --chunk-size changed: the same content cut into other chunks. Its map
+    # for the new size follows from the old one; nothing fails.
+    from mmfs.chunkmap import BLOCK_SIZE
+    data = payload(8 * BLOCK_SIZE + 3)
+    digests = b"".join(block_digests(data[i:i + BLOCK_SIZE]) for i in range(0, len(data), BLOCK_SIZE))
+    old = ChunkMap("sha256-" + "a" * 64, len(data), 4 * BLOCK_SIZE, digests)
+    new = old.recut(2 * BLOCK_SIZE)
+    assert new is not None and new.chunk_count == 5
+    assert new.matches(1, block_digests(data[2 * BLOCK_SIZE:4 * BLOCK_SIZE]))
+    assert old.recut(3000) is None  # blocks would not line up: the file is verified again
+    metadata = MetadataStore(tmp_path / "meta")
+    metadata.put_map(old, verified_here=True)
+    entry = FileEntry("w.bin", len(data), SHA256, "a" * 64, 2 * BLOCK_SIZE)
+    async with FetchEngine([MemoryTier(1 << 20)], BytesRemote({}), metadata) as engine:
+        assert engine.known_map(entry) == new
 
 
 def test_manifest_entries_from_the_network_are_validated():

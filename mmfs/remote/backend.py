@@ -4,9 +4,13 @@ The node-facing protocol (also documented in the README):
 
 * ``GET /v1/resolve/<provider>/<org>/<name>/<revision>`` -> ``{"commit": "<40 hex>"}``
 * ``GET /v1/manifest/<provider>/<org>/<name>/<commit>`` -> the manifest JSON
-* ``GET /v1/chunk/<provider>/<org>/<name>/<commit>/<path>?index=N`` -> the chunk's bytes,
-  with ``X-Mmfs-Blake3`` (hex digest of the body). A file's last chunk is only served
-  once the whole file matched its upstream hash.
+* ``GET /v1/chunk/<provider>/<org>/<name>/<commit>/<path>?index=N`` -> the chunk's bytes;
+  ``X-Mmfs-Verified: 1`` when the backend has the file's chunk map. A file's last chunk is
+  only served once the whole file matched its upstream hash.
+* ``GET /v1/map/<provider>/<org>/<name>/<commit>/<path>?wait=SECONDS`` -> the file's chunk
+  map (the raw block digests), or ``202`` with ``{"verified_bytes": n}`` while the backend
+  is still verifying it (with ``wait``, the backend verifies the file, waiting up to that
+  long before answering).
 
 Errors carry ``X-Error-Code`` (the :mod:`mmfs.errors` class name, or the Hub's code) and a
 JSON ``{"error": message}`` body, so the node raises the same error the backend did.
@@ -14,15 +18,17 @@ JSON ``{"error": message}`` body, so the node raises the same error the backend 
 
 from __future__ import annotations
 
+import json
 from urllib.parse import quote
 
+from ..chunkmap import ChunkMap
 from ..errors import InvalidName, UpstreamError
 from ..manifest import Manifest
 from ..names import RepoRef, is_commit
 from ._http import RetryPolicy, make_client, request
 from .base import FetchedChunk, FileSource, Remote
 
-BLAKE3_HEADER = "X-Mmfs-Blake3"
+VERIFIED_HEADER = "X-Mmfs-Verified"
 
 
 class BackendRemote(Remote):
@@ -66,7 +72,22 @@ class BackendRemote(Remote):
         url = f"{self.url}/v1/chunk/{source.repo}/{source.commit}/{quote(source.entry.path)}?index={index}"
         response = await request(self._client, self._policy, "GET", url, headers=self._headers(auth),
                                  expect_length=end - start)
-        return FetchedChunk(data=response.content, blake3=response.headers.get(BLAKE3_HEADER), source_url=url)
+        return FetchedChunk(data=response.content, file_verified=response.headers.get(VERIFIED_HEADER) == "1",
+                            source_url=url)
+
+    async def fetch_map(self, source: FileSource, *, wait: float = 0.0, auth: str | None = None) -> ChunkMap | int:
+        entry = source.entry
+        url = f"{self.url}/v1/map/{source.repo}/{source.commit}/{quote(entry.path)}?wait={wait:g}"
+        response = await request(self._client, self._policy, "GET", url, headers=self._headers(auth))
+        if response.status_code == 202:
+            try:
+                return int(json.loads(response.content)["verified_bytes"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise UpstreamError(f"backend {self.url} sent an unreadable progress answer for {entry.path}") from exc
+        try:
+            return ChunkMap(entry.content_id, entry.size, entry.chunk_size, bytes(response.content))
+        except ValueError as exc:
+            raise UpstreamError(f"backend {self.url} sent an unusable chunk map for {entry.path}: {exc}") from exc
 
     async def aclose(self) -> None:
         await self._client.aclose()

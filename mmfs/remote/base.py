@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from ..chunkmap import ChunkMap
 from ..manifest import FileEntry, Manifest
 from ..names import RepoRef
 
@@ -28,8 +29,9 @@ class FetchedChunk:
     """A chunk's bytes as the remote sent them, with what it said about them."""
 
     data: bytes
-    #: blake3 hex digest the remote vouches for (the backend sends one), else ``None``.
-    blake3: str | None = None
+    #: The remote has the file's chunk map (the backend verified the whole file): worth
+    #: asking for it, so that this and later chunks are verified on arrival.
+    file_verified: bool = False
     source_url: str = ""
     etag: str = ""
     last_modified: str = ""
@@ -44,8 +46,9 @@ class Remote(ABC):
     value that replaces the remote's own credentials for this call.
     """
 
-    #: True when the remote serves a file's last chunk only once the whole file matched
-    #: its upstream hash (the backend does); the engine then skips its own whole-file check.
+    #: True when the remote checks whole files against their upstream hash and hands out
+    #: their chunk maps (the backend does, :meth:`fetch_map`); the engine then fetches maps
+    #: instead of hashing whole files itself.
     verifies_files: bool = False
     #: Human name for logs and ``mmfs status``.
     url: str = ""
@@ -61,6 +64,12 @@ class Remote(ABC):
     @abstractmethod
     async def fetch_chunk(self, source: FileSource, index: int, *, auth: str | None = None) -> FetchedChunk:
         """Return chunk ``index`` of ``source`` (exactly its length, unverified unless stated)."""
+
+    async def fetch_map(self, source: FileSource, *, wait: float = 0.0, auth: str | None = None) -> ChunkMap | int:
+        """The file's chunk map, or (not verified yet) how many of its bytes the remote has
+        verified so far; waits up to ``wait`` seconds for the remote to finish verifying.
+        :class:`~mmfs.errors.IntegrityError` when the file failed its check there."""
+        raise NotImplementedError(f"{type(self).__name__} does not verify files; the engine does")
 
     async def aclose(self) -> None:
         """Release connections."""

@@ -4,13 +4,12 @@
 ``fetch_chunk`` tries the backend's NIXL data plane first (``docs/protocol.md``, "NIXL
 data plane"; the server half is ``backend_server/nixl_plane.py``)::
 
-    GET /v1/nixl/chunk/...?index=N   (TCP)  -> {addr, length, blake3, lease_id}
+    GET /v1/nixl/chunk/...?index=N   (TCP)  -> {addr, length, verified, lease_id}
     NIXL READ backend slot -> local slot      (a worker thread; the trio loop never waits on it)
     copy the slot out
     POST /v1/nixl/release/<lease_id> (TCP)  -> 200: the slot was ours throughout the READ
 
-and returns the bytes with the backend's blake3, which the engine checks exactly as for
-TCP. Everything else (resolve, manifests) is plain HTTP.
+and returns the bytes, which the engine hashes and checks exactly as for TCP. Everything else (resolve, manifests) is plain HTTP.
 
 Fallback. Any failure of the data plane — NIXL missing here, a backend without
 ``--nixl`` (404), agent setup, a 503 (no free slot), a failed or timed-out READ, a lease
@@ -219,7 +218,7 @@ class NixlBackendRemote(BackendRemote):
                 plane.free.append(slot)
         if not await self._release(lease_id, auth):
             raise _Fallback("lease", f"the NIXL lease on chunk {index} of {source.entry.path} expired mid-read")
-        return FetchedChunk(data=data, blake3=str(answer["blake3"]), source_url=url)
+        return FetchedChunk(data=data, file_verified=bool(answer.get("verified")), source_url=url)
 
     async def _control(self, method: str, url: str, auth: str | None) -> dict[str, Any]:
         """One try at a control request: transient trouble is a fallback, other errors are raised."""

@@ -11,8 +11,9 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
+from ..chunkmap import ChunkMap
 from ..manifest import ChunkKey
-from .base import ChunkTier, TierStatistics
+from .base import Chunk, ChunkTier, TierStatistics
 
 
 class MemoryTier(ChunkTier):
@@ -23,15 +24,15 @@ class MemoryTier(ChunkTier):
         self._limit = limit_bytes
         self._ttl = ttl_seconds
         self._clock = clock
-        # key -> (data, stored_at); order is recency, oldest first.
-        self._entries: OrderedDict[ChunkKey, tuple[bytes, float]] = OrderedDict()
+        # key -> (chunk, stored_at); order is recency, oldest first.
+        self._entries: OrderedDict[ChunkKey, tuple[Chunk, float]] = OrderedDict()
         self._used = 0
         self._hits = self._misses = self._hit_bytes = self._evictions = 0
 
-    async def get(self, key: ChunkKey) -> bytes | None:
+    async def get(self, key: ChunkKey) -> Chunk | None:
         return self.get_nowait(key)
 
-    def get_nowait(self, key: ChunkKey) -> bytes | None:
+    def get_nowait(self, key: ChunkKey) -> Chunk | None:
         """:meth:`get` without the coroutine: for callers on a hot path that must not yield."""
         entry = self._entries.get(key)
         if entry is not None and self._ttl is not None and self._clock() - entry[1] > self._ttl:
@@ -42,20 +43,20 @@ class MemoryTier(ChunkTier):
             return None
         self._entries.move_to_end(key)
         self._hits += 1
-        self._hit_bytes += len(entry[0])
+        self._hit_bytes += len(entry[0].data)
         return entry[0]
 
-    def peek(self, key: ChunkKey) -> bytes | None:
+    def peek(self, key: ChunkKey) -> Chunk | None:
         entry = self._entries.get(key)
         return entry[0] if entry is not None else None
 
-    async def put(self, key: ChunkKey, data: bytes) -> None:
-        if len(data) > self._limit:
+    async def put(self, key: ChunkKey, chunk: Chunk) -> None:
+        if len(chunk.data) > self._limit:
             return
         if key in self._entries:
             self._remove(key)
-        self._entries[key] = (data, self._clock())
-        self._used += len(data)
+        self._entries[key] = (chunk, self._clock())
+        self._used += len(chunk.data)
         self._expire()
         while self._used > self._limit:
             self._remove(next(iter(self._entries)))
@@ -66,6 +67,18 @@ class MemoryTier(ChunkTier):
         for key in doomed:
             self._remove(key)
         return len(doomed)
+
+    async def settle(self, chunk_map: ChunkMap) -> list[int]:
+        dropped = []
+        for key, (chunk, stored_at) in list(self._entries.items()):
+            if key.content_id != chunk_map.content_id or key.chunk_size != chunk_map.chunk_size or chunk.verified:
+                continue
+            if chunk_map.matches(key.index, chunk.digests):
+                self._entries[key] = (Chunk(chunk.data, chunk.digests, True), stored_at)
+            else:
+                self._remove(key)
+                dropped.append(key.index)
+        return dropped
 
     def expire(self) -> int:
         """Drop chunks older than the TTL now; return how many. Owners with a TTL call it
@@ -88,8 +101,8 @@ class MemoryTier(ChunkTier):
             self._evictions += 1
 
     def _remove(self, key: ChunkKey) -> None:
-        data, _ = self._entries.pop(key)
-        self._used -= len(data)
+        chunk, _ = self._entries.pop(key)
+        self._used -= len(chunk.data)
 
     def statistics(self) -> TierStatistics:
         return TierStatistics(self.name, self._hits, self._misses, self._hit_bytes, self._used,
