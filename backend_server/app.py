@@ -362,11 +362,11 @@ class BackendApp:
     async def _serve_file(self, request: Request, source: FileSource, auth: str | None) -> Response:
         entry = source.entry
         span = parse_range(request.header("range"), entry.size)
-        if span is not None and span[0] > 0 and span[1] == entry.size and self.engine.failures(entry):
-            # The shape of a resume, of a file that failed verification here: the client's
-            # prefix may hold bytes of the failed attempt. The whole file (200) makes Hub
+        if span is not None and span[0] > 0 and span[1] == entry.size and self.engine.tainted(entry):
+            # The shape of a resume, of a file readers were given wrong bytes of here: the
+            # client's prefix may hold bytes of that attempt. The whole file (200) makes Hub
             # clients start over (huggingface_hub truncates on a 200 to a Range request).
-            log.warning("%s@%s %s: Range %s ignored (the file failed verification here before; a resume "
+            log.warning("%s@%s %s: Range %s ignored (wrong bytes of this file were served here before; a resume "
                         "could complete a corrupt file): sending all of it", source.repo, source.commit,
                         entry.path, request.header("range"))
             span = None

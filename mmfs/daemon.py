@@ -114,7 +114,11 @@ def make_engine(options: MountOptions, problems: list[str] | None = None) -> Fet
     except CacheError as exc:
         problems.append(str(exc))
         log.error("%s: running without the disk cache (memory only)", exc)
-    config = EngineConfig.from_env(max_concurrent_fetches=options.max_fetches)
+    # A map request held at the backend must answer well within the VFS's bound, so that
+    # a reader waiting for a file's end sees progress before that bound runs out.
+    config = EngineConfig.from_env(max_concurrent_fetches=options.max_fetches,
+                                   map_wait=max(0.5, min(10.0, options.remote_timeout / 4)),
+                                   stall_timeout=options.remote_timeout)
     return FetchEngine(tiers, make_remote(options), metadata, config)
 
 

@@ -162,6 +162,7 @@ class FetchEngine:
         self._provisional: dict[str, FileSource] = {}  # map key -> a file holding provisional chunks
         self._recorded: set[str] = set()
         self._purges: dict[str, int] = {}  # content id -> times it failed verification here
+        self._tainted: set[str] = set()  # see tainted()
         self._listeners: list[Callable[[str], None]] = []
         self._write_budget = ByteBudget(config.max_pending_write_bytes, "write-behind budget")
         self._pending_writes = 0
@@ -716,6 +717,10 @@ class FetchEngine:
         self._provisional.pop(chunk_map.key, None)
         if dropped:
             self._dropped += len(dropped)
+            self._tainted.add(chunk_map.content_id)
+            if self.metadata is not None:
+                await trio.to_thread.run_sync(lambda: self.metadata.update_file(  # type: ignore[union-attr]
+                    chunk_map.content_id, tainted_at=time.time()))
             log.warning("integrity: %s@%s %s: %d chunk copies received before the file was verified did not "
                         "match it and were dropped (chunks %s)", source.repo, source.commit, source.entry.path,
                         len(dropped), sorted(dropped)[:8])
@@ -813,6 +818,7 @@ class FetchEngine:
         for key in [k for k in self._provisional if k.startswith(content_id + ":")]:
             del self._provisional[key]
         self._recorded.discard(content_id)
+        self._tainted.add(content_id)
         for tier in self.tiers:
             await tier.discard(content_id)
         if self.metadata is not None:
@@ -820,12 +826,13 @@ class FetchEngine:
                 content_id, last_failure=why))
         self._tell(content_id)
 
-    def failures(self, entry: FileEntry) -> int:
-        """Times this content failed verification here (recorded in the metadata DB)."""
-        if self.metadata is None:
-            return self._purges.get(entry.content_id, 0)
-        record = self.metadata.get_file(entry.content_id)
-        return max(record.failures if record else 0, self._purges.get(entry.content_id, 0))
+    def tainted(self, entry: FileEntry) -> bool:
+        """Whether readers may ever have been given wrong bytes of this content here (it
+        failed its check, or provisional copies of it did not match its map)."""
+        if entry.content_id in self._tainted:
+            return True
+        record = self.metadata.get_file(entry.content_id) if self.metadata is not None else None
+        return record is not None and record.tainted_at > 0
 
     # -- observability ------------------------------------------------------------------
 

@@ -53,6 +53,9 @@ class FileRecord:
     verified: bool = False
     failures: int = 0
     last_failure: str = ""
+    #: When readers may last have been given wrong bytes of this content (a failed whole-
+    #: file check, or provisional copies that did not match the map); 0: never.
+    tainted_at: float = 0.0
     inflight_download: str = ""
     holder: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -218,7 +221,7 @@ class MetadataStore:
             raw = txn.get(content_id.encode(), db=self._files)
             failures = FileRecord(**json.loads(raw)).failures if raw else 0
             self._update(txn, content_id, {"verified": False, "failures": failures + 1, "last_failure": last_failure,
-                                           "downloaded_at": 0.0, "inflight_download": ""})
+                                           "downloaded_at": 0.0, "inflight_download": "", "tainted_at": time.time()})
         self._write(fail)
 
     def files(self) -> list[FileRecord]:

@@ -369,7 +369,7 @@ async def test_connections_past_the_cap_get_503() -> None:
 async def test_streams_wait_for_memory_only_so_long(autojump_clock: trio.abc.Clock) -> None:
     budget = ByteBudget(10)
     assert await budget.acquire(10) == 10
-    with pytest.raises(TransientError, match="stayed busy for 60s"):
+    with pytest.raises(TransientError, match="stayed in use by others for 60s"):
         await budget.acquire(5, timeout=60)
     budget.release(10)
     assert await budget.acquire(5, timeout=60) == 5

@@ -187,7 +187,8 @@ async def test_a_reader_given_a_bad_provisional_chunk_never_gets_the_end(tmp_pat
     remote = BytesRemote({"w.bin": data})
     async with FetchEngine([MemoryTier(2 * CHUNK)], remote, MetadataStore(tmp_path / "meta")) as engine:
         source = await _source(engine)
-        await engine.read(source, 0, 3 * CHUNK)  # chunks 0-2 hashed; memory keeps 2 chunks
+        for index in range(3):  # chunks 0-2 hashed, in order; memory keeps the last 2
+            await engine.read(source, index * CHUNK, CHUNK)
         remote.corrupt = True
         reader = Served()
         assert await engine.read(source, 0, CHUNK, served=reader) != data[:CHUNK]
