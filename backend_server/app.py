@@ -43,8 +43,8 @@ import trio
 
 from mmfs.budget import ByteBudget
 from mmfs.engine import FetchEngine, Served
-from mmfs.errors import (AccessDenied, EntryNotFound, InvalidName, MmfsError, NotFound, RepoNotFound,
-                         first_error)
+from mmfs.errors import (AccessDenied, EntryNotFound, IntegrityError, InvalidName, MmfsError, NotFound,
+                         RepoNotFound, first_error)
 from mmfs.manifest import ChunkKey, FileEntry, Manifest
 from mmfs.tiers.base import Chunk
 from mmfs.names import RepoRef, check_path, check_provider, check_repo_part, check_revision
@@ -72,6 +72,8 @@ STREAM_MEMORY = 32 << 20
 STREAM_WAIT = 60.0
 #: Files warmed at once by ``POST /v1/prefetch``.
 PREFETCH_FILES = 4
+#: Seconds after a file failed verification during which resumes of it are refused.
+RESUME_REFUSAL = 60.0
 #: Longest ``/v1/map?wait=`` may hold a request, seconds.
 MAX_MAP_WAIT = 30.0
 
@@ -250,7 +252,8 @@ class BackendApp:
                 chunk_map = await self.engine.chunk_map(source, wait=True, auth=auth)
         if chunk_map is None:
             return Response.json({"verified_bytes": self.engine.verification_progress(source.entry),
-                                  "size": source.entry.size}, 202, [("Retry-After", "1")])
+                                  "size": source.entry.size, "progress": self.engine.activity}, 202,
+                                 [("Retry-After", "1")])
         return Response(200, [("Content-Type", "application/octet-stream"), ("X-Repo-Commit", source.commit),
                               ("X-Mmfs-Chunk-Size", str(chunk_map.chunk_size))], chunk_map.digests)
 
@@ -362,10 +365,17 @@ class BackendApp:
     async def _serve_file(self, request: Request, source: FileSource, auth: str | None) -> Response:
         entry = source.entry
         span = parse_range(request.header("range"), entry.size)
-        if span is not None and span[0] > 0 and span[1] == entry.size and self.engine.tainted(entry):
+        tainted_at = self.engine.tainted_at(entry)
+        if span is not None and span[0] > 0 and span[1] == entry.size and tainted_at:
             # The shape of a resume, of a file readers were given wrong bytes of here: the
-            # client's prefix may hold bytes of that attempt. The whole file (200) makes Hub
-            # clients start over (huggingface_hub truncates on a 200 to a Range request).
+            # client's prefix may hold bytes of that attempt. Right after the failure it is
+            # refused (a client resuming at once would otherwise loop on a corrupt upstream,
+            # each pass a full upstream fetch); later the whole file goes out (200), which
+            # makes Hub clients start over (huggingface_hub truncates on a 200 to a Range).
+            since = time.time() - tainted_at
+            if since < RESUME_REFUSAL:
+                raise IntegrityError(f"{entry.path}: wrong bytes of this file were served {since:.0f} s ago (it "
+                                     "failed verification); a resumed download could keep them: start again")
             log.warning("%s@%s %s: Range %s ignored (wrong bytes of this file were served here before; a resume "
                         "could complete a corrupt file): sending all of it", source.repo, source.commit,
                         entry.path, request.header("range"))

@@ -33,7 +33,7 @@ import socket
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Callable, Sequence
 
@@ -99,16 +99,22 @@ class EngineStatistics:
     tiers: tuple[TierStatistics, ...]
 
 
-@dataclass(slots=True)
 class Served:
-    """What one reader (a FUSE file handle, a backend response) was given before the
-    file's map existed: chunk index -> fingerprint of the provisional copy it got."""
+    """What a reader was given before the file's map existed: chunk index -> fingerprint
+    of the provisional copy. A reader is whoever may see those bytes again: a backend
+    response, or (on a node) an inode's page cache, shared by its handles (see
+    :mod:`mmfs.vfs`), which subclasses this to check several records at once."""
 
-    provisional: dict[int, bytes] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self.provisional: dict[int, bytes] = {}
 
     def note(self, index: int, chunk: Chunk) -> None:
         if not chunk.verified:
             self.provisional[index] = chunk.fingerprint
+
+    @property
+    def holds_provisional(self) -> bool:
+        return bool(self.provisional)
 
     def mismatches(self, chunk_map: ChunkMap) -> list[int]:
         """Indices of chunks this reader got that the map says were wrong."""
@@ -162,7 +168,7 @@ class FetchEngine:
         self._provisional: dict[str, FileSource] = {}  # map key -> a file holding provisional chunks
         self._recorded: set[str] = set()
         self._purges: dict[str, int] = {}  # content id -> times it failed verification here
-        self._tainted: set[str] = set()  # see tainted()
+        self._tainted: dict[str, float] = {}  # content id -> see tainted_at()
         self._listeners: list[Callable[[str], None]] = []
         self._write_budget = ByteBudget(config.max_pending_write_bytes, "write-behind budget")
         self._pending_writes = 0
@@ -172,9 +178,7 @@ class FetchEngine:
         self._nursery_cm: trio.Nursery | None = None
         self._remote_fetches = self._remote_bytes = self._integrity_failures = self._dropped = 0
         self._verified_count = 0
-        #: Grows whenever bytes arrive or a remote reports verification progress: waiters
-        #: with a deadline extend it while this moves (bytes are flowing, so no EIO).
-        self.activity = 0
+        self._activity = 0
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -200,6 +204,12 @@ class FetchEngine:
             await self.remote.aclose()
             if self.metadata is not None:
                 self.metadata.close()
+
+    @property
+    def activity(self) -> int:
+        """Grows whenever bytes arrive or a remote reports verification progress: waiters
+        with a deadline extend it while this moves (bytes are flowing, so no EIO)."""
+        return self._activity + self.remote.received_bytes
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -352,7 +362,7 @@ class FetchEngine:
         if get is None:
             return None
         if indices[-1] == entry.chunk_count - 1 and (self.known_map(entry) is None
-                                                     or served is None or served.provisional):
+                                                     or served is None or served.holds_provisional):
             return None
         chunks = []
         for index in indices:
@@ -459,7 +469,6 @@ class FetchEngine:
                 raise
         if len(fetched.data) != end - start:
             raise IntegrityError(f"{entry.path}: chunk {index} has {len(fetched.data)} bytes, expected {end - start}")
-        self.activity += len(fetched.data)
         digests = await trio.to_thread.run_sync(block_digests, fetched.data)
         chunk_map = self.known_map(entry)
         if chunk_map is not None and not chunk_map.matches(index, digests):
@@ -660,7 +669,7 @@ class FetchEngine:
             await self._adopt(source, answer, verified_here=False)
             return answer
         if answer != self._remote_progress.get(key):
-            self.activity += 1
+            self._activity += 1
         self._remote_progress[key] = answer
         self._next_map_ask[key] = time.monotonic() + self.config.map_poll_interval
         return None
@@ -717,7 +726,7 @@ class FetchEngine:
         self._provisional.pop(chunk_map.key, None)
         if dropped:
             self._dropped += len(dropped)
-            self._tainted.add(chunk_map.content_id)
+            self._tainted[chunk_map.content_id] = time.time()
             if self.metadata is not None:
                 await trio.to_thread.run_sync(lambda: self.metadata.update_file(  # type: ignore[union-attr]
                     chunk_map.content_id, tainted_at=time.time()))
@@ -779,7 +788,7 @@ class FetchEngine:
                     if self._purges.get(entry.content_id, 0) != purges:
                         break
                     await trio.to_thread.run_sync(state.feed, chunk)
-                    self.activity += 1
+                    self._activity += 1
                 digest = state.hasher.hexdigest()
             self._file_hashes.pop(map_key(entry.content_id, entry.chunk_size), None)
             if self._purges.get(entry.content_id, 0) != purges:
@@ -818,7 +827,7 @@ class FetchEngine:
         for key in [k for k in self._provisional if k.startswith(content_id + ":")]:
             del self._provisional[key]
         self._recorded.discard(content_id)
-        self._tainted.add(content_id)
+        self._tainted[content_id] = time.time()
         for tier in self.tiers:
             await tier.discard(content_id)
         if self.metadata is not None:
@@ -826,13 +835,11 @@ class FetchEngine:
                 content_id, last_failure=why))
         self._tell(content_id)
 
-    def tainted(self, entry: FileEntry) -> bool:
-        """Whether readers may ever have been given wrong bytes of this content here (it
-        failed its check, or provisional copies of it did not match its map)."""
-        if entry.content_id in self._tainted:
-            return True
+    def tainted_at(self, entry: FileEntry) -> float:
+        """When readers were last given wrong bytes of this content here (it failed its
+        check, or provisional copies of it did not match its map); 0.0: never."""
         record = self.metadata.get_file(entry.content_id) if self.metadata is not None else None
-        return record is not None and record.tainted_at > 0
+        return max(self._tainted.get(entry.content_id, 0.0), record.tainted_at if record is not None else 0.0)
 
     # -- observability ------------------------------------------------------------------
 

@@ -46,12 +46,14 @@ from typing import Any, Callable
 
 import trio
 
+from .chunkmap import ChunkMap
 from .engine import FetchEngine, Served
 from .errors import IntegrityError, InvalidName, MmfsError, NotFound, RevisionNotFound, UpstreamError, first_error
 from .manifest import FileEntry, Manifest
 from .names import PROVIDERS, RepoRef, check_repo_part, check_revision, is_commit
 from .prefetch import ReadAhead, ReadAheadConfig
 from .remote.base import FileSource
+from .tiers.base import Chunk
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +173,8 @@ class _Handle:
     node: Node
     source: FileSource | None = None
     read_ahead: ReadAhead | None = None
-    #: Provisional chunks this handle was given (checked before it gets the file's end).
-    served: Served = field(default_factory=Served)
+    #: Provisional chunks this handle may have seen (checked before it gets the file's end).
+    served: Served | None = None
     data: bytes = b""  # virtual files: content fixed at open
 
 
@@ -188,6 +190,39 @@ class VfsStatistics:
     provisional_inodes: int
     readahead_chunks: int
     readahead_resets: int
+
+
+class _HandleServed(Served):
+    """What one handle may have seen: the bytes in its inode's page cache are shared by
+    every handle of that inode (a read may be answered from pages another handle's read
+    brought in), so provisional chunks are noted in the inode's current record, and a
+    handle's end is checked against every record current while it was open. When the
+    inode's pages are dropped (:meth:`Vfs._content_failed`) it gets a fresh record:
+    handles opened afterwards do not inherit what the dropped pages held."""
+
+    def __init__(self, inode: int, record_of: Callable[[int], Served]) -> None:
+        super().__init__()
+        self._inode = inode
+        self._record_of = record_of
+        self._records = [record_of(inode)]
+
+    def _current(self) -> Served:
+        record = self._record_of(self._inode)
+        if record is not self._records[-1]:
+            self._records.append(record)
+        return record
+
+    def note(self, index: int, chunk: Chunk) -> None:
+        self._current().note(index, chunk)
+
+    @property
+    def holds_provisional(self) -> bool:
+        self._current()
+        return any(record.holds_provisional for record in self._records)
+
+    def mismatches(self, chunk_map: ChunkMap) -> list[int]:
+        self._current()
+        return sorted({i for record in self._records for i in record.mismatches(chunk_map)})
 
 
 class _Tree:
@@ -223,6 +258,7 @@ class Vfs:
         self._handles: dict[int, _Handle] = {}
         self._suspect: set[int] = set()  # inodes whose kernel page cache must be dropped
         self._by_content: dict[str, set[int]] = {}  # content id -> file inodes showing it
+        self._page_records: dict[int, Served] = {}  # inode -> what its page cache may hold now
         #: Drops the kernel's cached pages of an inode; set by the FUSE adapter.
         self.invalidate: Callable[[int], None] = lambda inode: None
         engine.add_listener(self._content_failed)
@@ -536,7 +572,8 @@ class Vfs:
         entry = node.entry
         source = FileSource(node.repo, node.commit, entry)
         self._handles[handle] = _Handle(node, source, ReadAhead(entry.chunk_size, entry.chunk_count,
-                                                                self.config.read_ahead))
+                                                                self.config.read_ahead),
+                                        served=_HandleServed(inode, self._page_record))
         keep = inode not in self._suspect
         self._suspect.discard(inode)
         return OpenFile(handle, keep_cache=keep, direct_io=False)
@@ -584,7 +621,15 @@ class Vfs:
         its next open."""
         for inode in self._by_content.get(content_id, ()):
             self._suspect.add(inode)
+            if inode in self._page_records:
+                self._page_records[inode] = Served()  # handles open now keep the old record
             self.invalidate(inode)
+
+    def _page_record(self, inode: int) -> Served:
+        record = self._page_records.get(inode)
+        if record is None:
+            record = self._page_records[inode] = Served()
+        return record
 
     async def release(self, handle: int) -> None:
         state = self._handles.pop(handle, None)

@@ -8,8 +8,8 @@ The node-facing protocol (also documented in the README):
   ``X-Mmfs-Verified: 1`` when the backend has the file's chunk map. A file's last chunk is
   only served once the whole file matched its upstream hash.
 * ``GET /v1/map/<provider>/<org>/<name>/<commit>/<path>?wait=SECONDS`` -> the file's chunk
-  map (the raw block digests), or ``202`` with ``{"verified_bytes": n}`` while the backend
-  is still verifying it (with ``wait``, the backend verifies the file, waiting up to that
+  map (the raw block digests), or ``202`` with ``{"verified_bytes": n, "progress": p}``
+  (``p`` grows while the backend receives bytes) while the backend is still verifying it (with ``wait``, the backend verifies the file, waiting up to that
   long before answering).
 
 Errors carry ``X-Error-Code`` (the :mod:`mmfs.errors` class name, or the Hub's code) and a
@@ -81,13 +81,17 @@ class BackendRemote(Remote):
         response = await request(self._client, self._policy, "GET", url, headers=self._headers(auth))
         if response.status_code == 202:
             try:
-                return int(json.loads(response.content)["verified_bytes"])
+                return int(json.loads(response.content)["progress"])
             except (ValueError, KeyError, TypeError) as exc:
                 raise UpstreamError(f"backend {self.url} sent an unreadable progress answer for {entry.path}") from exc
         try:
             return ChunkMap(entry.content_id, entry.size, entry.chunk_size, bytes(response.content))
         except ValueError as exc:
             raise UpstreamError(f"backend {self.url} sent an unusable chunk map for {entry.path}: {exc}") from exc
+
+    @property
+    def received_bytes(self) -> int:
+        return self._client.received_bytes
 
     async def aclose(self) -> None:
         await self._client.aclose()

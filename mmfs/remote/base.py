@@ -53,6 +53,11 @@ class Remote(ABC):
     #: Human name for logs and ``mmfs status``.
     url: str = ""
 
+    @property
+    def received_bytes(self) -> int:
+        """Bytes received from the remote so far (grows while a body arrives)."""
+        return 0
+
     @abstractmethod
     async def resolve(self, repo: RepoRef, revision: str, *, auth: str | None = None) -> str:
         """Return the 40-hex commit a branch, tag or commit names."""
@@ -66,8 +71,8 @@ class Remote(ABC):
         """Return chunk ``index`` of ``source`` (exactly its length, unverified unless stated)."""
 
     async def fetch_map(self, source: FileSource, *, wait: float = 0.0, auth: str | None = None) -> ChunkMap | int:
-        """The file's chunk map, or (not verified yet) how many of its bytes the remote has
-        verified so far; waits up to ``wait`` seconds for the remote to finish verifying.
+        """The file's chunk map, or (not verified yet) a progress counter that grows while
+        the remote works; waits up to ``wait`` seconds for the remote to finish verifying.
         :class:`~mmfs.errors.IntegrityError` when the file failed its check there."""
         raise NotImplementedError(f"{type(self).__name__} does not verify files; the engine does")
 

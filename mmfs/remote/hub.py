@@ -100,5 +100,9 @@ class HubRemote(Remote):
             last_modified=response.headers.get("Last-Modified", ""),
         )
 
+    @property
+    def received_bytes(self) -> int:
+        return self._client.received_bytes
+
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -104,6 +104,9 @@ class WireClient:
         self._request_timeout = request_timeout
         self._max_idle = max_idle_per_origin
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        #: Body bytes received so far, all requests together: progress, while a big or
+        #: slow body is still arriving, for waiters that must tell "slow" from "stuck".
+        self.received_bytes = 0
         self._tls: ssl.SSLContext | None = None
 
     async def request(self, method: str, url: str, headers: dict[str, str] | None = None, *,
@@ -222,6 +225,7 @@ class WireClient:
             if n == 0:
                 raise _ConnectionClosed(f"body cut short at {received} of {len(body)} bytes")
             received += n
+            self.received_bytes += n
         return body  # type: ignore[return-value]  # a bytearray: copying 4 MiB again cost 15 %
 
     async def _read_chunked(self, connection: _Connection, max_body: int) -> bytes:
