@@ -31,9 +31,9 @@ from typing import Any
 import lmdb
 
 from .chunkmap import ChunkMap, map_key
-from .errors import CacheError
+from .errors import CacheError, InvalidName
 from .manifest import Manifest
-from .names import RepoRef
+from .names import RepoRef, is_commit
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class MetadataStore:
 
     def get_ref(self, repo: RepoRef, revision: str) -> RefRecord | None:
         raw = self._get(self._refs, self._repo_key(repo, revision))
-        return RefRecord(**json.loads(raw)) if raw else None
+        return _decode(RefRecord, raw)
 
     def put_ref(self, repo: RepoRef, revision: str, commit: str) -> None:
         record = RefRecord(commit, time.time())
@@ -131,22 +131,29 @@ class MetadataStore:
     def refs(self) -> dict[str, RefRecord]:
         """Every ``provider/org/name@revision`` known, for ``mmfs status``."""
         with self._env.begin(db=self._refs) as txn:
-            return {k.decode(): RefRecord(**json.loads(v)) for k, v in txn.cursor()}
+            found = {k.decode("utf-8", "replace"): _decode(RefRecord, v) for k, v in txn.cursor()}
+        return {k: v for k, v in found.items() if v is not None}
 
     # manifests
 
     def get_manifest(self, repo: RepoRef, commit: str) -> Manifest | None:
         raw = self._get(self._manifests, self._repo_key(repo, commit))
-        return Manifest.loads(raw) if raw else None
+        if not raw:
+            return None
+        try:
+            return Manifest.loads(raw)
+        except (ValueError, KeyError, TypeError, InvalidName):
+            log.warning("metadata: unreadable manifest record for %s@%s ignored", repo, commit)
+            return None
 
     def manifest_keys(self) -> list[tuple[RepoRef, str]]:
         """``(repo, commit)`` of every manifest stored, without parsing them (for listings)."""
         keys = []
         with self._env.begin(db=self._manifests) as txn:
             for raw in txn.cursor().iternext(keys=True, values=False):
-                repo_text, _, commit = raw.decode().rpartition("@")
+                repo_text, _, commit = raw.decode("utf-8", "replace").rpartition("@")
                 parts = repo_text.split("/")
-                if len(parts) == 3:
+                if len(parts) == 3 and is_commit(commit):
                     keys.append((RepoRef(*parts), commit))
         return keys
 
@@ -157,7 +164,7 @@ class MetadataStore:
 
     def get_file(self, content_id: str) -> FileRecord | None:
         raw = self._get(self._files, content_id.encode())
-        return FileRecord(**json.loads(raw)) if raw else None
+        return _decode(FileRecord, raw)
 
     def update_file(self, content_id: str, **changes: Any) -> FileRecord:
         """Read-modify-write one file record in a single transaction."""
@@ -167,7 +174,7 @@ class MetadataStore:
 
     def _update(self, txn: Any, content_id: str, changes: dict[str, Any]) -> FileRecord:
         raw = txn.get(content_id.encode(), db=self._files)
-        record = FileRecord(**json.loads(raw)) if raw else FileRecord(content_id)
+        record = _decode(FileRecord, raw) or FileRecord(content_id)
         for name, value in changes.items():
             setattr(record, name, value)
         txn.put(content_id.encode(), json.dumps(asdict(record)).encode(), db=self._files)
@@ -219,15 +226,28 @@ class MetadataStore:
                     if not cursor.delete():
                         break
             raw = txn.get(content_id.encode(), db=self._files)
-            failures = FileRecord(**json.loads(raw)).failures if raw else 0
+            failures = (_decode(FileRecord, raw) or FileRecord(content_id)).failures
             self._update(txn, content_id, {"verified": False, "failures": failures + 1, "last_failure": last_failure,
                                            "downloaded_at": 0.0, "inflight_download": "", "tainted_at": time.time()})
         self._write(fail)
 
     def files(self) -> list[FileRecord]:
         with self._env.begin(db=self._files) as txn:
-            return [FileRecord(**json.loads(v)) for _, v in txn.cursor()]
+            found = [_decode(FileRecord, v) for _, v in txn.cursor()]
+        return [record for record in found if record is not None]
 
     def close(self) -> None:
         self._env.sync(True)
         self._env.close()
+
+
+def _decode(kind: Any, raw: bytes | None) -> Any:
+    """A JSON record, or ``None`` for a missing or unreadable one (a damaged database must
+    cost what it lost, not the daemon: the caller then behaves as if it was never stored)."""
+    if not raw:
+        return None
+    try:
+        return kind(**json.loads(raw))
+    except (ValueError, TypeError):
+        log.warning("metadata: an unreadable %s record was ignored", kind.__name__)
+        return None
