@@ -310,10 +310,12 @@ _WRITER = textwrap.dedent("""
 
     async def main():
         tier = DiskTier(Path(sys.argv[1]), 12 * CHUNK)
+        chunks = {{(k, verified): chunk(crash_seed(k), verified) for content in (CONTENT, OTHER)
+                  for k in [key(j, content) for j in range(10)] for verified in (False, True)}}
         async def writer(content, step):
             for i in range(10 ** 9):
                 k = key((i * step) % 10, content)
-                await tier.put(k, chunk(crash_seed(k), verified=i % 3 == 0))
+                await tier.put(k, chunks[k, i % 3 == 0])
                 if i % 7 == 0:
                     await tier.get(key((k.index + 3) % 10, content))
                 if i % 11 == 0:
