@@ -171,8 +171,8 @@ class DiskTier(ChunkTier):
         log.warning("chunk cache %s: index unusable (%s); moved to %s, starting empty", self._root, reason, place)
 
     def _remove_other_formats(self) -> None:
-        """Remove indexes of other formats and the v2 layout's chunk files: nothing here
-        could vouch for them (no verified flag), so they are not worth migrating."""
+        """Remove indexes of other formats and the file-per-chunk layout's files: nothing
+        here could vouch for them (no verified flag), so they are not worth migrating."""
         old = [p for p in self._root.glob("index-v*.lmdb") if p.name != _INDEX_NAME]
         if (self._root / _OLD_CHUNKS).is_dir():
             old.append(self._root / _OLD_CHUNKS)
@@ -293,8 +293,9 @@ class DiskTier(ChunkTier):
         return removed
 
     def _punch_unindexed(self, path: Path, file_id: _FileId) -> None:
-        content_id, chunk_size = file_id
-        spans = sorted((index * chunk_size, index * chunk_size + self._index[ChunkKey(content_id, chunk_size, index)].size)
+        """Punch the data extents (``SEEK_DATA``/``SEEK_HOLE``) between indexed chunks."""
+        chunk_size = file_id[1]
+        spans = sorted((index * chunk_size, index * chunk_size + self._index[ChunkKey(*file_id, index)].size)
                        for index in self._files[file_id])
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
