@@ -385,10 +385,10 @@ def test_disk_survives_kill_9_at_any_point(tmp_path):
 async def test_memory_tier_ttl_and_bound():
     now = [0.0]
     tier = MemoryTier(2 * CHUNK, ttl_seconds=10, clock=lambda: now[0])
-    await tier.put(key(0), payload(0))
-    await tier.put(key(1), payload(1))
-    await tier.put(key(2), payload(2))
-    assert await tier.get(key(0)) is None and await tier.get(key(2)) == payload(2)
+    await tier.put(key(0), chunk(0))
+    await tier.put(key(1), chunk(1))
+    await tier.put(key(2), chunk(2))
+    assert await tier.get(key(0)) is None and await tier.get(key(2)) == chunk(2)
     now[0] = 11
     assert await tier.get(key(2)) is None
     assert tier.statistics().used_bytes <= 2 * CHUNK
