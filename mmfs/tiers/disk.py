@@ -1,296 +1,641 @@
-"""Chunks on local disk, indexed in LMDB, bounded by bytes with LRU eviction.
+"""Chunks on local disk: one sparse file per content and chunk size, indexed in LMDB.
 
 Layout under ``root``::
 
-    chunks/<ab>/<content_id>.<chunk_size>.<index>   one file per chunk, written atomically
-    index-v2.lmdb/  chunks:  key -> (recency, size)
-                    digests: key -> blake3 of each 64 KiB block of the chunk
+    data/<ab>/<content_id>.<chunk_size>   chunk k at offset k × chunk_size (pwrite, sparse)
+    index-v3.lmdb/  chunks:  key -> (recency, size, verified)
+                    digests: key -> the chunk's block digests, exactly as the caller gave them
+    quarantine-<time>/   the last index that could not be read, kept for a post-mortem
 
-Why this shape: a file per chunk makes eviction a cheap ``unlink`` and lets the node and
-the backend's cold tier (the same class, on an RWX volume) share one format. Each chunk
-file is written to a temporary name and renamed, then indexed; on start-up entries
-without a file and files without an entry (a crash between the two steps) are dropped, so
-a ``kill -9`` at any point leaves a consistent cache. Every read re-checks the blake3
-recorded at write time: a damaged file is a miss, never bad bytes.
+Why this shape (``docs/datapath.md``):
 
-Digests are kept per 64 KiB block rather than per chunk so that a small read (a 4 KiB
-random read, an mmap page fault) reads and verifies one block, not the whole 4 MiB chunk:
-that is what keeps warm random reads well under a millisecond.
+- **One file per content**, not per chunk: a put is one ``pwrite`` into an open file instead
+  of create, write, rename, and a complete verified file is a backing file that FUSE
+  passthrough or ``sendfile`` can use as it is (:meth:`DiskTier.complete_file`). Eviction
+  punches a hole (``fallocate(PUNCH_HOLE)``) and removes the file with its last chunk.
+- **Hash once**: the block digests stored are the ones computed when the bytes arrived
+  (:class:`~mmfs.tiers.base.Chunk`); a put never hashes. Every read checks the blocks it
+  reads against them, so a damaged chunk is a miss, never bad bytes, and a small read (a
+  4 KiB page fault) reads and checks one 64 KiB block, not the whole chunk.
+- **Settling needs no I/O**: a provisional chunk is checked against the file's chunk map by
+  comparing stored digests, then marked verified in the index or punched.
+- **Crash safety without fsync**: a chunk becomes visible only once its index entry is
+  committed, after its bytes are written; a chunk is dropped from the index before its bytes
+  are punched. So ``kill -9`` at any point leaves at most unindexed bytes, which start-up
+  punches (``SEEK_DATA`` over each file against its indexed chunks), and index entries
+  whose file is gone or short, which start-up drops. Bytes lost to a power failure fail
+  their digest check on read; an index it damaged is quarantined (below).
+- **No ``fadvise(DONTNEED)`` after a write**: measured here (4 MiB chunks), it leaves the
+  just-written pages cached anyway (they are dirty) and does not make puts faster; dropping
+  them takes an ``fdatasync`` first, which made puts disk-bound, 2 to 4 times slower. The
+  page cache of the data files is clean and reclaimable; the kernel drops it under pressure.
+- **A cache never takes the node down**: an index that cannot be read (corrupt, foreign)
+  is moved to ``quarantine-<time>/`` with one log line and the cache starts empty; only
+  when even that fails is :class:`~mmfs.errors.CacheError` raised (the daemon then runs
+  memory-only). The file-per-chunk layout before this one (``chunks/``, ``index-v2.lmdb``)
+  is removed at start-up: its chunks carry no verified flag, and a cache is a cache.
 
-The index is mirrored in memory (tens of thousands of entries at most) so lookups and
-LRU order cost no LMDB transaction; recency updates are written back lazily, batched with
-the next write. Blocking work runs in worker threads, never on the trio loop.
+The index is mirrored in memory (recency, size, verified: tens of thousands of entries at
+most; digests stay in LMDB) so lookups, LRU order and :meth:`~DiskTier.locate` cost no
+transaction; recency is written back lazily, with the next write. Blocking work runs in
+worker threads behind a :class:`trio.CapacityLimiter`, never on the trio loop.
+
+Three locks: ``_db_lock`` around every LMDB transaction (so the map can be grown while no
+transaction is open); ``_files_lock`` around creating, punching and removing data files, in
+worker threads only (so a file is never removed just after a writer opened it); ``_lock``
+around the in-memory mirror, for dictionary updates only (the trio loop takes it too).
+``_lock`` may be taken inside either of the others, never the other way round, and those
+two are never held together.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
+import re
 import shutil
+import stat
 import struct
 import threading
-import uuid
+import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
-import blake3
 import lmdb
 import trio
 
+from ..chunkmap import BLOCK_SIZE, DIGEST_SIZE, ChunkMap, block_count, block_digests
 from ..errors import CacheError
-from ..manifest import ChunkKey
-from .base import ChunkTier, TierStatistics
+from ..manifest import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, ChunkKey
+from .base import Chunk, ChunkTier, TierStatistics
 
 log = logging.getLogger(__name__)
 
-#: The index's format is in its name: a cache written in another format starts empty (its
-#: chunk files, indexed nowhere, are removed at start-up).
-_INDEX_NAME = "index-v2.lmdb"
-_RECORD = struct.Struct(">QQ")  # recency sequence, size
-_INDEX_MAP_SIZE = 1 << 30  # address space for the index, not disk use
-#: Bytes covered by one blake3 digest: the unit of verification for partial reads.
-BLOCK_SIZE = 64 << 10
-_DIGEST = 32
+#: The index's format is in its name; indexes of other formats are removed at start-up.
+_INDEX_NAME = "index-v3.lmdb"
+#: The layout before this one (a file per chunk): removed at start-up.
+_OLD_CHUNKS = "chunks"
+_DATA = "data"
+_QUARANTINE = "quarantine-"
+_RECORD = struct.Struct(">QQ?")  # recency sequence, size, verified
+#: The LMDB map (address space, not disk use) to start with; it doubles whenever it is full.
+#: A 4 MiB chunk costs about 2.2 KiB of index, so 64 MiB covers a 100 GiB cache.
+DEFAULT_MAP_SIZE = 64 << 20
+#: Content ids name files: an index entry whose id could climb out of ``data/`` is foreign.
+_CONTENT_ID = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*-[0-9a-f]{2,}")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
 
 
-def block_digests(data: bytes) -> bytes:
-    """The concatenated blake3 digests of ``data``'s 64 KiB blocks."""
-    view = memoryview(data)
-    return b"".join(blake3.blake3(view[i:i + BLOCK_SIZE]).digest() for i in range(0, len(data), BLOCK_SIZE))
+def _punch(fd: int, offset: int, length: int) -> None:
+    """Free ``[offset, offset+length)`` of a file, keeping its size (reads there give zeros)."""
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class _Unusable(Exception):
+    """The index cannot be opened or read: it is quarantined and the cache starts empty."""
+
+
+@dataclass(slots=True)
+class _Entry:
+    """The in-memory mirror of one indexed chunk (its digests stay in LMDB)."""
+
+    size: int
+    verified: bool
+    seq: int  # recency: higher is more recent
+
+
+#: (content id, chunk size): one data file.
+_FileId = tuple[str, int]
 
 
 class DiskTier(ChunkTier):
+    """A bounded, crash-safe chunk store in ``root``, evicting least recently used chunks."""
+
     name = "disk"
 
-    def __init__(self, root: Path, limit_bytes: int, *, threads: int = 4) -> None:
+    def __init__(self, root: Path, limit_bytes: int, *, threads: int = 4,
+                 map_size: int = DEFAULT_MAP_SIZE) -> None:
         self._root = Path(root)
-        self._chunks = self._root / "chunks"
+        self._data = self._root / _DATA
         self._limit = limit_bytes
+        self._map_size = map_size
         self._limiter = trio.CapacityLimiter(threads)
+        self._db_lock = threading.Lock()
+        self._files_lock = threading.Lock()
         self._lock = threading.Lock()
-        # LRU order, oldest first: key -> size. Digests stay in LMDB (2 KiB per 4 MiB chunk).
-        self._index: OrderedDict[ChunkKey, int] = OrderedDict()
-        self._touched: set[ChunkKey] = set()
-        self._writing: set[ChunkKey] = set()  # being written by a worker thread
+        # Visible chunks in LRU order, oldest first.
+        self._index: OrderedDict[ChunkKey, _Entry] = OrderedDict()
+        # Chunks with file work in flight (being written, or dropped but not yet punched):
+        # not visible, and not written again until that work is done.
+        self._busy: set[ChunkKey] = set()
+        # The chunk indices that keep each data file: indexed or busy. A file goes with the last.
+        self._files: dict[_FileId, set[int]] = {}
+        self._touched: set[ChunkKey] = set()  # recency not yet written to the index
         self._discards: dict[str, int] = {}  # content id -> times discarded (see _store)
         self._seq = 0
         self._used = 0
         self._hits = self._misses = self._hit_bytes = self._evictions = self._errors = 0
+        self._closed = False
+        self._open()
+
+    # -- start-up -------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        """Open the index and reconcile it with the data files; quarantine what is unusable."""
         try:
-            self._chunks.mkdir(parents=True, exist_ok=True)
-            for old in self._root.glob("index*.lmdb"):
-                if old.name != _INDEX_NAME:
-                    shutil.rmtree(old)  # an index of another format: its chunks go at recovery
-            self._env = lmdb.open(str(self._root / _INDEX_NAME), map_size=_INDEX_MAP_SIZE,
-                                  max_dbs=2, sync=False, metasync=False)
+            self._root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cannot create chunk cache {self._root}: {exc}") from exc
+        self._remove_other_formats()
+        try:
+            self._load()
+            return
+        except _Unusable as exc:
+            reason = exc
+        try:
+            place = self._quarantine()
+            self._load()
+        except (OSError, _Unusable) as exc:
+            raise CacheError(f"chunk cache {self._root} is unusable ({reason}) and could not be "
+                             f"reset: {exc}") from exc
+        log.warning("chunk cache %s: index unusable (%s); moved to %s, starting empty", self._root, reason, place)
+
+    def _remove_other_formats(self) -> None:
+        """Remove indexes of other formats and the file-per-chunk layout's files: nothing
+        here could vouch for them (no verified flag), so they are not worth migrating."""
+        old = [p for p in self._root.glob("index-v*.lmdb") if p.name != _INDEX_NAME]
+        if (self._root / _OLD_CHUNKS).is_dir():
+            old.append(self._root / _OLD_CHUNKS)
+        if old:
+            try:
+                for path in old:
+                    _remove(path)
+            except OSError as exc:  # in the way of nothing: the new layout has other names
+                log.error("chunk cache %s: cannot remove a cache of an older format: %s", self._root, exc)
+                return
+            log.info("chunk cache %s: removed a cache of an older format (%s)", self._root,
+                     ", ".join(sorted(p.name for p in old)))
+
+    def _quarantine(self) -> Path:
+        """Move the index aside (replacing an older quarantine: the cache's disk use stays
+        bounded); its data files, indexed nowhere then, go at the next :meth:`_load`."""
+        for older in self._root.glob(_QUARANTINE + "*"):
+            _remove(older)
+        place = self._root / (_QUARANTINE + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+        place.mkdir()
+        index = self._root / _INDEX_NAME
+        if index.exists() or index.is_symlink():
+            index.rename(place / _INDEX_NAME)
+        return place
+
+    def _load(self) -> None:
+        """Open the index and reconcile it with ``data/``; :class:`_Unusable` when it cannot be."""
+        self._index.clear()
+        self._files.clear()
+        self._used = self._seq = 0
+        try:
+            self._env = lmdb.open(str(self._root / _INDEX_NAME), map_size=self._map_size, max_dbs=2,
+                                  sync=False, metasync=False, readahead=False)
+        except (lmdb.Error, OSError) as exc:
+            raise _Unusable(f"{type(exc).__name__}: {exc}") from exc
+        try:
             self._chunks_db = self._env.open_db(b"chunks")
             self._digests_db = self._env.open_db(b"digests")
-        except (OSError, lmdb.Error) as exc:
-            raise CacheError(f"cannot open chunk cache at {self._root}: {exc}") from exc
-        self._recover()
+            self._reconcile()
+        except BaseException as exc:
+            self._env.close()
+            if isinstance(exc, (lmdb.Error, OSError, CacheError)):
+                raise _Unusable(f"{type(exc).__name__}: {exc}") from exc
+            raise
 
-    # -- start-up -----------------------------------------------------------------------
-
-    def _recover(self) -> None:
-        """Load the index, dropping entries whose file is gone and files nobody indexed."""
-        records: list[tuple[int, ChunkKey, int]] = []
-        stale: list[bytes] = []
-        with self._env.begin() as txn:
-            digests = txn.cursor(db=self._digests_db)
-            for raw_key, raw in txn.cursor(db=self._chunks_db):
-                key = ChunkKey.decode(raw_key)
-                seq, size = _RECORD.unpack(raw)
-                path = self._path(key)
-                try:
-                    if path.stat().st_size != size or not digests.set_key(raw_key):
-                        raise FileNotFoundError(path)
-                except FileNotFoundError:
-                    stale.append(raw_key)
-                    continue
-                records.append((seq, key, size))
+    def _reconcile(self) -> None:
+        """Drop index entries without data, load the rest into the mirror, and remove or
+        punch what nothing indexed under ``data/``."""
+        records = self._read_records()
+        stale = self._check_files(records)
         if stale:
-            with self._env.begin(write=True) as txn:
-                for raw_key in stale:
-                    txn.delete(raw_key, db=self._chunks_db)
-                    txn.delete(raw_key, db=self._digests_db)
-            log.warning("chunk cache %s: dropped %d index entries without data", self._root, len(stale))
-        records.sort(key=lambda r: r[0])
-        for seq, key, size in records:
-            self._index[key] = size
-            self._used += size
-            self._seq = max(self._seq, seq)
-        known = {self._path(key).name for key in self._index}
-        for shard in self._chunks.iterdir():
-            for file in shard.iterdir():
-                if file.name not in known:
-                    file.unlink(missing_ok=True)
+            self._update_index(removed=stale)
+        for key, entry in sorted(records.items(), key=lambda item: item[1].seq):
+            if key not in stale:
+                self._index[key] = entry
+                self._files.setdefault((key.content_id, key.chunk_size), set()).add(key.index)
+                self._used += entry.size
+                self._seq = max(self._seq, entry.seq)
+        removed = self._clean_data()
+        if stale or removed:
+            log.info("chunk cache %s: dropped %d index entries without data and %d files or "
+                     "directories nothing indexed", self._root, len(stale), removed)
 
-    # -- the tier interface -------------------------------------------------------------
+    def _read_records(self) -> dict[ChunkKey, _Entry]:
+        """Every index entry; raises :class:`_Unusable` at the first that is not one of ours."""
+        records = {}
+        with self._env.begin() as txn:
+            for raw_key, raw in txn.cursor(db=self._chunks_db):
+                try:
+                    key = ChunkKey.decode(raw_key)
+                    seq, size, verified = _RECORD.unpack(raw)
+                except (ValueError, struct.error) as exc:  # UnicodeDecodeError is a ValueError
+                    raise _Unusable(f"undecodable index entry {bytes(raw_key)[:80]!r}") from exc
+                if not _valid(key, size, txn.get(raw_key, db=self._digests_db)):
+                    raise _Unusable(f"invalid index entry {bytes(raw_key)[:80]!r}")
+                records[key] = _Entry(size, verified, seq)
+        return records
 
-    async def get(self, key: ChunkKey) -> bytes | None:
-        size = self._index.get(key)
-        return None if size is None else await self.get_range(key, 0, size)
+    def _check_files(self, records: dict[ChunkKey, _Entry]) -> set[ChunkKey]:
+        """The entries whose data file is missing, not a regular file, or too short."""
+        sizes: dict[_FileId, int] = {}
+        stale = set()
+        for key, entry in records.items():
+            file_id = (key.content_id, key.chunk_size)
+            if file_id not in sizes:
+                try:
+                    info = os.lstat(self._path(*file_id))
+                    sizes[file_id] = info.st_size if stat.S_ISREG(info.st_mode) else -1
+                except OSError:  # missing, or data/ is not a directory
+                    sizes[file_id] = -1
+            if sizes[file_id] < key.index * key.chunk_size + entry.size:
+                stale.add(key)
+        return stale
+
+    def _clean_data(self) -> int:
+        """Remove what nothing indexed under ``data/`` and punch the unindexed bytes of the
+        files that stay (written, then the process died before indexing them). Returns how
+        many files or directories were removed."""
+        if not self._data.is_dir() or self._data.is_symlink():
+            _remove(self._data)
+            self._data.mkdir()
+        kept = {self._path(*file_id): file_id for file_id in self._files}
+        removed = 0
+        for shard in self._data.iterdir():
+            if not shard.is_dir() or shard.is_symlink():
+                _remove(shard)
+                removed += 1
+                continue
+            for path in shard.iterdir():
+                file_id = kept.get(path)
+                if file_id is None:
+                    _remove(path)
+                    removed += 1
+                else:
+                    self._punch_unindexed(path, file_id)
+            if not any(shard.iterdir()):
+                shard.rmdir()  # safe here only: at run time a writer may be about to use it
+        return removed
+
+    def _punch_unindexed(self, path: Path, file_id: _FileId) -> None:
+        """Punch the data extents (``SEEK_DATA``/``SEEK_HOLE``) between indexed chunks."""
+        chunk_size = file_id[1]
+        spans = sorted((index * chunk_size, index * chunk_size + self._index[ChunkKey(*file_id, index)].size)
+                       for index in self._files[file_id])
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            gap_start = 0
+            for start, end in [*spans, (os.fstat(fd).st_size, 0)]:
+                position = gap_start
+                while position < start:  # the data extents of the gap [gap_start, start)
+                    try:
+                        data = os.lseek(fd, position, os.SEEK_DATA)
+                    except OSError as exc:
+                        if exc.errno != errno.ENXIO:  # ENXIO: no data past position
+                            raise
+                        return
+                    if data >= start:
+                        break
+                    position = min(start, os.lseek(fd, data, os.SEEK_HOLE))
+                    _punch(fd, data, position - data)
+                gap_start = end
+        finally:
+            os.close(fd)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def get(self, key: ChunkKey) -> Chunk | None:
+        entry = self._index.get(key)
+        read = None if entry is None else await self._read(key, entry, 0, entry.size)
+        if read is None:
+            self._misses += 1
+            return None
+        data, digests = read
+        self._hit(key, entry, len(data))
+        return Chunk(data, digests, entry.verified)
 
     async def get_range(self, key: ChunkKey, start: int, end: int) -> bytes | None:
-        size = self._index.get(key)
-        if size is None or not 0 <= start < end <= size:
+        """Bytes ``[start, end)`` of a verified chunk, reading and checking only the blocks
+        that cover them. A provisional chunk is neither a hit nor a miss here: the engine
+        asks :meth:`get` next, which counts."""
+        entry = self._index.get(key)
+        if entry is not None and not entry.verified:
+            return None
+        read = None
+        if entry is not None and 0 <= start < end <= entry.size:
+            read = await self._read(key, entry, start, end)
+        if read is None:
             self._misses += 1
             return None
-        data = await trio.to_thread.run_sync(self._read_verified, key, size, start, end, limiter=self._limiter)
-        if data is None:
-            self._misses += 1
-            return None
-        with self._lock:
-            if key in self._index:
-                self._index.move_to_end(key)
-                self._touched.add(key)
-        self._hits += 1
-        self._hit_bytes += len(data)
+        data, _ = read
+        offset = start % BLOCK_SIZE
+        data = data if offset == 0 and len(data) == end - start else data[offset:offset + end - start]
+        self._hit(key, entry, len(data))
         return data
 
-    def _read_verified(self, key: ChunkKey, size: int, start: int, end: int) -> bytes | None:
-        """Read the blocks covering ``[start, end)``, check each against its digest, slice."""
-        first = start // BLOCK_SIZE
-        block_start = first * BLOCK_SIZE
-        block_end = min(size, -(-end // BLOCK_SIZE) * BLOCK_SIZE)
-        with self._env.begin(db=self._digests_db) as txn:
-            digests = txn.get(key.encode())
-        try:
-            with open(self._path(key), "rb") as f:
-                data = os.pread(f.fileno(), block_end - block_start, block_start)
-        except FileNotFoundError:
-            self._drop([key])  # evicted meanwhile, or lost: forget it rather than count it
-            return None
-        except OSError as exc:
-            self._errors += 1
-            log.error("chunk cache read failed for %s: %s", self._path(key), exc)
-            return None
-        expected = digests[first * _DIGEST:(first + -(-len(data) // BLOCK_SIZE)) * _DIGEST] if digests else b""
-        if len(data) != block_end - block_start or block_digests(data) != expected:
-            self._errors += 1
-            log.error("chunk cache: %s failed its blake3 check; dropping it", self._path(key))
-            self._drop([key])
-            return None
-        if start == block_start and end == block_end:
-            return data
-        return data[start - block_start:end - block_start]
+    def _hit(self, key: ChunkKey, entry: _Entry, size: int) -> None:
+        self._hits += 1
+        self._hit_bytes += size
+        with self._lock:
+            if self._index.get(key) is entry:
+                self._index.move_to_end(key)
+                entry.seq = self._next_seq()
+                self._touched.add(key)
 
-    async def put(self, key: ChunkKey, data: bytes) -> None:
-        if len(data) > self._limit or key in self._index:
+    async def _read(self, key: ChunkKey, entry: _Entry, start: int, end: int) -> tuple[bytes, bytes] | None:
+        return await trio.to_thread.run_sync(self._read_blocks, key, entry, start, end, limiter=self._limiter)
+
+    def _read_blocks(self, key: ChunkKey, entry: _Entry, start: int, end: int) -> tuple[bytes, bytes] | None:
+        """The blocks covering ``[start, end)``, checked, and all the chunk's digests; ``None``
+        when the chunk went meanwhile or fails its check (then it is dropped)."""
+        first = start // BLOCK_SIZE
+        low, high = first * BLOCK_SIZE, min(entry.size, block_count(end) * BLOCK_SIZE)
+        digests = self._stored_digests([key]).get(key)
+        if digests is None:
+            return None  # dropped since the lookup
+        try:
+            fd = os.open(self._path(key.content_id, key.chunk_size), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = os.pread(fd, high - low, key.index * key.chunk_size + low)
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            data = b""  # lost, or dropped since the lookup: _drop_damaged tells which
+        except OSError as exc:
+            with self._lock:
+                self._errors += 1
+            log.error("chunk cache: reading %s failed: %s", self._path(key.content_id, key.chunk_size), exc)
+            return None
+        expected = digests[first * DIGEST_SIZE:(first + block_count(high - low)) * DIGEST_SIZE]
+        if len(data) != high - low or block_digests(data) != expected:
+            self._drop_damaged(key, entry)
+            return None
+        return data, digests
+
+    def _drop_damaged(self, key: ChunkKey, entry: _Entry) -> None:
+        with self._lock:
+            if self._index.get(key) is not entry:
+                return  # evicted or discarded while we read: not damage
+            doomed = [self._take(key)]
+            self._errors += 1
+        log.error("chunk cache %s: chunk %d of %s (chunk size %d) failed its blake3 check; dropped",
+                  self._root, key.index, key.content_id, key.chunk_size)
+        try:
+            self._forget(doomed)
+        except CacheError as exc:
+            log.error("%s", exc)
+
+    def _stored_digests(self, keys: Iterable[ChunkKey]) -> dict[ChunkKey, bytes]:
+        with self._db_lock:
+            if self._closed:
+                return {}
+            with self._env.begin(db=self._digests_db) as txn:
+                found = {key: txn.get(key.encode()) for key in keys}
+        return {key: digests for key, digests in found.items() if digests is not None}
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def put(self, key: ChunkKey, chunk: Chunk) -> None:
+        """Keep ``chunk`` with the digests it carries (never re-hashed). A chunk already held,
+        or with file work in flight, is left as it is: :meth:`settle` is what verifies."""
+        size = len(chunk.data)
+        if not _valid(key, size, chunk.digests):
+            raise ValueError(f"chunk {key.index} of {key.content_id!r}: {size} bytes with "
+                             f"{len(chunk.digests)} bytes of digests for chunk size {key.chunk_size}")
+        if size > self._limit or key in self._index or key in self._busy:
             return
         discards = self._discards.get(key.content_id, 0)
-        await trio.to_thread.run_sync(self._store, key, data, discards, limiter=self._limiter)
+        await trio.to_thread.run_sync(self._store, key, chunk, discards, limiter=self._limiter)
 
-    def _store(self, key: ChunkKey, data: bytes, discards: int) -> None:
-        """Write the chunk, then index it; it becomes visible to readers only once its
-        digests are committed, and its bytes count against the limit from the start.
-        A write that a :meth:`discard` of its content overtook is thrown away."""
+    def _store(self, key: ChunkKey, chunk: Chunk, discards: int) -> None:
+        """Make room, write the bytes, then index them: visible only once committed, counted
+        against the limit from the start. A write that a :meth:`discard` of its content
+        overtook (``discards`` changed) is thrown away."""
+        size = len(chunk.data)
         with self._lock:
-            if key in self._index or key in self._writing:
+            if key in self._index or key in self._busy or self._discards.get(key.content_id, 0) != discards:
                 return
-            self._writing.add(key)
-            victims = self._make_room(len(data))
-            self._used += len(data)
+            self._busy.add(key)
+            self._files.setdefault((key.content_id, key.chunk_size), set()).add(key.index)
+            victims = []
+            while self._index and self._used + size > self._limit:
+                victims.append(self._take(next(iter(self._index))))
+            self._evictions += len(victims)
+            self._used += size
         try:
-            digests = block_digests(data)
-            self._unlink(victims)
-            path = self._path(key)
-            tmp = path.with_name(f".tmp-{uuid.uuid4().hex}")
-            try:
-                path.parent.mkdir(exist_ok=True)
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            except OSError as exc:
-                tmp.unlink(missing_ok=True)
-                self._errors += 1
-                with self._lock:
-                    self._used -= len(data)
-                self._commit(victims, {}, set())
-                raise CacheError(f"cannot write chunk to {self._root}: {os.strerror(exc.errno or errno.EIO)}") from exc
+            if victims:
+                self._forget(victims)
+            self._write(key, chunk.data)
             with self._lock:
-                self._seq += 1
-                seq = self._seq
-                touched, self._touched = self._touched, set()
-            self._commit(victims, {key: (seq, len(data), digests)}, touched)
+                entry = _Entry(size, chunk.verified, self._next_seq())
+            self._update_index(added=[(key, entry, chunk.digests)])
+        except BaseException:
             with self._lock:
-                overtaken = self._discards.get(key.content_id, 0) != discards
-                if not overtaken:
-                    self._index[key] = len(data)
-                else:
-                    self._used -= len(data)
-            if overtaken:
-                self._path(key).unlink(missing_ok=True)
-                self._commit([key], {}, set())
-        finally:
-            with self._lock:
-                self._writing.discard(key)
-
-    def _make_room(self, size: int) -> list[ChunkKey]:
-        """Pop least recently used entries until ``size`` more bytes fit (lock held)."""
-        victims = []
-        while self._index and self._used + size > self._limit:
-            victim, victim_size = self._index.popitem(last=False)
-            self._used -= victim_size
-            self._touched.discard(victim)
-            victims.append(victim)
-        self._evictions += len(victims)
-        return victims
-
-    def _commit(self, removed: list[ChunkKey], added: dict[ChunkKey, tuple[int, int, bytes]],
-                touched: set[ChunkKey]) -> None:
-        """Write index changes in one transaction: removals, additions, batched recency."""
-        try:
-            with self._env.begin(write=True) as txn:
-                for key in removed:
-                    txn.delete(key.encode(), db=self._chunks_db)
-                    txn.delete(key.encode(), db=self._digests_db)
-                for key, (seq, size, digests) in added.items():
-                    txn.put(key.encode(), digests, db=self._digests_db)
-                    txn.put(key.encode(), _RECORD.pack(seq, size), db=self._chunks_db)
-                for key in touched:
-                    with self._lock:
-                        self._seq += 1
-                        size = self._index.get(key)
-                        seq = self._seq
-                    if size is not None:
-                        txn.put(key.encode(), _RECORD.pack(seq, size), db=self._chunks_db)
-        except lmdb.Error as exc:
-            self._errors += 1
-            raise CacheError(f"chunk index update failed in {self._root}: {exc}") from exc
-
-    def _drop(self, keys: list[ChunkKey]) -> None:
+                self._used -= size
+            self._release([(key, size)])
+            raise
         with self._lock:
-            dropped = []
-            for key in keys:
-                size = self._index.pop(key, None)
-                if size is not None:
-                    self._used -= size
-                    self._touched.discard(key)
-                    dropped.append(key)
-        self._unlink(dropped)
-        self._commit(dropped, {}, set())
+            overtaken = self._discards.get(key.content_id, 0) != discards
+            if overtaken:
+                self._used -= size
+            else:
+                self._index[key] = entry
+                self._busy.discard(key)
+        if overtaken:
+            self._forget([(key, size)])
 
-    def _unlink(self, keys: list[ChunkKey]) -> None:
-        for key in keys:
-            self._path(key).unlink(missing_ok=True)
+    def _write(self, key: ChunkKey, data: bytes | bytearray) -> None:
+        path = self._path(key.content_id, key.chunk_size)
+        try:
+            with self._files_lock:  # not while the last chunk's release removes the file
+                path.parent.mkdir(exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                view, offset, written = memoryview(data), key.index * key.chunk_size, 0
+                while written < len(view):
+                    written += os.pwrite(fd, view[written:], offset + written)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            with self._lock:
+                self._errors += 1
+            raise CacheError(f"cannot write chunk to {path}: {os.strerror(exc.errno or errno.EIO)}") from exc
 
     async def discard(self, content_id: str) -> int:
-        # Invisible at once (no reader may get these chunks from here on) and writes in
-        # flight are told; the files and index entries go in a worker thread.
+        # Invisible at once, and writes in flight are told (_store); the index entries and
+        # the bytes go in a worker thread, shielded: a discarded chunk must not come back
+        # at the next start because the caller was cancelled.
         with self._lock:
             self._discards[content_id] = self._discards.get(content_id, 0) + 1
-            doomed = [k for k in self._index if k.content_id == content_id]
-            for key in doomed:
-                self._used -= self._index.pop(key)
-                self._touched.discard(key)
-        await trio.to_thread.run_sync(self._remove_files, doomed, limiter=self._limiter)
+            doomed = [self._take(ChunkKey(cid, chunk_size, index))
+                      for (cid, chunk_size), indices in self._files.items() if cid == content_id
+                      for index in indices if ChunkKey(cid, chunk_size, index) in self._index]
+        if doomed:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._forget, doomed, limiter=self._limiter)
         return len(doomed)
 
-    def _remove_files(self, keys: list[ChunkKey]) -> None:
-        self._unlink(keys)
-        self._commit(keys, {}, set())
+    async def settle(self, chunk_map: ChunkMap) -> list[int]:
+        file_id = (chunk_map.content_id, chunk_map.chunk_size)
+        with self._lock:
+            candidates = [(key, entry) for index in self._files.get(file_id, ())
+                          if (entry := self._index.get(key := ChunkKey(*file_id, index))) is not None
+                          and not entry.verified]
+        if not candidates:
+            return []
+        return await trio.to_thread.run_sync(self._settle, chunk_map, candidates, limiter=self._limiter)
+
+    def _settle(self, chunk_map: ChunkMap, candidates: list[tuple[ChunkKey, _Entry]]) -> list[int]:
+        stored = self._stored_digests(key for key, _ in candidates)
+        matching, wrong = [], []
+        for key, entry in candidates:
+            if key in stored:  # else dropped meanwhile
+                good = key.index < chunk_map.chunk_count and chunk_map.matches(key.index, stored[key])
+                (matching if good else wrong).append((key, entry))
+        with self._lock:
+            doomed = [self._take(key) for key, entry in wrong if self._index.get(key) is entry]
+        try:
+            self._update_index(verified=matching)
+        finally:
+            self._forget(doomed)
+        return sorted(key.index for key, _ in doomed)
+
+    # -- dropping chunks ------------------------------------------------------------------
+
+    def _take(self, key: ChunkKey) -> tuple[ChunkKey, int]:
+        """Make an indexed chunk invisible and busy (``_lock`` held); :meth:`_forget` it next."""
+        entry = self._index.pop(key)
+        self._used -= entry.size
+        self._touched.discard(key)
+        self._busy.add(key)
+        return key, entry.size
+
+    def _forget(self, doomed: list[tuple[ChunkKey, int]]) -> None:
+        """Drop taken chunks from the index, then free their bytes: in that order, so a crash
+        in between leaves only unindexed bytes, which start-up punches."""
+        if not doomed:
+            return
+        try:
+            self._update_index(removed=[key for key, _ in doomed])
+        finally:
+            self._release(doomed)
+
+    def _release(self, doomed: list[tuple[ChunkKey, int]]) -> None:
+        """Free the bytes of chunks no longer indexed: punch them, or remove their file with
+        its last chunk; then they may be written again."""
+        by_file: dict[_FileId, list[tuple[int, int]]] = {}
+        for key, size in doomed:
+            by_file.setdefault((key.content_id, key.chunk_size), []).append((key.index, size))
+        with self._files_lock:
+            for file_id, chunks in by_file.items():
+                with self._lock:
+                    holders = self._files[file_id]
+                    holders.difference_update(index for index, _ in chunks)
+                    if last := not holders:
+                        del self._files[file_id]
+                path = self._path(*file_id)
+                try:
+                    if last:
+                        path.unlink(missing_ok=True)
+                    else:
+                        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                        try:
+                            for index, size in chunks:
+                                _punch(fd, index * file_id[1], size)
+                        finally:
+                            os.close(fd)
+                except OSError as exc:
+                    with self._lock:
+                        self._errors += 1
+                    log.error("chunk cache: cannot free chunks of %s: %s", path, exc)
+        with self._lock:
+            self._busy.difference_update(key for key, _ in doomed)
+
+    # -- the index ------------------------------------------------------------------------
+
+    def _update_index(self, *, removed: Iterable[ChunkKey] = (),
+                      added: Iterable[tuple[ChunkKey, _Entry, bytes]] = (),
+                      verified: Iterable[tuple[ChunkKey, _Entry]] = ()) -> None:
+        """One transaction: removals, additions, chunks now verified, and the recency of the
+        chunks read since the last one. Grows the LMDB map when it is full."""
+        with self._db_lock:
+            if self._closed:
+                raise CacheError(f"chunk cache {self._root} is closed")
+            # The records of touched chunks are read here, under _db_lock: a chunk dropped
+            # meanwhile is then either gone from the mirror or deleted by a later transaction.
+            with self._lock:
+                for key, entry in verified:
+                    if self._index.get(key) is entry:
+                        entry.verified = True
+                        self._touched.add(key)
+                touched, self._touched = self._touched, set()
+                records = [(key, entry) for key in touched if (entry := self._index.get(key)) is not None]
+            records += [(key, entry) for key, entry, _ in added]
+            while True:
+                try:
+                    with self._env.begin(write=True) as txn:
+                        for key in removed:
+                            txn.delete(key.encode(), db=self._chunks_db)
+                            txn.delete(key.encode(), db=self._digests_db)
+                        for key, _, digests in added:
+                            txn.put(key.encode(), digests, db=self._digests_db)
+                        for key, entry in records:
+                            txn.put(key.encode(), _RECORD.pack(entry.seq, entry.size, entry.verified),
+                                    db=self._chunks_db)
+                    return
+                except lmdb.MapFullError:
+                    pass
+                except lmdb.Error as exc:
+                    with self._lock:
+                        self._errors += 1
+                    raise CacheError(f"chunk index update failed in {self._root}: {exc}") from exc
+                self._grow_map()
+
+    def _grow_map(self) -> None:
+        """Double the LMDB map (``_db_lock`` held, so no transaction of ours is open)."""
+        size = self._env.info()["map_size"] * 2
+        try:
+            self._env.set_mapsize(size)
+        except lmdb.Error as exc:
+            with self._lock:
+                self._errors += 1
+            raise CacheError(f"chunk index in {self._root} is full and cannot grow to {size} bytes: {exc}") from exc
+        log.info("chunk cache %s: index map grown to %d MiB", self._root, size >> 20)
+
+    # -- for passthrough and sendfile -----------------------------------------------------
+
+    def locate(self, key: ChunkKey) -> tuple[Path, int, int] | None:
+        """Where a verified chunk's bytes are (file, offset, length), without I/O: valid
+        until the chunk is evicted or discarded, so readers still check what they read."""
+        entry = self._index.get(key)
+        if entry is None or not entry.verified:
+            return None
+        return self._path(key.content_id, key.chunk_size), key.index * key.chunk_size, entry.size
+
+    def complete_file(self, content_id: str, chunk_size: int, chunk_count: int) -> Path | None:
+        """The data file of a content when every one of its chunks is here and verified: the
+        file's bytes are then the content's, a backing file for passthrough."""
+        complete = chunk_count > 0 and all(
+            (entry := self._index.get(ChunkKey(content_id, chunk_size, index))) is not None and entry.verified
+            for index in range(chunk_count))
+        return self._path(content_id, chunk_size) if complete else None
+
+    # -- the rest of the interface --------------------------------------------------------
 
     def contains(self, key: ChunkKey) -> bool:
         return key in self._index
@@ -300,13 +645,38 @@ class DiskTier(ChunkTier):
                               self._limit, len(self._index), self._evictions, self._errors)
 
     async def aclose(self) -> None:
-        with self._lock:
-            touched, self._touched = self._touched, set()
-        if touched:
-            self._commit([], {}, touched)
-        self._env.sync(True)
-        self._env.close()
+        await trio.to_thread.run_sync(self._close)
 
-    def _path(self, key: ChunkKey) -> Path:
-        digest_part = key.content_id.rsplit("-", 1)[-1]
-        return self._chunks / digest_part[:2] / f"{key.content_id}.{key.chunk_size}.{key.index}"
+    def _close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self._update_index()  # the recency of recent reads
+        finally:
+            with self._db_lock:
+                self._closed = True
+                self._env.sync(True)
+                self._env.close()
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _path(self, content_id: str, chunk_size: int) -> Path:
+        return self._data / content_id.rsplit("-", 1)[-1][:2] / f"{content_id}.{chunk_size}"
+
+
+def _valid(key: ChunkKey, size: int, digests: bytes | None) -> bool:
+    """Whether a chunk can be kept: its content id names a file under ``data/`` and nothing
+    else, its bytes fit its slot, and it has one digest per block."""
+    return (_CONTENT_ID.fullmatch(key.content_id) is not None and key.index >= 0
+            and MIN_CHUNK_SIZE <= key.chunk_size <= MAX_CHUNK_SIZE and 0 < size <= key.chunk_size
+            and digests is not None and len(digests) == DIGEST_SIZE * block_count(size))
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link or directory tree that has no place in the cache."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
