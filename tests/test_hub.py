@@ -319,6 +319,21 @@ def test_corrupt_fault_changes_only_the_chosen_file(hub: TestHub, client: httpx.
     assert hub.stats().faults["corrupted"] == 3
 
 
+def test_corrupt_bytes_ends_the_corruption_after_that_many_bytes(hub: TestHub, client: httpx.Client) -> None:
+    vocab = source("vocab.txt")
+    assert client.post("/_hub/faults", json={"corrupt": ["vocab.txt"], "corrupt_bytes": 150}).status_code == 200
+    first = client.get(f"/{REPO}/resolve/main/vocab.txt", headers={"Range": "bytes=0-99"})
+    assert first.content != vocab[:100]
+    assert client.get(f"/{REPO}/resolve/main/config.json").content == source("config.json")  # not counted
+    second = client.get(f"/{REPO}/resolve/main/vocab.txt", headers={"Range": "bytes=100-199"})
+    assert second.content != vocab[100:200]  # began within the count: corrupted whole
+    assert hub.faults.corrupt == () and hub.faults.corrupt_bytes == 0  # used up: over
+    assert client.get(f"/{REPO}/resolve/main/vocab.txt").content == vocab
+    assert hub.stats().faults["corrupted"] == 2
+    with pytest.raises(ValueError):
+        Faults(corrupt_bytes=-1)
+
+
 def test_fail_fault_answers_5xx_for_the_next_n(hub: TestHub, client: httpx.Client) -> None:
     hub.set_faults(fail_next=2, fail_status=500)
     url = f"/{REPO}/resolve/main/config.json"

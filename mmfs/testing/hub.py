@@ -129,9 +129,14 @@ class Faults:
     ``fail_status`` (500 or 503). ``reset_next``: the next N content requests send half
     their body, then reset the connection (TCP RST). ``latency_s``: added before every
     request's answer. ``fail_next`` and ``reset_next`` count down as they fire.
+    ``corrupt_bytes``: when positive, ``corrupt`` lasts for that many bytes only: each
+    corrupted response takes its length off (a response that starts within the count is
+    corrupted whole), and once the count is used up ``corrupt`` is cleared, so "the first
+    pass over a file is bad, every later one good" needs no switching at the right moment.
     """
 
     corrupt: tuple[str, ...] = ()
+    corrupt_bytes: int = 0
     fail_next: int = 0
     fail_status: int = 503
     reset_next: int = 0
@@ -141,8 +146,8 @@ class Faults:
         object.__setattr__(self, "corrupt", tuple(self.corrupt))
         if self.fail_status not in (500, 502, 503, 504):
             raise ValueError(f"fail_status must be 500, 502, 503 or 504, not {self.fail_status}")
-        if self.fail_next < 0 or self.reset_next < 0 or self.latency_s < 0:
-            raise ValueError("fail_next, reset_next and latency_s must not be negative")
+        if self.fail_next < 0 or self.reset_next < 0 or self.latency_s < 0 or self.corrupt_bytes < 0:
+            raise ValueError("fail_next, reset_next, latency_s and corrupt_bytes must not be negative")
 
     def corrupts(self, repo_id: str, entry: HubFile) -> bool:
         return bool(self.corrupt) and not {"*", entry.path, f"{repo_id}/{entry.path}", entry.blob_id,
@@ -327,6 +332,19 @@ class Hub:
                 self._faults = replace(self._faults, reset_next=self._faults.reset_next - 1)
                 return "reset"
         return None
+
+    def take_corruption(self, repo_id: str, entry: HubFile, length: int) -> bool:
+        """Whether a response of ``length`` bytes of ``entry`` goes out corrupted, using up
+        ``corrupt_bytes`` when that is set."""
+        with self._faults_lock:
+            faults = self._faults
+            if not faults.corrupts(repo_id, entry):
+                return False
+            if faults.corrupt_bytes:
+                left = faults.corrupt_bytes - length
+                self._faults = replace(faults, corrupt_bytes=left) if left > 0 else \
+                    replace(faults, corrupt=(), corrupt_bytes=0)
+            return True
 
     # -- repos
 
@@ -771,7 +789,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "fail":
             hub.counters.fault("failed")
             return self._json(faults.fail_status, {"error": "injected fault"})
-        corrupt = faults.corrupts(repo_id, entry)
+        corrupt = hub.take_corruption(repo_id, entry, end - start)
         if corrupt:
             hub.counters.fault("corrupted")
         if fault == "reset":
