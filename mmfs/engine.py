@@ -58,8 +58,10 @@ def _env_flag(name: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    #: Chunks fetched from the remote at once, across all files.
+    #: Chunks fetched from the remote at once, across all files ...
     max_concurrent_fetches: int = 16
+    #: ... and their bytes: what read-ahead and verification may have in flight.
+    max_fetch_bytes: int = 64 << 20
     #: Bytes of chunks handed to readers but not yet written to the slower tiers (disk).
     max_pending_write_bytes: int = 64 << 20
     #: Seconds a branch or tag resolution is trusted before asking the remote again.
@@ -155,6 +157,7 @@ class FetchEngine:
         self.metadata = metadata
         self.config = config
         self._fetch_limiter = trio.CapacityLimiter(config.max_concurrent_fetches)
+        self._fetch_budget = ByteBudget(config.max_fetch_bytes, "fetch budget")
         self._chunk_flights: SingleFlight[ChunkKey, Chunk] = SingleFlight()
         self._meta_flights: SingleFlight[tuple, object] = SingleFlight()
         self._refs: dict[tuple[RepoRef, str], tuple[str, float]] = {}
@@ -462,11 +465,14 @@ class FetchEngine:
         entry = source.entry
         start, end = entry.chunk_span(index)
         async with self._fetch_limiter:
+            taken = await self._fetch_budget.acquire(end - start)
             try:
                 fetched = await self.remote.fetch_chunk(source, index, auth=auth)
             except IntegrityError:
                 await self._forget(source, "the remote reported a failed verification")
                 raise
+            finally:
+                self._fetch_budget.release(taken)
         if len(fetched.data) != end - start:
             raise IntegrityError(f"{entry.path}: chunk {index} has {len(fetched.data)} bytes, expected {end - start}")
         digests = await trio.to_thread.run_sync(block_digests, fetched.data)

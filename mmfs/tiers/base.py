@@ -71,7 +71,7 @@ class ChunkTier(ABC):
         this so small random reads do not load whole chunks. Provisional chunks are not
         answered here: the engine serves them through :meth:`get` and remembers them."""
         chunk = await self.get(key)
-        return None if chunk is None or not chunk.verified else bytes(chunk.data[start:end])
+        return None if chunk is None or not chunk.verified else bytes(memoryview(chunk.data)[start:end])
 
     @abstractmethod
     async def put(self, key: ChunkKey, chunk: Chunk) -> None:
