@@ -301,6 +301,17 @@ def backend_disk_used(backend: BackendProcess) -> int:
 DAMAGES = ("junk", "garbage")
 
 
+def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Whether ``check()`` holds within ``timeout`` seconds (a hang guard: page-cache
+    invalidation runs in the background, right after the read that failed)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def damage(root: Path, how: str) -> None:
     """Damage a cache or data directory the way disks and people do.
 
@@ -468,6 +479,10 @@ def test_failed_check_leaves_no_bad_pages_under_another_path(cluster: Cluster, h
         except OSError as exc:
             held_outcome = Outcome("reader of the second path across the failure", error=_errno_name(exc))
         held_outcome.never_wrong(good)
+        # Its inode's cached pages went with the failure: reading the head again gives
+        # the right bytes (fetched afresh), not the bad pages still in the kernel.
+        head_again = _eventually(lambda: os.pread(held.fileno(), CHUNK, 0) == data[:CHUNK])
+        assert head_again, "the page cache of the second path still holds the failed bytes"
     finally:
         held.close()
 

@@ -392,3 +392,14 @@ async def test_memory_tier_ttl_and_bound():
     now[0] = 11
     assert await tier.get(key(2)) is None
     assert tier.statistics().used_bytes <= 2 * CHUNK
+
+
+async def test_memory_tier_settles_provisional_chunks_against_the_map():
+    tier = MemoryTier(8 * CHUNK)
+    good, bad = chunk(0, verified=False), chunk(9, verified=False)
+    await tier.put(key(0), good)
+    await tier.put(key(1), bad)  # chunk 1 of the file holds chunk 9's bytes: a corrupt copy
+    assert await tier.settle(chunk_map([0, 1])) == [1]
+    kept = await tier.get(key(0))
+    assert kept is not None and kept.verified and kept.data == good.data
+    assert await tier.get(key(1)) is None and tier.statistics().used_bytes == len(good.data)
