@@ -1,9 +1,9 @@
-"""``python -m bench [--quick] [--out DIR]``: run every scenario, write results and plots.
+"""``python -m bench [--quick] [--out DIR] [--only GROUP]``: run the scenarios, write results and plots.
 
 Starts real processes on loopback: the test hub (rate-capped, standing in for the
 internet), the mmfs backend and N mmfs mounts (standing in for N nodes), plus the
-baselines (``snapshot_download`` processes, the Dynamo recipe, native reads, a loopback
-socket). Writes ``results.json``, ``RESULTS.md`` and PNG plots into ``--out``; with
+baselines (``snapshot_download`` processes, the download-then-read recipe, native and
+``O_DIRECT`` reads, ``curl`` from the backend, a loopback socket). Writes ``results.json``, ``RESULTS.md`` and PNG plots into ``--out``; with
 ``--publish`` also ``bench/RESULTS.md`` and ``bench/plots/*.png`` (the committed report).
 
 Benchmarks report, they do not assert: the exit status is 0 unless the benchmark itself
@@ -31,7 +31,8 @@ from .report import write_all
 from .results import Scenario
 
 BENCH_DIR = Path(__file__).resolve().parent
-SCENARIOS = ("cold_start", "first_tensor", "reads", "scale")
+#: Scenario groups in the order they run; each is a module of this package with ``run(ctx)``.
+SCENARIOS = ("ingest", "cold_start", "first_tensor", "reads", "scale")
 
 
 def _git_commit() -> str:
@@ -59,23 +60,29 @@ def _prewarm_hub(ctx: Context) -> None:
 
 
 def _run_scenario(name: str, ctx: Context) -> list[Scenario]:
-    if name == "cold_start":
-        from . import cold_start
+    if name not in SCENARIOS:
+        raise ValueError(name)
+    import importlib
 
-        return cold_start.run(ctx)
-    if name == "first_tensor":
-        from . import first_tensor
+    return importlib.import_module(f".{name}", __package__).run(ctx)
 
-        return first_tensor.run(ctx)
-    if name == "reads":
-        from . import reads
 
-        return reads.run(ctx)
-    if name == "scale":
-        from . import scale
+def _size(text: str) -> int:
+    from mmfs.sizes import parse_size
 
-        return scale.run(ctx)
-    raise ValueError(name)
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _rate(text: str) -> float:
+    from mmfs.sizes import parse_rate
+
+    try:
+        return float(parse_rate(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,9 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None,
                         help="scratch space for models, caches and mounts (default: a fresh "
                              "$TMPDIR/mmfs-bench-XXXX, so concurrent runs never share one)")
-    parser.add_argument("--only", action="append", choices=SCENARIOS, help="run only these scenario groups")
+    parser.add_argument("--only", action="append", choices=SCENARIOS,
+                        help="run only these scenario groups (repeatable); `--only ingest`: the node ingest "
+                             "group alone (one cold node from a warm backend: curl, tcp, nixl), a few minutes")
     parser.add_argument("--repeats", type=int, default=None, help="override the number of repeats")
     parser.add_argument("--nodes", type=int, default=None, help="override the number of nodes of scenario 1")
+    parser.add_argument("--hub-rate", type=_rate, default=None, metavar="RATE",
+                        help="override the hub's bandwidth cap of scenarios 1 and 2 (e.g. 100MB/s; default 200MB/s)")
+    parser.add_argument("--synthetic-size", type=_size, default=None, metavar="SIZE",
+                        help="override the synthetic model of scenario 1 (default 1GiB, quick 96MiB)")
+    parser.add_argument("--bigfile-size", type=_size, default=None, metavar="SIZE",
+                        help="override the single file of scenarios 2-5 (default 2GiB, quick 192MiB)")
+    parser.add_argument("--ingest-size", type=_size, default=None, metavar="SIZE",
+                        help="override the file of scenario 8, node ingest (default 512MiB, quick 64MiB)")
     parser.add_argument("--profile", type=float, default=None, metavar="SECONDS",
                         help="profile the read path with py-spy (default: on in full runs, off in --quick; 0: off)")
     parser.add_argument("--time-limit", type=int, default=None, metavar="SECONDS",
@@ -98,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     cfg = (BenchConfig.quick_mode() if args.quick else BenchConfig.full()).with_overrides(
-        repeats=args.repeats, nodes=args.nodes, profile_seconds=args.profile)
+        repeats=args.repeats, nodes=args.nodes, profile_seconds=args.profile, hub_rate=args.hub_rate,
+        synthetic_bytes=args.synthetic_size, bigfile_bytes=args.bigfile_size, ingest_bytes=args.ingest_size)
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     t_start = time.monotonic()
@@ -131,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = args.only or list(SCENARIOS)
     try:
         with Harness(work / "run", out / "logs", tools) as harness:
-            models = prepare_models(work / "hub", cfg)
+            models = prepare_models(work / "hub", cfg, wanted)
             hub = harness.start_hub(work / "hub", rate=None)
             ctx = Context(cfg, harness, work / "run", out, models, hub)
             _prewarm_hub(ctx)

@@ -85,6 +85,25 @@ def http_json(url: str, method: str = "GET", timeout: float = 10.0) -> Any:
         return json.loads(resp.read() or b"null")
 
 
+def prometheus(url: str, timeout: float = 10.0) -> dict[str, float]:
+    """A ``/metrics`` page as ``{'name{labels}': value}`` (empty when it cannot be read)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            pass
+    return out
+
+
 def _reader_thread(stream: Any, sink: "queue.Queue[str | None]", log: Any) -> None:
     try:
         for line in iter(stream.readline, ""):
@@ -177,10 +196,14 @@ class BackendHandle:
     child: Child
     data_dir: Path
     memory_cache: int
+    nixl: bool = False
 
     @property
     def pid(self) -> int:
         return self.child.pid
+
+    def metrics(self) -> dict[str, float]:
+        return prometheus(f"{self.url}/metrics")
 
 
 @dataclass
@@ -191,6 +214,8 @@ class MountHandle:
     cache_size: int
     memory_cache: int
     backend: str | None
+    #: Further ``mmfs mount`` arguments it was started with (kept on a remount).
+    extra: list[str] = field(default_factory=list)
 
     @property
     def pid(self) -> int:
@@ -234,6 +259,23 @@ class MmfsTools:
     @property
     def backend_ok(self) -> bool:
         return self.backend_help is not None
+
+    @property
+    def transport_ok(self) -> bool:
+        """Whether ``mmfs mount`` has ``--transport`` (tcp / nixl)."""
+        return "--transport" in (self.mount_help or "")
+
+    def nixl_missing(self) -> str | None:
+        """Why the NIXL data plane cannot be measured here, or None when it can."""
+        if not self.backend_ok or "--nixl" not in (self.backend_help or ""):
+            return "`mmfs-backend serve` has no --nixl"
+        if not self.transport_ok:
+            return "`mmfs mount` has no --transport"
+        import importlib.util
+
+        if importlib.util.find_spec("nixl_cu12") is None:
+            return "the NIXL Python package is not installed (pip install --no-deps 'nixl-cu12>=1.5,<2')"
+        return None
 
     def missing(self, backend: bool = True) -> str | None:
         parts = []
@@ -359,15 +401,21 @@ class Harness:
 
     # -- the backend
 
-    def start_backend(self, hub_url: str, data_dir: Path, memory_cache: int, name: str = "backend") -> BackendHandle:
+    def start_backend(self, hub_url: str, data_dir: Path, memory_cache: int, name: str = "backend",
+                      nixl: bool = False) -> BackendHandle:
+        """A backend in front of the hub; with ``nixl``, also serving chunks over NIXL (``--nixl``)."""
         if not self.tools.backend_ok:
             raise Unavailable(self.tools.missing() or "backend not available")
+        if nixl and self.tools.nixl_missing():
+            raise Unavailable(self.tools.nixl_missing() or "")
         from mmfs.testing.net import free_port
 
         port = free_port()
         data_dir.mkdir(parents=True, exist_ok=True)
         argv: list[Any] = [BIN / "mmfs-backend", "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data_dir,
                            "--memory-cache", str(memory_cache)]
+        if nixl:
+            argv.append("--nixl")
         help_text = self.tools.backend_help or ""
         if "--upstream" in help_text:
             argv += ["--upstream", hub_url]
@@ -387,12 +435,20 @@ class Harness:
                     self.stop(child)
                     raise RuntimeError(f"mmfs-backend did not answer /metrics within 60 s: {child.tail()}")
                 time.sleep(0.1)
-        return BackendHandle(url, child, data_dir, memory_cache)
+        return BackendHandle(url, child, data_dir, memory_cache, nixl)
 
     # -- mounts
 
     def mount(self, mountpoint: Path, cache_dir: Path, *, cache_size: int, memory_cache: int,
               backend: str | None, hub_url: str, name: str = "mount", extra: Iterable[str] = ()) -> MountHandle:
+        handle = self.start_mount(mountpoint, cache_dir, cache_size=cache_size, memory_cache=memory_cache,
+                                  backend=backend, hub_url=hub_url, name=name, extra=extra)
+        self.wait_mounted(handle)
+        return handle
+
+    def start_mount(self, mountpoint: Path, cache_dir: Path, *, cache_size: int, memory_cache: int,
+                    backend: str | None, hub_url: str, name: str = "mount", extra: Iterable[str] = ()) -> MountHandle:
+        """Start a node daemon without waiting for it (:meth:`wait_mounted`): N nodes start at once."""
         if not self.tools.mount_ok:
             raise Unavailable(self.tools.missing(backend=False) or "mmfs mount not available")
         mountpoint.mkdir(parents=True, exist_ok=True)
@@ -408,16 +464,18 @@ class Harness:
         if not backend and "--upstream" in help_text:
             argv += ["--upstream", hub_url]
         child = self.spawn(name, argv, env=env_for_children({"HF_ENDPOINT": hub_url}))
-        handle = MountHandle(mountpoint, child, cache_dir, cache_size, memory_cache, backend)
+        handle = MountHandle(mountpoint, child, cache_dir, cache_size, memory_cache, backend, list(extra))
         self.mounts.append(handle)
+        return handle
+
+    def wait_mounted(self, handle: MountHandle) -> None:
         try:
-            child.wait_line(lambda s: s.startswith("mmfs: mounted"), 60)
+            handle.child.wait_line(lambda s: s.startswith("mmfs: mounted"), 60)
         except (TimeoutError, RuntimeError) as err:
             self.unmount(handle)
             if not os.path.exists("/dev/fuse"):
                 raise Unavailable(f"no /dev/fuse here: {err}") from err
             raise RuntimeError(f"mmfs mount failed: {err}") from err  # mmfs is there and broke: an error
-        return handle
 
     def unmount(self, mount: MountHandle) -> None:
         """Unmount (``mmfs unmount``, then lazily with fusermount3) and stop the daemon."""
@@ -438,6 +496,14 @@ class Harness:
             subprocess.run(["umount", "-l", str(mount.path)], capture_output=True, timeout=20)
         if mount in self.mounts:
             self.mounts.remove(mount)
+
+    def unmount_many(self, mounts: Sequence[MountHandle]) -> None:
+        """Unmount several mounts at once (each unmount mostly waits on its daemon)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, len(mounts))) as pool:
+            for future in [pool.submit(self.unmount, m) for m in mounts]:
+                future.result()
 
     # -- workers
 
@@ -474,24 +540,76 @@ def _in_proc_mounts(path: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# Memory sampling
+# CPU and memory of daemons
 
 
-class RssSampler:
-    """Samples the RSS of some processes (children included) in a thread; keeps the peaks."""
+def cpu_seconds(proc: psutil.Process) -> float:
+    """User + system CPU seconds of a process and its children (0 once it is gone)."""
+    total = 0.0
+    try:
+        family = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    for p in family:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
-    def __init__(self, pids: dict[str, int], interval: float = 0.1) -> None:
-        self.procs = {}
+
+class CpuMeter:
+    """CPU seconds some processes spend from now on: ``with CpuMeter({...}) as m: ...; m.settle()``.
+
+    :meth:`settle` waits until they are idle (a daemon's write-behind continues after the
+    reader got its last byte: that work is part of the read's cost); ``cpu`` holds the
+    seconds per process once the ``with`` block ends (or after :meth:`stop`).
+    """
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.procs: dict[str, psutil.Process] = {}
         for name, pid in pids.items():
             try:
                 self.procs[name] = psutil.Process(pid)
             except psutil.NoSuchProcess:
                 pass
+        self._cpu0 = {name: cpu_seconds(p) for name, p in self.procs.items()}
+        self.cpu: dict[str, float] = {}
+
+    def now(self) -> dict[str, float]:
+        return {name: cpu_seconds(p) - self._cpu0[name] for name, p in self.procs.items()}
+
+    def settle(self, quiet: float = 0.3, idle: float = 0.02, timeout: float = 15.0) -> float:
+        """Wait until the processes used under ``idle`` of a core over ``quiet`` seconds; seconds waited."""
+        t0 = time.monotonic()
+        last = sum(self.now().values())
+        while time.monotonic() - t0 < timeout:
+            time.sleep(quiet)
+            total = sum(self.now().values())
+            if total - last < idle * quiet:
+                break
+            last = total
+        return time.monotonic() - t0
+
+    def stop(self) -> dict[str, float]:
+        self.cpu = self.now()
+        return self.cpu
+
+    def __enter__(self) -> "CpuMeter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class RssSampler(CpuMeter):
+    """A :class:`CpuMeter` that also samples the RSS of its processes in a thread (peaks in ``peak``)."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.1) -> None:
+        super().__init__(pids)
         self.interval = interval
         self.peak: dict[str, int] = {name: 0 for name in self.procs}
-        #: CPU seconds (user + system, children included) used while sampling.
-        self.cpu: dict[str, float] = {}
-        self._cpu0 = {name: self._cpu(p) for name, p in self.procs.items()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -504,21 +622,6 @@ class RssSampler:
         for p in family:
             try:
                 total += p.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        return total
-
-    @staticmethod
-    def _cpu(proc: psutil.Process) -> float:
-        total = 0.0
-        try:
-            family = [proc, *proc.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return 0.0
-        for p in family:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
             except psutil.NoSuchProcess:
                 pass
         return total
@@ -536,7 +639,7 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.cpu = {name: self._cpu(p) - self._cpu0[name] for name, p in self.procs.items()}
+        self.stop()
 
 
 def rmtree(path: Path) -> None:

@@ -11,8 +11,11 @@ not the internet). States of a node:
 - *page cache warm*: the same file read again at once (the mount keeps the kernel cache).
 
 Baselines in the same run: ``read()`` of the same local file (page cache dropped / warm),
-one-connection loopback TCP of the same byte count (a sender process, this process
-receiving), and ``safe_open`` of the local file.
+the disk's own ``O_DIRECT`` read of that file (measured next to each warm-node read, the
+order alternating: this VM's disk swings from run to run), one-connection loopback TCP
+of the same byte count (a sender process, this process receiving), and ``safe_open`` of
+the local file. The node daemon's CPU seconds per GB (and the backend's, where it serves)
+are reported for each read through a mount.
 """
 
 from __future__ import annotations
@@ -27,20 +30,11 @@ from typing import Any
 
 from .config import BIGFILE_NAME
 from .context import Context
-from .harness import BIN, MountHandle, drop_caches, rmtree
+from .harness import BIN, CpuMeter, MountHandle, drop_caches, rmtree
+from .ingest import cold_node_read
 from .profile import Profiler
 from .results import Scenario
-from .workers import read_file
-
-
-def _gbps(nbytes: int, secs: float) -> float:
-    return nbytes / secs / 1e9
-
-
-def timed_read(path: Path) -> tuple[float, int]:
-    t0 = time.perf_counter()
-    n = read_file(path)
-    return time.perf_counter() - t0, n
+from .workers import direct_read, gbps as _gbps, timed_read
 
 
 def loopback(ctx: Context, nbytes: int) -> float:
@@ -174,49 +168,102 @@ def run(ctx: Context) -> list[Scenario]:
                   baseline="native.warm").add(_gbps(size, secs))
         h.unmount(m)
         rmtree(m.cache_dir.parent)
-        # (c) cold node from the warm backend.
+        gb = size / 1e9
+        # (c) cold node from the warm backend (scenario 8 measures the same at issue 8's size, against curl).
         m = None
         for rep in range(cfg.repeats):
             ctx.log(f"s3 (c) cold node, repeat {rep + 1}/{cfg.repeats}")
             if m is not None:
                 h.unmount(m)
                 rmtree(m.cache_dir.parent)
-            m = ctx.mount(backend, name="s3-node")
-            secs, _ = timed_read(path_of(m))
+                m = None
+            read = cold_node_read(ctx, backend, f"huggingface/{fname}/main/{BIGFILE_NAME}", "s3-node")
+            m = read.mount
             s3.figure("mmfs.cold", f"mmfs (c): node cache cold, {src} / native warm", "GB/s",
-                      baseline="native.warm").add(_gbps(size, secs))
+                      baseline="native.warm").add(_gbps(size, read.seconds))
             s3.figure("mmfs.cold_vs_loopback", f"mmfs (c): node cache cold, {src} / loopback TCP", "GB/s",
-                      baseline="loopback").add(_gbps(size, secs))
+                      baseline="loopback").add(_gbps(size, read.seconds))
+            s3.figure("mmfs.cold.node_cpu", "mmfs (c): node daemon CPU s per GB", "CPU s/GB").add(
+                read.cpu_per_gb("node"))
+            if backend is not None:
+                s3.figure("mmfs.cold.backend_cpu", "mmfs (c): backend CPU s per GB served", "CPU s/GB").add(
+                    read.cpu_per_gb("backend"))
         assert m is not None
         mounts.append(m)
-        # (a) warm node, page cache dropped; (b) page cache warm.
+        # (a) warm node, page cache dropped, next to the disk's own O_DIRECT read; (b) page cache warm.
+        direct_failed = None
         for rep in range(cfg.repeats):
             ctx.log(f"s3 (a)/(b) warm node, repeat {rep + 1}/{cfg.repeats}")
             m = ctx.remount(mounts.pop(), name="s3-node")
             mounts.append(m)
+
+            def direct() -> None:
+                nonlocal direct_failed
+                drop_caches()
+                try:
+                    secs, n = direct_read(local)
+                except OSError as err:  # a file system without O_DIRECT
+                    direct_failed = f"O_DIRECT read of {local} failed: {err}"
+                    return
+                if n != size:
+                    raise RuntimeError(f"O_DIRECT read {n} of {size} bytes")
+                s3.figure("native.direct", "the disk itself: O_DIRECT read of the local file (16 MiB reads)",
+                          "GB/s").add(_gbps(size, secs))
+
+            if rep % 2 == 0:  # alternate which of the two goes first
+                direct()
             drop_caches()
-            secs, _ = timed_read(path_of(m))
+            with CpuMeter({"node": m.pid}) as meter:
+                secs, _ = timed_read(path_of(m))
+                meter.settle()
             s3.figure("mmfs.warm_node", "mmfs (a): node cache warm, page cache dropped", "GB/s",
-                      baseline="native.cold").add(_gbps(size, secs))
-            secs, _ = timed_read(path_of(m))
+                      baseline="native.direct").add(_gbps(size, secs))
+            s3.figure("mmfs.warm_node_vs_read", "mmfs (a): node cache warm, page cache dropped / native read()",
+                      "GB/s", baseline="native.cold").add(_gbps(size, secs))
+            s3.figure("mmfs.warm_node.node_cpu", "mmfs (a): node daemon CPU s per GB", "CPU s/GB").add(
+                meter.cpu["node"] / gb)
+            with CpuMeter({"node": m.pid}) as meter:
+                secs, _ = timed_read(path_of(m))
+                meter.settle()
             s3.figure("mmfs.page_cache", "mmfs (b): page cache warm", "GB/s",
                       baseline="native.warm").add(_gbps(size, secs))
+            s3.figure("mmfs.page_cache.node_cpu", "mmfs (b): node daemon CPU s per GB", "CPU s/GB").add(
+                meter.cpu["node"] / gb)
+            if rep % 2 == 1:
+                direct()
+        if direct_failed:
+            s3.notes.append(direct_failed + ": (a) has no O_DIRECT baseline in this run.")
         # Scenario 4: mmap load through the mount.
         for rep in range(cfg.repeats):
             ctx.log(f"s4 mmap load, repeat {rep + 1}/{cfg.repeats}")
             m = ctx.remount(mounts.pop(), name="s3-node")
             mounts.append(m)
             drop_caches()
+            with CpuMeter({"node": m.pid}) as meter:
+                secs, _ = mmap_load(path_of(m))
+                meter.settle()
             s4.figure("mount.cold", "mmfs mount, node cache warm, page cache dropped", "s",
-                      baseline="local.cold").add(mmap_load(path_of(m))[0])
+                      baseline="local.cold").add(secs)
+            s4.figure("mount.cold.node_cpu", "mmfs mount, node cache warm, page cache dropped: node daemon CPU s "
+                                             "per GB", "CPU s/GB").add(meter.cpu["node"] / gb)
             s4.figure("mount.warm", "mmfs mount, page cache warm", "s", baseline="local.warm").add(
                 mmap_load(path_of(m))[0])
         # Cold node, mmap straight away (the loader's real first start on a node).
         for rep in range(cfg.repeats):
+            os.sync()
             cold = ctx.mount(backend, name="s4-node")
             try:
+                pids = {"node": cold.pid, **({"backend": backend.pid} if backend else {})}
+                with CpuMeter(pids) as meter:
+                    secs, _ = mmap_load(path_of(cold))
+                    meter.settle()
                 s4.figure("mount.cold_node", f"mmfs mount, node cache cold, {src}", "s",
-                          baseline="local.cold").add(mmap_load(path_of(cold))[0])
+                          baseline="local.cold").add(secs)
+                s4.figure("mount.cold_node.node_cpu", f"mmfs mount, node cache cold, {src}: node daemon CPU s "
+                                                      "per GB", "CPU s/GB").add(meter.cpu["node"] / gb)
+                if backend is not None:
+                    s4.figure("mount.cold_node.backend_cpu", "mmfs mount, node cache cold: backend CPU s per GB "
+                                                             "served", "CPU s/GB").add(meter.cpu["backend"] / gb)
             finally:
                 h.unmount(cold)
                 rmtree(cold.cache_dir.parent)

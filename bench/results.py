@@ -1,10 +1,12 @@
 """Records of benchmark results: a figure is a list of repeated measurements.
 
-A :class:`Figure` keeps every repeat (min/median/max are derived), and may name a
+A :class:`Figure` keeps every repeat (min/median/max are derived) and is summed up by
+its *value*: the median, or the best repeat (``stat="max"`` for rates, ``"min"`` for
+times and costs) where a measurement is best of N on a noisy machine. It may name a
 *baseline* figure of the same scenario, measured in the same run: its ratio is
-``median / baseline median``. An optional target is on the ratio (``ratio <= target``)
-or on the value itself; the report states whether the median meets it, the benchmark
-never asserts it.
+``value / baseline value``. An optional target is on the ratio (``ratio <= target_ratio``,
+``ratio >= target_ratio_min``) or on the value itself (``value <= target_value``); the
+report states whether the value meets it, the benchmark never asserts it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ class Figure:
     values: list[float] = field(default_factory=list)
     baseline: str | None = None  # key of another figure of the same scenario
     target_ratio: float | None = None  # met when ratio <= target_ratio
-    target_value: float | None = None  # met when median <= target_value
+    target_value: float | None = None  # met when value <= target_value
+    target_ratio_min: float | None = None  # met when ratio >= target_ratio_min
     note: str = ""
+    #: What sums the repeats up: "median", or the best repeat: "max" (a rate), "min" (a time, a cost).
+    stat: str = "median"
 
     def add(self, value: float) -> None:
         self.values.append(float(value))
@@ -39,6 +44,15 @@ class Figure:
     @property
     def median(self) -> float | None:
         return statistics.median(self.values) if self.values else None
+
+    @property
+    def value(self) -> float | None:
+        """The figure's summary: its median, or its best repeat (``stat``)."""
+        return {"median": self.median, "max": self.max, "min": self.min}[self.stat]
+
+    @property
+    def best_of(self) -> bool:
+        return self.stat != "median"
 
 
 @dataclass
@@ -71,16 +85,20 @@ class Scenario:
         if fig.baseline is None:
             return None
         base = self.get(fig.baseline)
-        if base is None or base.median in (None, 0) or fig.median is None:
+        if base is None or base.value in (None, 0) or fig.value is None:
             return None
-        return fig.median / base.median
+        return fig.value / base.value
 
     def met(self, fig: Figure) -> bool | None:
-        if fig.target_ratio is not None:
+        if fig.target_ratio is not None or fig.target_ratio_min is not None:
             ratio = self.ratio(fig)
-            return None if ratio is None else ratio <= fig.target_ratio
+            if ratio is None:
+                return None
+            if fig.target_ratio is not None and ratio > fig.target_ratio:
+                return False
+            return fig.target_ratio_min is None or ratio >= fig.target_ratio_min
         if fig.target_value is not None:
-            return None if fig.median is None else fig.median <= fig.target_value
+            return None if fig.value is None else fig.value <= fig.target_value
         return None
 
     def unavailable(self, reason: str) -> "Scenario":
@@ -90,7 +108,8 @@ class Scenario:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         for fig, raw in zip(self.figures, data["figures"]):
-            raw.update(min=fig.min, median=fig.median, max=fig.max, ratio=self.ratio(fig), met=self.met(fig))
+            raw.update(min=fig.min, median=fig.median, max=fig.max, value=fig.value, ratio=self.ratio(fig),
+                       met=self.met(fig))
         return data
 
     @classmethod

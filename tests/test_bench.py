@@ -6,7 +6,10 @@ The quick mode itself (``python -m bench --quick``) runs in CI as a separate smo
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+import pytest
 
 from bench.profile import summarize_collapsed
 from bench.report import write_all
@@ -36,3 +39,35 @@ def test_report_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["scenarios"][0]["figures"][1]["ratio"] == 0.5
     assert (tmp_path / "sequential_throughput.png").stat().st_size > 0
+
+
+def test_best_of_figures_compare_best_with_best_and_targets_go_both_ways(tmp_path: Path) -> None:
+    s = Scenario("ingest", "8. Node ingest")
+    s.figure("curl", "curl", "GB/s", stat="max").values.extend([2.0, 2.5, 1.0])
+    node = s.figure("node", "node", "GB/s", baseline="curl", stat="max", target_ratio_min=0.5)
+    node.values.extend([1.0, 1.5, 0.5])
+    cpu = s.figure("cpu", "cpu", "CPU s/GB", stat="min", target_value=1.0)
+    cpu.values.extend([3.0, 0.9, 2.0])
+    assert (node.value, s.ratio(node), s.met(node)) == (1.5, 0.6, True)
+    assert (cpu.value, s.met(cpu)) == (0.9, True)
+    node.values[:] = [1.0]
+    assert s.met(node) is False
+    run = {"command": "python -m bench", "started": "now", "seconds": 1.0, "commit": "x", "config": {"quick": True},
+           "machine": {"cores": 2, "cpu": "x", "ram_bytes": 2**30, "kernel": "k", "python": "3.11"}}
+    md = write_all(run, [s], tmp_path).read_text()
+    assert "| node [best of 1] | GB/s | 1 | 1.00 | 1.00 | 1.00 | curl | 0.4× (best / best) | ratio ≥ 0.5 | **no** |" in md
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["scenarios"][0]["figures"][0]["value"] == 2.5
+    assert Scenario.from_json(data["scenarios"][0]).get("cpu").stat == "min"
+
+
+def test_direct_read_reads_the_whole_file(tmp_path: Path) -> None:
+    from bench.workers import direct_read
+
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom((3 << 20) + 123))
+    try:
+        _, n = direct_read(path, block=1 << 20)
+    except OSError:  # a file system without O_DIRECT (tmpfs)
+        pytest.skip("no O_DIRECT here")
+    assert n == (3 << 20) + 123
