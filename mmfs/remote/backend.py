@@ -18,7 +18,6 @@ JSON ``{"error": message}`` body, so the node raises the same error the backend 
 
 from __future__ import annotations
 
-import json
 from urllib.parse import quote
 
 from ..chunkmap import ChunkMap
@@ -59,7 +58,7 @@ class BackendRemote(Remote):
         url = f"{self.url}/v1/manifest/{repo}/{commit}"
         response = await request(self._client, self._policy, "GET", url, headers=self._headers(auth))
         try:
-            manifest = Manifest.loads(response.content)
+            manifest = Manifest.from_json(response.json())
         except (ValueError, KeyError, TypeError, InvalidName) as exc:
             raise UpstreamError(f"backend {self.url} sent an unusable manifest for {repo}@{commit}: {exc}") from exc
         if manifest.repo != repo or manifest.commit != commit:
@@ -81,7 +80,7 @@ class BackendRemote(Remote):
         response = await request(self._client, self._policy, "GET", url, headers=self._headers(auth))
         if response.status_code == 202:
             try:
-                return int(json.loads(response.content)["progress"])
+                return int(response.json()["progress"])
             except (ValueError, KeyError, TypeError) as exc:
                 raise UpstreamError(f"backend {self.url} sent an unreadable progress answer for {entry.path}") from exc
         try:

@@ -15,6 +15,7 @@ broken connections raise :class:`~mmfs.errors.TransientError`; the caller retrie
 
 from __future__ import annotations
 
+import ctypes
 import json
 import ssl
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ _RECEIVE = 1 << 20
 _HEAD_RECEIVE = 8 << 10
 _ERROR_BODY_LIMIT = 1 << 20
 _REDIRECTS = (301, 302, 303, 307, 308)
+_PAGE = 4096
+_ALIGN_FROM = 1 << 20
 _MAX_REDIRECTS = 5
 
 
@@ -51,7 +54,8 @@ class Response:
     status_code: int
     headers: Headers
     #: The body; for ``Content-Length`` bodies the very buffer it was received into (a
-    #: ``bytearray``, spared one more copy). Nothing in mmfs writes to it: treat it as bytes.
+    #: ``bytearray``, or for large bodies a page-aligned ``memoryview`` of one, spared one
+    #: more copy). Nothing in mmfs writes to it: treat it as bytes.
     content: bytes
     url: str
 
@@ -61,10 +65,10 @@ class Response:
 
     @property
     def text(self) -> str:
-        return self.content.decode("utf-8", "replace")
+        return bytes(self.content).decode("utf-8", "replace")
 
     def json(self) -> Any:
-        return json.loads(self.content)
+        return json.loads(bytes(self.content) if isinstance(self.content, memoryview) else self.content)
 
 
 @dataclass(eq=False)
@@ -214,7 +218,7 @@ class WireClient:
             raise _ConnectionClosed(f"unusable Content-Length {length[:20]!r}")  # never reuse it
         if int(length) > max_body:
             raise _BodyTooLarge(f"answered with {length} bytes, expected at most {max_body}")
-        body = bytearray(int(length))
+        body = _body_buffer(int(length))
         view = memoryview(body)
         received = 0
         while received < len(body):
@@ -226,7 +230,7 @@ class WireClient:
                 raise _ConnectionClosed(f"body cut short at {received} of {len(body)} bytes")
             received += n
             self.received_bytes += n
-        return body  # type: ignore[return-value]  # a bytearray: copying 4 MiB again cost 15 %
+        return body  # type: ignore[return-value]  # the buffer itself: copying 4 MiB again cost 15 %
 
     async def _read_chunked(self, connection: _Connection, max_body: int) -> bytes:
         body = bytearray()
@@ -302,6 +306,18 @@ class _ConnectionClosed(Exception):
 
 class _BodyTooLarge(Exception):
     """The answer is bigger than the caller can want: not worth a retry."""
+
+
+def _body_buffer(length: int) -> bytearray | memoryview:
+    """A buffer for a body of ``length`` bytes; page-aligned from ``_ALIGN_FROM`` bytes on,
+    so that the disk tier can write a chunk straight from it with ``O_DIRECT`` (no copy
+    through the page cache: about 0.1 instead of 0.5-1.2 CPU-s per GB here)."""
+    if length < _ALIGN_FROM:
+        return bytearray(length)
+    raw = bytearray(length + _PAGE)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(raw))
+    start = -address % _PAGE
+    return memoryview(raw)[start:start + length]
 
 
 def _origin(url: str) -> tuple[str, str, int]:
