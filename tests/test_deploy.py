@@ -332,6 +332,11 @@ def test_dockerfile_builds_one_image_for_all_commands():
     text = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
     assert re.search(r"apt-get install[^\n]*\bfuse3\b", text)
+    # Debian 13: libfuse 3.17 (FUSE passthrough) is a package there, as libfuse3-4.
+    assert re.search(r"^FROM python:3\.11-slim-trixie\b", text, re.M)
+    assert re.search(r"apt-get install[^\n]*\blibfuse3-4\b", text)
+    assert re.search(r"^RUN \./scripts/pyfuse3-passthrough\.sh python\b", text, re.M)
+    assert re.search(r"^COPY scripts/pyfuse3-passthrough\.sh scripts/pyfuse3-passthrough\.patch ", text, re.M)
     assert re.search(r"pip install [^\n]*\s\.(\s|$)", text)
     for path in ("mmfs", "backend_server", "csi_driver", "pyproject.toml"):
         assert re.search(rf"^COPY .*\b{path}\b", text, re.M), path
