@@ -26,6 +26,7 @@ class MountInfo:
     device: str  # "major:minor"
     fstype: str
     source: str
+    root: str = "/"  # the folder of the filesystem mounted here ("/" but for bind mounts of a subfolder)
 
 
 def _unescape(field: str) -> str:
@@ -47,7 +48,8 @@ def mounts() -> list[MountInfo]:
         for line in f:
             fields = line.split()
             sep = fields.index("-")
-            found.append(MountInfo(_unescape(fields[4]), fields[2], fields[sep + 1], _unescape(fields[sep + 2])))
+            found.append(MountInfo(_unescape(fields[4]), fields[2], fields[sep + 1], _unescape(fields[sep + 2]),
+                                   _unescape(fields[3])))
     return found
 
 
