@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -149,8 +150,10 @@ def test_packaging_ships_the_top_level_module() -> None:
 
 
 def test_falls_back_to_the_provider_when_no_backend_answers(tmp_path: Path, hub: TestHub,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    caplog.set_level(logging.INFO)
     for n, host in enumerate((dead_host(), None, "")):
         hub.reset_stats()
         path = modelmanager_download(DownloadInfo(repo_id=REPO, filename=WEIGHTS, host=host),
@@ -161,6 +164,22 @@ def test_falls_back_to_the_provider_when_no_backend_answers(tmp_path: Path, hub:
     folder = snapshot_download(DownloadInfo(repo_id=REPO, host=dead_host()), cache_dir=tmp_path / "snap",
                                allow_patterns="*.txt")
     assert sorted(p.name for p in Path(folder).iterdir()) == ["vocab.txt"]
+    # Passed over at once: huggingface_hub never retried a dead backend (about 25 s each).
+    assert any("cannot be reached" in r.getMessage() for r in caplog.records)
+    assert not [r.getMessage() for r in caplog.records if "Retrying" in r.getMessage()]
+
+
+def test_falls_back_when_the_backend_goes_away_after_it_answered(tmp_path: Path, hub: TestHub,
+                                                                 backend: BackendProcess,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    info = DownloadInfo(repo_id=REPO, filename="config.json", host=backend.url)
+    modelmanager_download(info, cache_dir=tmp_path / "cache")  # the backend is known to answer now
+    backend.stop()
+    hub.reset_stats()
+    path = modelmanager_download(info, filename="vocab.txt", cache_dir=tmp_path / "cache")
+    assert sha256(path) == source_sha256("vocab.txt")
+    assert hub.stats().bytes_served == (real_model_dir() / "vocab.txt").stat().st_size
 
 
 def test_backend_wins_over_the_provider(tmp_path: Path, hub: TestHub, backend: BackendProcess,
