@@ -336,6 +336,15 @@ def test_mount_found_in_mountinfo_and_skipped_when_it_is_gone(tmp_path: Path, hu
                                      cache_dir=tmp_path / "hubcache")
         assert path == str(mount.repo(repo_id) / shard)
         assert sha256(path) == sha256(hub_root / repo_id / shard)
+        # A bind mount of one model (what the CSI plugin gives a pod) is no mount root.
+        bind = tmp_path / "bind"
+        bind.mkdir()
+        subprocess.run(["mount", "--bind", str(mount.repo(repo_id, hub.commit(repo_id))), str(bind)], check=True)
+        try:
+            roots = client.mount_roots()
+            assert str(mount.mountpoint) in roots and str(bind) not in roots
+        finally:
+            subprocess.run(["umount", str(bind)], check=True)
     # Unmounted: the same call goes on to the provider.
     assert str(mount.mountpoint) not in client.mount_roots()
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
