@@ -119,16 +119,18 @@ def test_error_codes_through_the_client(hub: TestHub, tmp_path: Path) -> None:
 
 def test_error_codes_raw(hub: TestHub, client: httpx.Client) -> None:
     cases = [
-        ("/api/models/nobody/nothing", 404, "RepoNotFound"),
+        ("/api/models/nobody/nothing", 401, "RepoNotFound"),  # anonymous: the Hub says 401
         (f"/api/models/{REPO}/revision/nope", 404, "RevisionNotFound"),
         (f"/api/models/{REPO}/tree/main/nope", 404, "EntryNotFound"),
         (f"/{REPO}/resolve/main/missing.bin", 404, "EntryNotFound"),
-        ("/nobody/nothing/resolve/main/config.json", 404, "RepoNotFound"),
+        ("/nobody/nothing/resolve/main/config.json", 401, "RepoNotFound"),
     ]
     for path, status, code in cases:
         response = client.get(path)
         assert (response.status_code, response.headers.get("X-Error-Code")) == (status, code), path
         assert response.json()["error"] and response.headers["X-Error-Message"]
+    with_token = client.get("/api/models/nobody/nothing", headers={"Authorization": "Bearer hf_x"})
+    assert (with_token.status_code, with_token.headers.get("X-Error-Code")) == (404, "RepoNotFound")
     missing = client.head(f"/{REPO}/resolve/main/missing.bin")
     assert missing.headers["X-Repo-Commit"] == hub.commit(REPO)  # lets the client cache the absence
 

@@ -6,6 +6,8 @@ Layout: every ``ROOT/<org>/<name>/`` is a model repo. Names starting with ``.hub
 - ``ROOT/<org>/<name>/.hub/gated``: the repo is gated; the file holds the one token that
   may download it. As on the Hub, metadata (model info, tree) stays public; ``resolve``
   answers 401 ``GatedRepo`` without ``Authorization: Bearer <token>``, 403 with a wrong one.
+  Unknown repos answer ``RepoNotFound`` with 401 to anonymous callers and 404 to callers
+  with a token, as the Hub does.
 - ``ROOT/<org>/<name>/.hub/refs.json``: a JSON list of extra branch/tag names (``"v1.0"``,
   ``"refs/pr/1"``) that, like ``main``, resolve to the current commit.
 
@@ -622,7 +624,10 @@ class _Handler(BaseHTTPRequestHandler):
         message = str(err)
         extra: dict[str, str | int] = {"X-Error-Message": message.encode("ascii", "replace").decode()}
         extra["X-Error-Code"] = err.code()  # the Hub's codes: RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo
-        self._json(err.status, {"error": message}, {**extra, **(headers or {})})
+        status = err.status
+        if isinstance(err, RepoNotFound) and not self.headers.get("Authorization"):
+            status = 401  # as the Hub: an anonymous caller cannot tell missing from private
+        self._json(status, {"error": message}, {**extra, **(headers or {})})
 
     def _read_body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
