@@ -550,7 +550,11 @@ class FetchEngine:
                     # The map was adopted while this write was in flight, so the settling
                     # it did missed this copy: without this the copy would stay provisional
                     # (and its file never complete on disk, never a passthrough backing file).
-                    dropped = await tier.settle(chunk_map)
+                    try:
+                        dropped = await tier.settle(chunk_map)
+                    except CacheError as exc:
+                        log.error("%s tier cannot settle %s: %s", tier.name, key.content_id, exc)
+                        dropped = []
                     if dropped:
                         self._dropped += len(dropped)
                         self._tell(key.content_id)

@@ -230,6 +230,7 @@ class VfsStatistics:
     passthrough_opens: int = 0
     lazy_opens: dict[str, int] = field(default_factory=dict)
     passthrough_reads: int = 0  # READs that reached us on a passthrough handle (expected: 0)
+    file_reads: int = 0  # READs of model files (``reads`` also counts .mmfs/status.json)
 
 
 class _HandleServed(Served):
@@ -306,7 +307,7 @@ class Vfs:
         #: Why passthrough is off (``None``: on); see :meth:`enable_passthrough`.
         self.passthrough_off: str | None = "not enabled"
         self._io: dict[int, _InodeIo] = {}  # file inode -> its I/O mode while open
-        self._passthrough_opens = self._passthrough_reads = 0
+        self._passthrough_opens = self._passthrough_reads = self._file_reads = 0
         self._lazy_opens: dict[str, int] = {}
         self._logged_reasons: set[str] = set()
         engine.add_listener(self._content_failed)
@@ -746,6 +747,7 @@ class Vfs:
         if state.source is None:
             return state.data[offset:offset + size]
         source = state.source
+        self._file_reads += 1
         ahead = state.read_ahead.on_read(offset, size) if state.read_ahead is not None else range(0)
         if ahead:
             self._ra_requested += len(ahead)
@@ -807,7 +809,7 @@ class Vfs:
         return VfsStatistics(self._lookups, self._opens, self._reads, self._read_bytes, self._read_errors,
                              len(self._handles), len(self._nodes), len(self._provisional), self._ra_requested,
                              self._ra_resets + open_resets, self._passthrough_opens, dict(self._lazy_opens),
-                             self._passthrough_reads)
+                             self._passthrough_reads, self._file_reads)
 
     def passthrough_status(self) -> dict[str, Any]:
         """The passthrough part of status: mode, opens each way, files open each way."""
