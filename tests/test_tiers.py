@@ -455,8 +455,8 @@ async def test_pinned_files_are_not_evicted_and_a_discard_unlinks_them(tmp_path:
     # An unpinned file counts as just used (passthrough reads never reached the tier).
     await tier.put(key(0), chunk(0))
     await tier.put(key(1), chunk(1))
-    await tier.put(key(0, OTHER), chunk(10))
     assert tier.pin_complete(CONTENT, CHUNK, 2) is not None
+    await tier.put(key(0, OTHER), chunk(10))  # more recent than the pinned file's last lazy use
     tier.unpin(CONTENT, CHUNK)
     await tier.put(key(1, OTHER), chunk(11))  # evicts the least recently used: OTHER's chunk 0
     assert tier.contains(key(0)) and tier.contains(key(1)) and not tier.contains(key(0, OTHER))
