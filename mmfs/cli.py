@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="longest a file-system call waits on the backend/Hub before EIO (default: 60)")
     mount.add_argument("--max-tasks", metavar="N", type=int, default=64,
                        help="FUSE requests served concurrently (default: 64)")
+    mount.add_argument("--passthrough", choices=["auto", "off"], default="auto",
+                       help="FUSE passthrough for files complete in the disk cache (default: auto, where the "
+                            "kernel, libfuse and privileges allow it)")
     mount.add_argument("--debug", action="store_true", help="debug logging (and FUSE debug output)")
 
     unmount = commands.add_parser("unmount", aliases=["umount"], help="unmount a running mmfs mount")
@@ -98,7 +101,8 @@ def _mount(args: argparse.Namespace) -> int:
     options = MountOptions(mountpoint=args.mountpoint, backend=args.backend, transport=args.transport,
                            cache_dir=args.cache_dir or DEFAULT_CACHE_DIR, cache_size=args.cache_size,
                            memory_cache=args.memory_cache, chunk_size=args.chunk_size, read_ahead=args.read_ahead,
-                           remote_timeout=args.remote_timeout, max_tasks=args.max_tasks, debug=args.debug)
+                           remote_timeout=args.remote_timeout, max_tasks=args.max_tasks, debug=args.debug,
+                           passthrough=args.passthrough)
     return run(options)
 
 
@@ -177,6 +181,15 @@ def format_status(status: dict[str, Any]) -> str:
     integrity = status.get("integrity", {})
     lines.append(f"integrity: {integrity.get('failures', 0)} failures, {integrity.get('files_verified', 0)} files "
                  "verified")
+    passthrough = status.get("passthrough")
+    if passthrough is not None:
+        state = "on" if passthrough.get("enabled") else f"off ({passthrough.get('off_reason')})"
+        lazy = passthrough.get("lazy_opens", {})
+        why = ", ".join(f"{reason} {count}" for reason, count in lazy.items())
+        files = passthrough.get("open_files", {})
+        lines.append(f"passthrough: {state}; {passthrough.get('opens', 0)} opens in passthrough, "
+                     f"{sum(lazy.values())} lazy" + (f" ({why})" if why else "")
+                     + f"; open now: {files.get('passthrough', 0)} passthrough, {files.get('lazy', 0)} lazy")
     return "\n".join(lines)
 
 

@@ -71,6 +71,9 @@ class MountOptions:
     max_fetches: int = 16
     read_ahead_chunks: tuple[int, int] = (2, 32)
     allow_other: bool | None = None  # None: when root
+    #: FUSE passthrough for files complete in the disk cache: ``auto`` (where the kernel,
+    #: libfuse and privileges allow; one log line says which) or ``off``.
+    passthrough: str = "auto"
     debug: bool = False
 
 
@@ -153,7 +156,7 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
                                 "transport": options.transport if options.backend else None,
                                 "cache_dir": os.path.abspath(options.cache_dir), "pid": os.getpid(),
                                 "offline": engine.config.offline, "daemon_started_at": started,
-                                "cache_problems": cache_problems}
+                                "cache_problems": cache_problems, "passthrough_option": options.passthrough}
         try:
             import psutil
 
@@ -164,7 +167,7 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
 
     async with engine:
         vfs = Vfs(engine, config, describe=describe)
-        operations = Operations(vfs)
+        operations = Operations(vfs, passthrough=options.passthrough != "off")
         pyfuse3.init(operations, mountpoint, _mount_options(options))
         unmounted = False
         try:

@@ -545,6 +545,19 @@ class FetchEngine:
                         return
                     chunk = Chunk(chunk.data, chunk.digests, True)
                 await self._put(tier, key, chunk)
+                chunk_map = self._maps.get(map_key(key.content_id, key.chunk_size))
+                if not chunk.verified and chunk_map is not None:
+                    # The map was adopted while this write was in flight, so the settling
+                    # it did missed this copy: without this the copy would stay provisional
+                    # (and its file never complete on disk, never a passthrough backing file).
+                    try:
+                        dropped = await tier.settle(chunk_map)
+                    except CacheError as exc:
+                        log.error("%s tier cannot settle %s: %s", tier.name, key.content_id, exc)
+                        dropped = []
+                    if dropped:
+                        self._dropped += len(dropped)
+                        self._tell(key.content_id)
         finally:
             self._written_behind.pop(key, None)
             self._write_budget.release(taken)

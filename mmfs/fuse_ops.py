@@ -18,7 +18,7 @@ import pyfuse3
 import trio
 
 from .errors import MmfsError
-from .vfs import Attributes, Vfs
+from .vfs import Attributes, PassthroughBackend, Vfs
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,36 @@ def _name(raw: bytes) -> str:
         return "\0"  # undecodable: not a name any manifest holds
 
 
-class Operations(pyfuse3.Operations):
-    """pyfuse3 callbacks; read-only, so everything that writes answers EROFS or ENOSYS."""
+class _KernelBacking(PassthroughBackend):
+    """Backing ids through the patched pyfuse3 (``scripts/pyfuse3-passthrough.patch``)."""
 
-    def __init__(self, vfs: Vfs) -> None:
+    def open(self, fd: int) -> int:
+        return pyfuse3.passthrough_open(fd)
+
+    def close(self, backing_id: int) -> None:
+        pyfuse3.passthrough_close(backing_id)
+
+
+def passthrough_support() -> str | None:
+    """Why this pyfuse3 cannot do passthrough (``None``: it can, if the kernel agrees)."""
+    if not hasattr(pyfuse3, "passthrough_open") or not hasattr(pyfuse3.Operations, "enable_passthrough"):
+        return "pyfuse3 without the passthrough patch (scripts/pyfuse3-passthrough.sh)"
+    return None
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 callbacks; read-only, so everything that writes answers EROFS or ENOSYS.
+
+    ``passthrough``: ask the kernel for FUSE passthrough at INIT; files complete in the disk
+    cache are then opened on their cache file (:meth:`mmfs.vfs.Vfs.open`)."""
+
+    def __init__(self, vfs: Vfs, *, passthrough: bool = False) -> None:
         super().__init__()
         self.vfs = vfs
+        self._passthrough_why_not = "--passthrough off" if not passthrough else passthrough_support()
+        self.enable_passthrough = self._passthrough_why_not is None
+        if self.enable_passthrough:
+            vfs.backing = _KernelBacking()
         self._dirs: dict[int, list[tuple[str, Attributes]]] = {}
         self._next_dir = 1
         #: Set once the kernel's INIT request was answered (see :mod:`mmfs.daemon`).
@@ -81,6 +105,10 @@ class Operations(pyfuse3.Operations):
         vfs.invalidate = self._invalidate
 
     def init(self) -> None:
+        why_not = self._passthrough_why_not
+        if why_not is None and not pyfuse3.passthrough_enabled():
+            why_not = "the kernel or libfuse did not offer it (Linux >= 6.9 and libfuse >= 3.17 needed)"
+        self.vfs.enable_passthrough(why_not)
         self.initialized.set()
 
     @_errors
@@ -128,6 +156,9 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
         writable = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & (os.O_TRUNC | os.O_APPEND))
         opened = await self.vfs.open(inode, writable)
+        if opened.backing_id:
+            return pyfuse3.FileInfo(fh=opened.handle, keep_cache=False, direct_io=False,
+                                    backing_id=opened.backing_id)
         return pyfuse3.FileInfo(fh=opened.handle, keep_cache=opened.keep_cache, direct_io=opened.direct_io)
 
     @_errors

@@ -161,11 +161,44 @@ class Attributes:
 
 @dataclass(frozen=True, slots=True)
 class OpenFile:
-    """What ``open`` tells the kernel: cache the pages (immutable) or bypass the cache."""
+    """What ``open`` tells the kernel: cache the pages (immutable) or bypass the cache;
+    a non-zero ``backing_id``: FUSE passthrough on that backing file (no READ reaches us)."""
 
     handle: int
     keep_cache: bool
     direct_io: bool
+    backing_id: int = 0
+
+
+class PassthroughBackend:
+    """How the VFS registers backing files with the kernel; the FUSE adapter supplies the
+    real one (``pyfuse3.passthrough_open``/``close``). ``open`` gets a read-only fd and
+    returns a backing id, raising :class:`OSError` with the kernel's errno."""
+
+    def open(self, fd: int) -> int:
+        raise OSError(errno.EOPNOTSUPP, "FUSE passthrough is not available")
+
+    def close(self, backing_id: int) -> None:
+        pass
+
+
+#: Errors of ``passthrough_open`` that say passthrough cannot work on this mount at all
+#: (privileges, a cache on overlayfs, a kernel without it): it is then switched off.
+_FATAL_PASSTHROUGH_ERRORS = {errno.EPERM: "no-capability", errno.EACCES: "no-capability",
+                             errno.ELOOP: "stacked-filesystem", errno.ENOTTY: "unsupported",
+                             errno.EOPNOTSUPP: "unsupported", errno.ENOSYS: "unsupported",
+                             errno.EINVAL: "unsupported"}
+
+
+@dataclass(slots=True)
+class _InodeIo:
+    """An inode's I/O mode while files of it are open (the kernel allows one at a time)."""
+
+    lazy: int = 0  # handles open in cached (lazy) mode
+    passthrough: int = 0  # handles open in passthrough mode, all on ``backing_id``
+    backing_id: int = 0
+    pinned: tuple[str, int] | None = None  # (content id, chunk size) pinned in the disk tier
+    failed: bool = False  # its content failed verification while passthrough handles were open
 
 
 @dataclass(slots=True)
@@ -176,6 +209,7 @@ class _Handle:
     #: Provisional chunks this handle may have seen (checked before it gets the file's end).
     served: Served | None = None
     data: bytes = b""  # virtual files: content fixed at open
+    passthrough: bool = False  # the kernel serves its reads from a backing file
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +224,13 @@ class VfsStatistics:
     provisional_inodes: int
     readahead_chunks: int
     readahead_resets: int
+    #: File opens answered in passthrough mode, and the lazy ones with why (``cold``:
+    #: not complete in the disk cache; ``lazy-open``: the inode was open lazily then; see
+    #: :meth:`Vfs.open`).
+    passthrough_opens: int = 0
+    lazy_opens: dict[str, int] = field(default_factory=dict)
+    passthrough_reads: int = 0  # READs that reached us on a passthrough handle (expected: 0)
+    file_reads: int = 0  # READs of model files (``reads`` also counts .mmfs/status.json)
 
 
 class _HandleServed(Served):
@@ -261,6 +302,14 @@ class Vfs:
         self._page_records: dict[int, Served] = {}  # inode -> what its page cache may hold now
         #: Drops the kernel's cached pages of an inode; set by the FUSE adapter.
         self.invalidate: Callable[[int], None] = lambda inode: None
+        #: Registers backing files with the kernel; set by the FUSE adapter.
+        self.backing: PassthroughBackend = PassthroughBackend()
+        #: Why passthrough is off (``None``: on); see :meth:`enable_passthrough`.
+        self.passthrough_off: str | None = "not enabled"
+        self._io: dict[int, _InodeIo] = {}  # file inode -> its I/O mode while open
+        self._passthrough_opens = self._passthrough_reads = self._file_reads = 0
+        self._lazy_opens: dict[str, int] = {}
+        self._logged_reasons: set[str] = set()
         engine.add_listener(self._content_failed)
         self._next_handle = 1
         self._started = time.time()
@@ -571,12 +620,121 @@ class Vfs:
         assert node.repo is not None and node.entry is not None
         entry = node.entry
         source = FileSource(node.repo, node.commit, entry)
-        self._handles[handle] = _Handle(node, source, ReadAhead(entry.chunk_size, entry.chunk_count,
-                                                                self.config.read_ahead),
-                                        served=_HandleServed(inode, self._page_record))
+        state = _Handle(node, source, ReadAhead(entry.chunk_size, entry.chunk_count, self.config.read_ahead),
+                        served=_HandleServed(inode, self._page_record))
+        backing_id = await self._passthrough(node)
+        if backing_id:
+            state.passthrough = True
+            self._handles[handle] = state
+            return OpenFile(handle, keep_cache=False, direct_io=False, backing_id=backing_id)
+        self._io.setdefault(inode, _InodeIo()).lazy += 1
+        self._handles[handle] = state
         keep = inode not in self._suspect
         self._suspect.discard(inode)
         return OpenFile(handle, keep_cache=keep, direct_io=False)
+
+    # -- FUSE passthrough ---------------------------------------------------------------
+
+    def enable_passthrough(self, why_not: str | None) -> None:
+        """Called once the kernel answered INIT: ``None`` turns passthrough on, else off
+        with that reason (one log line either way)."""
+        self.passthrough_off = why_not
+        if why_not is None:
+            log.info("FUSE passthrough: on (files complete in the disk cache are read by the kernel)")
+        else:
+            log.info("FUSE passthrough: off (%s); every read goes through the daemon", why_not)
+
+    async def _passthrough(self, node: Node, *, settled: bool = False) -> int:
+        """The backing id to open ``node`` with, or 0: the lazy path (counted, with why).
+
+        Mode transitions, per inode (the kernel allows one I/O mode per inode at a time):
+        while lazy handles are open, new opens stay lazy; once none are, the next open of a
+        file complete and verified in the disk cache goes passthrough; while passthrough
+        handles are open every new open shares their backing id (and the disk file stays
+        pinned); the id is closed and the file unpinned with the last release."""
+        assert node.entry is not None
+        entry = node.entry
+        io = self._io.get(node.inode) or _InodeIo()
+        if io.passthrough:
+            if io.failed:
+                # Any other open of this inode would fail in the kernel (EIO) anyway; the
+                # bytes behind the shared backing file are no longer vouched for.
+                raise IntegrityError(f"{self.path_of(node)} failed verification while open in passthrough "
+                                     "mode; it opens again once those files are closed")
+            io.passthrough += 1
+            self._passthrough_opens += 1
+            return io.backing_id
+        if io.lazy:
+            return self._lazy("lazy-open")
+        if self.passthrough_off is not None:
+            return self._lazy("off")
+        disk = next((t for t in self.engine.tiers if hasattr(t, "pin_complete")), None)
+        if disk is None:
+            return self._lazy("no-disk-cache")
+        chunk_map = self.engine.known_map(entry)
+        if chunk_map is None:
+            return self._lazy("cold")
+        path = disk.pin_complete(entry.content_id, entry.chunk_size, entry.chunk_count)
+        if path is None and not settled and all(disk.contains(entry.chunk_key(i)) for i in range(entry.chunk_count)):
+            # Every chunk is here but some were stored before the map (provisional): settle
+            # them now (digests only, no reads), then decide afresh (other opens of this
+            # inode may have been answered meanwhile).
+            try:
+                await disk.settle(chunk_map)
+            except MmfsError as exc:
+                log.warning("FUSE passthrough: cannot settle %s in the disk cache: %s", self.path_of(node), exc)
+                return self._lazy("cold")
+            return await self._passthrough(node, settled=True)
+        if path is None:
+            return self._lazy("cold")
+        pinned = (entry.content_id, entry.chunk_size)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                backing_id = self.backing.open(fd)  # the kernel keeps its own reference
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            disk.unpin(*pinned)
+            fatal = _FATAL_PASSTHROUGH_ERRORS.get(exc.errno or 0)
+            reason = fatal or f"error-{errno.errorcode.get(exc.errno or 0, exc.errno)}"
+            if fatal is not None:
+                self.passthrough_off = f"{fatal}: {exc.strerror or exc}"
+                log.warning("FUSE passthrough: off (%s, registering %s); every read goes through the daemon",
+                            self.passthrough_off, path)
+            elif reason not in self._logged_reasons:
+                self._logged_reasons.add(reason)
+                log.warning("FUSE passthrough: cannot register %s (%s); reading it through the daemon", path, exc)
+            return self._lazy(reason)
+        self._io[node.inode] = _InodeIo(passthrough=1, backing_id=backing_id, pinned=pinned)
+        self._passthrough_opens += 1
+        return backing_id
+
+    def _lazy(self, reason: str) -> int:
+        self._lazy_opens[reason] = self._lazy_opens.get(reason, 0) + 1
+        return 0
+
+    def _closed(self, state: _Handle) -> None:
+        """Count a handle out of its inode's mode; the last passthrough one closes the id."""
+        inode = state.node.inode
+        io = self._io.get(inode)
+        if io is None:
+            return
+        if state.passthrough:
+            io.passthrough -= 1
+            if io.passthrough == 0:
+                try:
+                    self.backing.close(io.backing_id)
+                except OSError as exc:  # the id dies with the session anyway
+                    log.warning("FUSE passthrough: cannot close backing id %d: %s", io.backing_id, exc)
+                disk = next((t for t in self.engine.tiers if hasattr(t, "unpin")), None)
+                if disk is not None and io.pinned is not None:
+                    disk.unpin(*io.pinned)
+                io.backing_id, io.pinned, io.failed = 0, None, False
+        else:
+            io.lazy -= 1
+        if not io.lazy and not io.passthrough:
+            del self._io[inode]
 
     async def read(self, handle: int, offset: int, size: int) -> bytes | memoryview:
         """``size`` bytes at ``offset``; fewer only at end of file (a memoryview when zero-copy)."""
@@ -584,9 +742,12 @@ class Vfs:
         if state is None:
             raise BadHandle(f"file handle {handle} is not open")
         self._reads += 1
+        if state.passthrough:
+            self._passthrough_reads += 1  # the kernel should not send these; serve them anyway
         if state.source is None:
             return state.data[offset:offset + size]
         source = state.source
+        self._file_reads += 1
         ahead = state.read_ahead.on_read(offset, size) if state.read_ahead is not None else range(0)
         if ahead:
             self._ra_requested += len(ahead)
@@ -620,6 +781,9 @@ class Vfs:
         showing that content (any repo, any commit) loses its cached pages, now and at
         its next open."""
         for inode in self._by_content.get(content_id, ()):
+            io = self._io.get(inode)
+            if io is not None and io.passthrough:
+                io.failed = True  # new opens of it: EIO until its passthrough files are closed
             self._suspect.add(inode)
             if inode in self._page_records:
                 self._page_records[inode] = Served()  # handles open now keep the old record
@@ -635,6 +799,8 @@ class Vfs:
         state = self._handles.pop(handle, None)
         if state is not None and state.read_ahead is not None:
             self._ra_resets += state.read_ahead.resets
+        if state is not None and state.node.kind is Kind.FILE:
+            self._closed(state)
 
     # -- observability ------------------------------------------------------------------
 
@@ -642,7 +808,24 @@ class Vfs:
         open_resets = sum(h.read_ahead.resets for h in self._handles.values() if h.read_ahead)
         return VfsStatistics(self._lookups, self._opens, self._reads, self._read_bytes, self._read_errors,
                              len(self._handles), len(self._nodes), len(self._provisional), self._ra_requested,
-                             self._ra_resets + open_resets)
+                             self._ra_resets + open_resets, self._passthrough_opens, dict(self._lazy_opens),
+                             self._passthrough_reads, self._file_reads)
+
+    def passthrough_status(self) -> dict[str, Any]:
+        """The passthrough part of status: mode, opens each way, files open each way."""
+        disk = next((t for t in self.engine.tiers if hasattr(t, "pinned")), None)
+        return {
+            "enabled": self.passthrough_off is None,
+            "off_reason": self.passthrough_off,
+            "opens": self._passthrough_opens,
+            "lazy_opens": dict(sorted(self._lazy_opens.items())),
+            "open_files": {"passthrough": sum(io.passthrough for io in self._io.values()),
+                           "lazy": sum(io.lazy for io in self._io.values())},
+            "backing_ids": sum(1 for io in self._io.values() if io.backing_id),
+            "pinned_files": len(disk.pinned()) if disk is not None else 0,
+            "pin_skips": disk.pin_skips if disk is not None else 0,
+            "reads_reaching_daemon": self._passthrough_reads,
+        }
 
     def status(self) -> dict[str, Any]:
         """Everything ``mmfs status`` shows, as plain JSON-able data."""
@@ -672,6 +855,7 @@ class Vfs:
                        "coalesced": stats.coalesced, "inflight": stats.inflight},
             "integrity": {"failures": stats.integrity_failures, "files_verified": stats.files_verified},
             "vfs": asdict(self.statistics()),
+            "passthrough": self.passthrough_status(),
         }
 
 

@@ -422,3 +422,42 @@ async def test_disk_tier_writes_aligned_buffers_directly_and_reads_them_back(tmp
     for index, data in contents.items():
         found = await reopened.get(key(index, chunk_size=size))
         assert found is not None and bytes(found.data) == data
+
+
+async def test_pinned_files_are_not_evicted_and_a_discard_unlinks_them(tmp_path: Path) -> None:
+    """Passthrough backing files (mmfs.vfs): a pinned complete file stays whole under
+    eviction pressure (other puts are refused rather than punching it); a discard (the
+    content failed verification) still makes it unreadable for new opens: gone from the
+    index and unlinked, never punched, so a reader holding it open keeps its bytes."""
+    tier = DiskTier(tmp_path, 3 * CHUNK + CHUNK // 2)
+    for index in range(3):
+        await tier.put(key(index), chunk(index))
+    assert tier.pin_complete(CONTENT, CHUNK, 4) is None  # not complete: nothing pinned
+    assert tier.pinned() == {}
+    path = tier.pin_complete(CONTENT, CHUNK, 3)
+    assert path == data_file(tmp_path) and tier.pinned() == {f"{CONTENT}.{CHUNK}": 1}
+    await tier.put(key(0, OTHER), chunk(10))  # would need a pinned chunk's room: refused
+    assert not tier.contains(key(0, OTHER)) and tier.pin_skips == 1
+    assert all(tier.contains(key(i)) for i in range(3))
+    assert path.read_bytes() == b"".join(payload(s) for s in range(3))
+    held = os.open(path, os.O_RDONLY)
+    try:
+        assert tier.pin_complete(CONTENT, CHUNK, 3) == path  # a second user
+        tier.unpin(CONTENT, CHUNK)
+        assert tier.pinned() == {f"{CONTENT}.{CHUNK}": 1}
+        assert await tier.discard(CONTENT) == 3
+        assert tier.complete_file(CONTENT, CHUNK, 3) is None and not path.exists()
+        assert os.pread(held, 3 * CHUNK, 0) == b"".join(payload(s) for s in range(3))  # not punched
+    finally:
+        os.close(held)
+    tier.unpin(CONTENT, CHUNK)
+    assert tier.pinned() == {} and tier.statistics().used_bytes == 0
+    # An unpinned file counts as just used (passthrough reads never reached the tier).
+    await tier.put(key(0), chunk(0))
+    await tier.put(key(1), chunk(1))
+    assert tier.pin_complete(CONTENT, CHUNK, 2) is not None
+    await tier.put(key(0, OTHER), chunk(10))  # more recent than the pinned file's last lazy use
+    tier.unpin(CONTENT, CHUNK)
+    await tier.put(key(1, OTHER), chunk(11))  # evicts the least recently used: OTHER's chunk 0
+    assert tier.contains(key(0)) and tier.contains(key(1)) and not tier.contains(key(0, OTHER))
+    await tier.aclose()

@@ -144,6 +144,9 @@ class DiskTier(ChunkTier):
         self._files: dict[_FileId, set[int]] = {}
         self._touched: set[ChunkKey] = set()  # recency not yet written to the index
         self._discards: dict[str, int] = {}  # content id -> times discarded (see _store)
+        #: Files in use as passthrough backing files -> how many users: never evicted.
+        self._pins: dict[_FileId, int] = {}
+        self._pin_skips = 0  # puts refused because only pinned chunks were left to evict
         self._seq = 0
         self._used = 0
         self._hits = self._misses = self._hit_bytes = self._evictions = self._errors = 0
@@ -432,11 +435,12 @@ class DiskTier(ChunkTier):
         with self._lock:
             if key in self._index or key in self._busy or self._discards.get(key.content_id, 0) != discards:
                 return
+            victims = self._make_room(size)
+            if victims is None:
+                self._pin_skips += 1
+                return
             self._busy.add(key)
             self._files.setdefault((key.content_id, key.chunk_size), set()).add(key.index)
-            victims = []
-            while self._index and self._used + size > self._limit:
-                victims.append(self._take(next(iter(self._index))))
             self._evictions += len(victims)
             self._used += size
         try:
@@ -460,6 +464,25 @@ class DiskTier(ChunkTier):
                 self._busy.discard(key)
         if overtaken:
             self._forget([(key, size)])
+
+    def _make_room(self, size: int) -> list[tuple[ChunkKey, int]] | None:
+        """Take least recently used chunks until ``size`` more bytes fit (``_lock`` held);
+        chunks of pinned files are skipped (and moved to the recent end: they are in use).
+        ``None``, taking nothing, when even every unpinned chunk would not make room."""
+        if self._used + size <= self._limit:
+            return []
+        if self._pins:
+            unpinned = sum(e.size for k, e in self._index.items() if (k.content_id, k.chunk_size) not in self._pins)
+            if self._used - unpinned + size > self._limit:
+                return None
+        victims = []
+        while self._index and self._used + size > self._limit:
+            key = next(iter(self._index))
+            if (key.content_id, key.chunk_size) in self._pins:
+                self._index.move_to_end(key)
+                continue
+            victims.append(self._take(key))
+        return victims
 
     def _write(self, key: ChunkKey, data: bytes | bytearray | memoryview) -> None:
         """Write a chunk at its offset: its whole pages with ``O_DIRECT`` where the buffer is
@@ -664,6 +687,50 @@ class DiskTier(ChunkTier):
             (entry := self._index.get(ChunkKey(content_id, chunk_size, index))) is not None and entry.verified
             for index in range(chunk_count))
         return self._path(content_id, chunk_size) if complete else None
+
+    def pin_complete(self, content_id: str, chunk_size: int, chunk_count: int) -> Path | None:
+        """:meth:`complete_file`, and if complete, pin it: its chunks are not evicted until
+        as many :meth:`unpin` calls. A :meth:`discard` still drops a pinned file (it failed
+        its check): it disappears from the index and from ``data/`` (unlinked, never punched,
+        so a reader holding it open keeps the bytes it had; see docs/node.md)."""
+        with self._lock:
+            path = self.complete_file(content_id, chunk_size, chunk_count)
+            if path is not None:
+                file_id = (content_id, chunk_size)
+                self._pins[file_id] = self._pins.get(file_id, 0) + 1
+                self._touch_file(file_id)
+            return path
+
+    def unpin(self, content_id: str, chunk_size: int) -> None:
+        """Release one pin; the file's chunks count as just used (passthrough reads never
+        reached the tier, so its recency would otherwise be that of the last lazy read)."""
+        file_id = (content_id, chunk_size)
+        with self._lock:
+            count = self._pins.get(file_id, 0) - 1
+            if count > 0:
+                self._pins[file_id] = count
+                return
+            self._pins.pop(file_id, None)
+            self._touch_file(file_id)
+
+    def pinned(self) -> dict[str, int]:
+        """Pinned files (``<content id>.<chunk size>`` -> users), for status."""
+        with self._lock:
+            return {f"{cid}.{size}": n for (cid, size), n in self._pins.items()}
+
+    @property
+    def pin_skips(self) -> int:
+        """Chunks not stored because every chunk that could have been evicted was pinned."""
+        return self._pin_skips
+
+    def _touch_file(self, file_id: _FileId) -> None:
+        for index in self._files.get(file_id, ()):  # _lock held
+            key = ChunkKey(*file_id, index)
+            entry = self._index.get(key)
+            if entry is not None:
+                self._index.move_to_end(key)
+                entry.seq = self._next_seq()
+                self._touched.add(key)
 
     # -- the rest of the interface --------------------------------------------------------
 

@@ -1,0 +1,311 @@
+"""The node filesystem in FUSE passthrough, with real mounts (``mmfs mount`` over the test hub).
+
+A file complete and verified in the disk cache opens in passthrough on its cache file
+(the daemon then sees no READ for it); anything else, or anything that makes passthrough
+unavailable, takes the lazy path, and reads are byte-identical either way. The per-inode
+mode rules are in :meth:`mmfs.vfs.Vfs._passthrough`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from mmfs.testing.hub import TestHub
+from mmfs.testing.models import make_synthetic_model
+from mmfs.testing.mount import MountProcess, force_unmount
+
+pytestmark = [pytest.mark.fuse, pytest.mark.timeout(120)]
+
+MMFS = [sys.executable, "-m", "mmfs"]
+SHARD = "model-00001-of-00002.safetensors"
+OTHER = "model-00002-of-00002.safetensors"
+
+
+def fs_type(path: Path) -> str:
+    return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.fixture
+def cache_base(tmp_path: Path) -> Iterator[Path]:
+    """A directory for cache dirs whose file system can hold backing files: not overlayfs."""
+    if fs_type(tmp_path) != "overlayfs":
+        yield tmp_path
+        return
+    for base in ("/dev/shm", "/var/tmp"):
+        if os.path.isdir(base) and fs_type(Path(base)) != "overlayfs":
+            path = Path(tempfile.mkdtemp(prefix="mmfs-passthrough-", dir=base))
+            try:
+                yield path
+            finally:
+                subprocess.run(["rm", "-rf", str(path)], check=False)
+            return
+    pytest.skip("no directory outside overlayfs for the cache")
+
+
+@pytest.fixture
+def model(hub_root: Path) -> dict[str, bytes]:
+    """Two 6 MiB shards (1 MiB chunks: six per shard) and small files."""
+    repo = make_synthetic_model(hub_root / "org" / "pt", 12 << 20, n_shards=2, seed=11)
+    return {p.relative_to(repo).as_posix(): p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def mounts(tmp_path: Path, cache_base: Path) -> Iterator[Any]:
+    started: list[MountProcess] = []
+
+    def start(hub: TestHub, *args: str, cache: Path | None = None, wrapper: str | None = None) -> MountProcess:
+        mount = MountProcess(tmp_path / f"mnt{len(started)}", cache or cache_base / f"cache{len(started)}",
+                             hub_url=hub.url, args=["--chunk-size", "1MiB", *args],
+                             log_path=tmp_path / f"mount{len(started)}.log")
+        if wrapper:
+            mount.argv[1:3] = ["-m", wrapper]
+        started.append(mount)
+        return mount.start()
+
+    yield start
+    for mount in started:
+        mount.stop()
+        if os.path.ismount(mount.mountpoint):
+            force_unmount(mount.mountpoint)
+
+
+def passthrough(mount: MountProcess) -> dict[str, Any]:
+    return mount.status()["passthrough"]
+
+
+def file_reads(mount: MountProcess) -> int:
+    return mount.status()["vfs"]["file_reads"]
+
+
+def read_all(path: Path) -> bytes:
+    with open(path, "rb", buffering=0) as f:
+        return f.read()
+
+
+def drop_page_cache() -> None:
+    subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
+
+
+def open_in_passthrough(mount: MountProcess, path: Path, timeout: float = 20.0) -> int:
+    """Open ``path`` again and again until the daemon answers in passthrough (its chunks
+    reach the disk cache behind the readers); returns the fd, open in passthrough."""
+    deadline = time.monotonic() + timeout
+    while True:
+        before = passthrough(mount)["opens"]
+        fd = os.open(path, os.O_RDONLY)
+        if passthrough(mount)["opens"] == before + 1:
+            return fd
+        os.close(fd)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} never opened in passthrough: {passthrough(mount)}\n{mount.log_text()[-2000:]}")
+        time.sleep(0.2)
+
+
+def wait_closed(mount: MountProcess, timeout: float = 10.0) -> None:
+    """Until the daemon saw every release (they arrive after close returns)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = passthrough(mount)
+        if state["open_files"] == {"passthrough": 0, "lazy": 0}:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"files still open in the daemon: {passthrough(mount)}")
+
+
+def test_a_prefetched_file_opens_in_passthrough(hub_root: Path, model: dict[str, bytes], mounts) -> None:
+    with TestHub(hub_root) as hub:
+        mount = mounts(hub)
+        assert passthrough(mount)["enabled"] is True, mount.log_text()
+        assert "FUSE passthrough: on" in mount.log_text()
+        result = subprocess.run([*MMFS, "prefetch", "huggingface/org/pt", "--mount", str(mount.mountpoint)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+    # The hub is gone: what follows comes from the node alone.
+    path = mount.repo("org/pt") / SHARD
+    fd = open_in_passthrough(mount, path)
+    try:
+        drop_page_cache()
+        reads = file_reads(mount)
+        assert os.pread(fd, len(model[SHARD]) + 1, 0) == model[SHARD]
+        assert read_all(path) == model[SHARD]  # another open: shares the inode's backing id
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as view:
+            assert view[:] == model[SHARD]
+            assert hashlib.sha256(view).digest() == hashlib.sha256(model[SHARD]).digest()
+        assert file_reads(mount) == reads  # not one READ reached the daemon
+        state = passthrough(mount)
+        assert state["backing_ids"] == 1 and state["pinned_files"] == 1
+        assert state["reads_reaching_daemon"] == 0
+    finally:
+        os.close(fd)
+    wait_closed(mount)
+    state = passthrough(mount)
+    assert state["backing_ids"] == 0 and state["pinned_files"] == 0  # closed with the last release
+    # The lazy path is still right for files read afterwards from the page cache.
+    assert read_all(mount.repo("org/pt") / "config.json") == model["config.json"]
+    status = subprocess.run([*MMFS, "status", "--mount", str(mount.mountpoint)], capture_output=True, text=True,
+                            timeout=30)
+    assert "passthrough: on;" in status.stdout, status.stdout
+
+
+def test_a_cold_file_reads_lazily_then_opens_in_passthrough(hub_root: Path, model: dict[str, bytes],
+                                                            mounts) -> None:
+    with TestHub(hub_root) as hub:
+        mount = mounts(hub)
+        path = mount.repo("org/pt") / SHARD
+        reads = file_reads(mount)
+        assert read_all(path) == model[SHARD]  # cold: lazily, through the daemon
+        assert file_reads(mount) > reads
+        assert passthrough(mount)["lazy_opens"].get("cold", 0) >= 1
+        wait_closed(mount)
+        fd = open_in_passthrough(mount, path)  # once its chunks are all on disk, verified
+        try:
+            reads = file_reads(mount)
+            assert os.pread(fd, len(model[SHARD]), 0) == model[SHARD]
+            with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as view:
+                assert view[:] == model[SHARD]
+            assert file_reads(mount) == reads
+        finally:
+            os.close(fd)
+
+
+def test_a_file_open_lazily_keeps_new_opens_lazy(hub_root: Path, model: dict[str, bytes], mounts) -> None:
+    with TestHub(hub_root) as hub:
+        mount = mounts(hub)
+        path = mount.repo("org/pt") / SHARD
+        with open(path, "rb") as held:  # lazily: cold
+            assert held.read() == model[SHARD]
+            # Complete on disk now (the read reached the end), but the inode is open lazily:
+            # a passthrough open would fail in the kernel (EIO), so new opens stay lazy.
+            deadline = time.monotonic() + 20
+            while mount.status()["tiers"][1]["entries"] < 7 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            for _ in range(3):
+                assert read_all(path) == model[SHARD]  # no EIO
+                with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as view:
+                    assert view[:] == model[SHARD]
+            held.seek(0)
+            assert held.read() == model[SHARD]
+            state = passthrough(mount)
+            assert state["opens"] == 0 and state["lazy_opens"].get("lazy-open", 0) >= 6, state
+        wait_closed(mount)
+        fd = open_in_passthrough(mount, path)  # closed everywhere: the next open is native
+        try:
+            # While it is open in passthrough, every new open shares its backing id.
+            for _ in range(3):
+                assert read_all(path) == model[SHARD]
+            assert passthrough(mount)["backing_ids"] == 1
+        finally:
+            os.close(fd)
+
+
+def data_file(cache: Path, size: int, content: bytes) -> Path:
+    """The disk cache's data file holding ``content``."""
+    for path in (cache / "chunks" / "data").rglob("*"):
+        if path.is_file() and path.stat().st_size == size and path.read_bytes() == content:
+            return path
+    raise AssertionError(f"no data file holds the {size} bytes")
+
+
+def test_eviction_does_not_punch_a_pinned_backing_file(hub_root: Path, model: dict[str, bytes],
+                                                       mounts) -> None:
+    with TestHub(hub_root) as hub:
+        mount = mounts(hub, "--cache-size", "9MiB", "--memory-cache", "4MiB")
+        first, second = mount.repo("org/pt") / SHARD, mount.repo("org/pt") / OTHER
+        assert read_all(first) == model[SHARD]
+        wait_closed(mount)
+        fd = open_in_passthrough(mount, first)
+        try:
+            backing = data_file(mount.cache_dir, len(model[SHARD]), model[SHARD])
+            # 6 MiB pinned, 9 MiB allowed: the other 6 MiB shard needs what is pinned.
+            assert read_all(second) == model[OTHER]
+            assert read_all(second) == model[OTHER]
+            drop_page_cache()
+            assert backing.read_bytes() == model[SHARD]  # not punched under the open file
+            assert os.pread(fd, len(model[SHARD]), 0) == model[SHARD]
+            with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as view:
+                assert view[:] == model[SHARD]
+            disk = mount.status()["tiers"][1]
+            assert disk["used_bytes"] <= 9 << 20
+            assert passthrough(mount)["pin_skips"] > 0  # chunks of the other file were not kept
+        finally:
+            os.close(fd)
+        wait_closed(mount)
+        # Unpinned: reading the other file again may evict it now; all reads stay right.
+        assert read_all(second) == model[OTHER]
+        assert read_all(first) == model[SHARD]
+        assert passthrough(mount)["pinned_files"] == 0
+
+
+def test_a_cache_on_overlayfs_falls_back_to_the_lazy_path(tmp_path: Path, hub_root: Path,
+                                                          model: dict[str, bytes], mounts) -> None:
+    layers = {name: tmp_path / name for name in ("lower", "upper", "work", "merged")}
+    for path in layers.values():
+        path.mkdir()
+    options = f"lowerdir={layers['lower']},upperdir={layers['upper']},workdir={layers['work']}"
+    made = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(layers["merged"])],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount an overlayfs here: {made.stderr.strip()}")
+    try:
+        with TestHub(hub_root) as hub:
+            mount = mounts(hub, cache=layers["merged"] / "cache")
+            path = mount.repo("org/pt") / SHARD
+            assert read_all(path) == model[SHARD]
+            wait_closed(mount)
+            deadline = time.monotonic() + 20
+            while passthrough(mount)["enabled"] and time.monotonic() < deadline:
+                assert read_all(path) == model[SHARD]  # the first open of the complete file: ELOOP
+                time.sleep(0.2)
+            state = passthrough(mount)
+            assert state["enabled"] is False and state["off_reason"].startswith("stacked-filesystem"), state
+            assert state["lazy_opens"].get("stacked-filesystem") == 1
+            for _ in range(2):
+                assert read_all(path) == model[SHARD]
+            assert passthrough(mount)["lazy_opens"].get("off", 0) >= 2
+            assert mount.log_text().count("FUSE passthrough: off") == 1  # one log line
+            mount.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(layers["merged"])], check=False)
+
+
+def test_passthrough_off_reads_lazily(hub_root: Path, model: dict[str, bytes], mounts) -> None:
+    with TestHub(hub_root) as hub:
+        mount = mounts(hub, "--passthrough", "off")
+        path = mount.repo("org/pt") / SHARD
+        for _ in range(3):
+            assert read_all(path) == model[SHARD]
+            time.sleep(0.3)
+        state = passthrough(mount)
+        assert state["enabled"] is False and state["off_reason"] == "--passthrough off"
+        assert state["opens"] == 0 and state["lazy_opens"].get("off", 0) >= 2
+
+
+def test_without_the_capability_reads_fall_back(hub_root: Path, model: dict[str, bytes], mounts) -> None:
+    """The daemon without CAP_SYS_ADMIN once mounted (as in a container without that
+    privilege): the kernel refuses backing files (EPERM); passthrough goes off, one log line."""
+    with TestHub(hub_root) as hub:
+        mount = mounts(hub, wrapper="mmfs.testing.nocap")
+        path = mount.repo("org/pt") / SHARD
+        assert read_all(path) == model[SHARD]
+        wait_closed(mount)
+        deadline = time.monotonic() + 20
+        while passthrough(mount)["enabled"] and time.monotonic() < deadline:
+            assert read_all(path) == model[SHARD]
+            time.sleep(0.2)
+        state = passthrough(mount)
+        assert state["enabled"] is False and state["off_reason"].startswith("no-capability"), state
+        assert state["opens"] == 0 and state["lazy_opens"].get("no-capability") == 1
+        for _ in range(2):
+            assert read_all(path) == model[SHARD]
+        assert mount.log_text().count("FUSE passthrough: off") == 1
