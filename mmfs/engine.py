@@ -303,7 +303,7 @@ class FetchEngine:
     # -- reads --------------------------------------------------------------------------
 
     async def read(self, source: FileSource, offset: int, size: int, *, auth: str | None = None,
-                   served: Served | None = None) -> bytes:
+                   served: Served | None = None) -> bytes | memoryview:
         """Bytes ``[offset, offset+size)`` of a file, short only at end of file.
 
         ``served`` is the reader's record of provisional chunks it was given (see
@@ -314,7 +314,7 @@ class FetchEngine:
         served = served if served is not None else Served()
         if len(indices) <= 1:
             return await self._read_span(source, indices[0], offset, end, auth, served) if indices else b""
-        parts: dict[int, bytes] = {}
+        parts: dict[int, bytes | memoryview] = {}
 
         async def fetch(index: int) -> None:
             parts[index] = await self._read_span(source, index, offset, end, auth, served)
@@ -331,7 +331,7 @@ class FetchEngine:
         return b"".join(parts[i] for i in indices)
 
     async def _read_span(self, source: FileSource, index: int, offset: int, end: int, auth: str | None,
-                         served: Served) -> bytes:
+                         served: Served) -> bytes | memoryview:
         """The part of chunk ``index`` inside the file range ``[offset, end)``.
 
         A part of a verified chunk is asked of each tier as a range, so the disk tier reads
@@ -347,7 +347,7 @@ class FetchEngine:
                 if part is not None:
                     return part
         chunk = await self.read_chunk(source, index, auth=auth, served=served)
-        return chunk.data if b - a == len(chunk.data) else bytes(memoryview(chunk.data)[a:b])
+        return chunk.data if b - a == len(chunk.data) else memoryview(chunk.data)[a:b]  # no copy
 
     def read_cached(self, source: FileSource, offset: int, size: int,
                     served: Served | None = None) -> bytes | memoryview | None:

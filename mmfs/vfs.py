@@ -772,7 +772,7 @@ class Vfs:
         self._read_bytes += len(data)
         return data
 
-    async def _read_through(self, state: _Handle, offset: int, size: int) -> bytes:
+    async def _read_through(self, state: _Handle, offset: int, size: int) -> bytes | memoryview:
         assert state.source is not None
         return await self.engine.read(state.source, offset, size, served=state.served)
 
