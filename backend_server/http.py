@@ -2,17 +2,20 @@
 
 Why our own: the rest of mmfs is trio (pyfuse3 requires it), and the data path needs
 exactly three things most frameworks make hard: sending multi-MiB ``bytes`` and
-``memoryview`` slices straight to ``SocketStream.send_all`` (no copy, no per-4-KiB
-framing: a response always declares its ``Content-Length``), aborting a response
-mid-body (a file that fails verification must never look complete to the client), and
-cancelling a connection's handler when the server shuts down.
+``memoryview`` slices to the socket without a copy (a response always declares its
+``Content-Length``, so there is no per-piece framing: the head and the body buffers go
+to one ``writev``, see :meth:`HTTPServer._write`), aborting a response mid-body (a file
+that fails verification must never look complete to the client), and cancelling a
+connection's handler when the server shuts down.
 
 A handler is ``async def handler(request) -> Response``. A :class:`Response` carries
 either ``body`` (bytes) or ``stream``, an ``async def stream(send)`` that must hand
 ``send`` exactly ``content_length`` bytes. If ``stream`` raises, the connection is closed
 without completing the body, which every HTTP client reports as an error (a short
-body against ``Content-Length``). Requests are logged one line each at INFO, without
-header values (``Authorization`` never reaches a log).
+body against ``Content-Length``). Requests are logged one line each at DEBUG (nothing
+per request at INFO: the data path serves thousands of chunks a second; a response
+cut short is also logged at INFO, ``ABORTED``), without header values
+(``Authorization`` never reaches a log).
 
 Slow or stalled clients cannot hold the server: a request head (and its small body)
 must arrive within ``head_timeout`` of its first byte, each piece of a response
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -52,6 +56,8 @@ SEND_PIECE = 1 << 20
 #: Connections served at once; more are answered 503 and closed.
 MAX_CONNECTIONS = 1024
 RECEIVE_SIZE = 64 << 10
+#: Buffers handed to one ``writev`` (Linux's IOV_MAX is 1024).
+_IOV_MAX = 512
 _REFUSAL_BODY = b'{"error": "too many connections to this backend; retry"}'
 _REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
             b"X-Error-Code: TransientError\r\nServer: mmfs-backend\r\n"
@@ -237,7 +243,7 @@ class HTTPServer:
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
                 await self._send_simple(stream, conn, status, f"malformed request: {exc}")
-                log.info('%s "<malformed>" %d 0 0.000s', client, status)
+                log.debug('%s "<malformed>" %d 0 0.000s', client, status)
             return False
 
         started = time.perf_counter()
@@ -266,8 +272,12 @@ class HTTPServer:
                 response.on_close()
             self.active_requests -= 1
             elapsed = time.perf_counter() - started
-            log.info('%s "%s %s" %d %d %.3fs%s', client, request.method, _loggable(target), response.status, sent,
-                     elapsed, "" if completed else " ABORTED")
+            # One line per request at DEBUG; a body cut short (the client went away or was
+            # dropped as too slow, verification failed mid-body) also at INFO.
+            level = logging.DEBUG if completed else logging.INFO
+            if log.isEnabledFor(level):
+                log.log(level, '%s "%s %s" %d %d %.3fs%s', client, request.method, _loggable(target),
+                        response.status, sent, elapsed, "" if completed else " ABORTED")
             if self.observer is not None:
                 self.observer(request, response, sent, elapsed, completed)
         if not completed or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -281,33 +291,44 @@ class HTTPServer:
     async def _send_response(self, stream: trio.SocketStream, conn: h11.Connection, request: Request,
                              response: Response) -> tuple[int, bool]:
         head_only = request.method == "HEAD"
-        length = response.content_length if response.content_length is not None else len(response.body)
+        body = memoryview(response.body).cast("B")  # a byte view of any buffer, never a copy
+        length = response.content_length if response.content_length is not None else len(body)
         headers = [(k.encode("latin-1"), _header_value(v)) for k, v in response.headers
                    if k.lower() != "content-length"]
         if length is not None:
             headers.append((b"Content-Length", str(length).encode()))
         headers.append((b"Server", b"mmfs-backend"))
-        await self._send_all(stream, conn.send(h11.Response(status_code=response.status, headers=headers)))
+        head = conn.send(h11.Response(status_code=response.status, headers=headers))
         if head_only:
-            await self._send_all(stream, conn.send(h11.EndOfMessage()))
+            await self._write(stream, [head, conn.send(h11.EndOfMessage())])
             return 0, True
-        sent = 0
         if response.stream is None:
-            if response.body:
-                await self._send_data(stream, conn, response.body)
-                sent = len(response.body)
-            await self._send_all(stream, conn.send(h11.EndOfMessage()))
-            return sent, True
+            # Head and body in one writev: no copy of the body, one segment for small answers.
+            pieces = [head]
+            if len(body):
+                pieces += conn.send_with_data_passthrough(h11.Data(data=body))
+            pieces.append(conn.send(h11.EndOfMessage()))
+            await self._write(stream, pieces)
+            return len(body), True
+        sent = 0
+        # The head goes out with the first piece of the body (streams have their first
+        # chunk in hand before they are returned), in the same writev.
+        unsent_head = [head]
 
         async def send(data: bytes | memoryview) -> None:
             nonlocal sent
             if len(data):
-                await self._send_data(stream, conn, data)
+                # send_with_data_passthrough hands the payload back untouched (no framing
+                # with a Content-Length), so multi-MiB buffers reach the socket uncopied.
+                pieces = conn.send_with_data_passthrough(h11.Data(data=data))
+                if unsent_head:
+                    pieces = [unsent_head.pop(), *pieces]
+                await self._write(stream, pieces)
                 sent += len(data)
 
         try:
             await response.stream(send)
-            await self._send_all(stream, conn.send(h11.EndOfMessage()))
+            await self._write(stream, [*unsent_head, conn.send(h11.EndOfMessage())])
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             return sent, False  # the client hung up
         except h11.LocalProtocolError as exc:
@@ -321,20 +342,61 @@ class HTTPServer:
             return sent, False
         return sent, True
 
-    async def _send_all(self, stream: trio.SocketStream, data: bytes | memoryview) -> None:
-        """``send_all`` in pieces of at most :data:`SEND_PIECE`, each within ``send_timeout``."""
-        view = memoryview(data)
-        for offset in range(0, len(view), SEND_PIECE):
-            with trio.move_on_after(self.send_timeout) as scope:
-                await stream.send_all(view[offset:offset + SEND_PIECE])
-            if scope.cancelled_caught:
-                raise _SlowClient(f"the client took no data for {self.send_timeout:g}s")
+    async def _write(self, stream: trio.SocketStream, buffers: list[bytes | memoryview]) -> None:
+        """Send ``buffers`` in order with ``writev`` on the socket: no joins, no copies, as few
+        system calls as the socket's buffer allows. Each :data:`SEND_PIECE` bytes must be
+        taken within ``send_timeout`` (else :class:`_SlowClient`).
 
-    async def _send_data(self, stream: trio.SocketStream, conn: h11.Connection, data: bytes | memoryview) -> None:
-        # send_with_data_passthrough hands the payload back untouched (no framing with a
-        # Content-Length), so multi-MiB buffers go to the socket without a copy.
-        for piece in conn.send_with_data_passthrough(h11.Data(data=data)):
-            await self._send_all(stream, piece)
+        ``SocketStream.send_all`` sends one buffer per ``send()`` and passes through trio's
+        scheduler twice per call; a head and a body then go out as two segments. Here the
+        loop only waits (``wait_writable``) when the socket's buffer is full, and yields to
+        other tasks once per call.
+        """
+        views = []
+        for buffer in buffers:
+            view = memoryview(buffer)
+            if view.itemsize != 1 or view.ndim != 1:
+                view = view.cast("B")
+            if len(view):
+                views.append(view)
+        sock = stream.socket
+        credit = 0
+        # One cancel scope for the whole write, its deadline moved on as the client takes
+        # data: a scope per wait costs more Python than the wait itself.
+        with trio.CancelScope(deadline=trio.current_time() + self.send_timeout) as scope:
+            while views:
+                fd = sock.fileno()
+                if fd < 0:
+                    raise trio.ClosedResourceError("the connection was closed")
+                try:
+                    n = os.writev(fd, views[:_IOV_MAX])
+                except BlockingIOError:
+                    n = 0
+                except OSError as exc:  # EPIPE, ECONNRESET, ...: the client is gone
+                    raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+                credit += n
+                while n:
+                    if n >= len(views[0]):
+                        n -= len(views.pop(0))
+                    else:
+                        views[0] = views[0][n:]
+                        n = 0
+                if not views:
+                    break
+                if credit >= SEND_PIECE:
+                    credit %= SEND_PIECE
+                    scope.deadline = trio.current_time() + self.send_timeout
+                await trio.lowlevel.wait_writable(sock)
+        if scope.cancelled_caught:
+            raise _SlowClient(f"the client took no data for {self.send_timeout:g}s")
+        await trio.lowlevel.checkpoint()
+
+    async def _send_all(self, stream: trio.SocketStream, data: bytes | memoryview) -> None:
+        """Small answers outside the request cycle (503 refusals, 4xx on malformed requests)."""
+        with trio.move_on_after(self.send_timeout) as scope:
+            await stream.send_all(data)
+        if scope.cancelled_caught:
+            raise _SlowClient(f"the client took no data for {self.send_timeout:g}s")
 
     async def _send_simple(self, stream: trio.SocketStream, conn: h11.Connection, status: int, message: str) -> None:
         body = json.dumps({"error": message}).encode()
@@ -357,6 +419,8 @@ class HTTPServer:
 
 def _header_value(value: str) -> bytes:
     """Header values are printable ASCII, trimmed; anything else is replaced, never injected."""
+    if value.isascii() and value.isprintable():  # the usual case, without a loop per character
+        return value.strip().encode("ascii")
     return "".join(c if " " <= c <= "~" else "?" for c in value).strip().encode("ascii")
 
 

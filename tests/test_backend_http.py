@@ -236,9 +236,10 @@ def test_cli_reports_an_unusable_listen_address(tmp_path: Path, hub: TestHub) ->
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_logs_one_line_per_request_without_credentials_and_stops_cleanly(tmp_path: Path, hub: TestHub,
-                                                                         sig: signal.Signals) -> None:
-    backend = BackendProcess(tmp_path / "d", hub_url=hub.url, env={"HF_TOKEN": "hf_servertoken999"}).start()
+def test_logs_one_line_per_request_at_debug_without_credentials_and_stops_cleanly(tmp_path: Path, hub: TestHub,
+                                                                                  sig: signal.Signals) -> None:
+    backend = BackendProcess(tmp_path / "d", hub_url=hub.url, env={"HF_TOKEN": "hf_servertoken999"},
+                             extra_args=["--log-level", "DEBUG"]).start()
     try:
         secret = {"Authorization": "Bearer hf_callersecret123"}
         assert httpx.get(f"{backend.url}/v1/resolve/huggingface/org/web/main", headers=secret).status_code == 200
@@ -249,10 +250,20 @@ def test_logs_one_line_per_request_without_credentials_and_stops_cleanly(tmp_pat
     assert code == 0
     log = backend.log_text()
     request_lines = [line for line in log.splitlines() if "backend_server.requests" in line]
-    assert len(request_lines) == 3
+    assert len(request_lines) == 3 and all(" DEBUG " in line for line in request_lines)
     assert '"GET /v1/file/huggingface/org/web/main/config.json" 200' in request_lines[1]
     assert "hf_callersecret123" not in log and "hf_servertoken999" not in log and "Bearer" not in log
     assert "shutting down" in log and "stopped" in log
+
+
+def test_nothing_per_request_at_info(backend: BackendProcess) -> None:
+    """The data path logs no line per request at the default level (INFO)."""
+    before = backend.log_text().count("\n")
+    for index in range(4):
+        assert httpx.get(f"{backend.url}/v1/chunk/huggingface/org/web/main/{SHARD}",
+                         params={"index": index}).status_code == 200
+        assert httpx.get(f"{backend.url}{BASE}/{SHARD}").status_code == 200
+    assert backend.log_text().count("\n") == before
 
 
 def test_unknown_methods_share_one_metrics_series(backend: BackendProcess) -> None:
@@ -373,3 +384,33 @@ async def test_streams_wait_for_memory_only_so_long(autojump_clock: trio.abc.Clo
         await budget.acquire(5, timeout=60)
     budget.release(10)
     assert await budget.acquire(5, timeout=60) == 5
+
+
+async def test_bodies_go_out_whole_from_memoryviews_of_any_shape() -> None:
+    """Head and body share one writev; slices, typed views and multi-MiB pieces arrive intact."""
+    payload = random.Random(5).randbytes((9 << 20) + 3)
+    typed = memoryview(__import__("array").array("H", range(1000)))
+
+    async def handler(request: Request) -> Response:
+        if request.path == "/typed":
+            return Response(200, [("Content-Type", "application/octet-stream")], typed)  # type: ignore[arg-type]
+
+        async def stream(send) -> None:  # type: ignore[no-untyped-def]
+            view = memoryview(payload)
+            for start, end in ((0, 1), (1, 5 << 20), (5 << 20, 5 << 20), (5 << 20, len(payload))):
+                await send(view[start:end])
+
+        return Response(200, [], stream=stream, content_length=len(payload))
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(HTTPServer(handler).serve, listeners, stop))  # type: ignore[arg-type]
+        port = listeners[0].socket.getsockname()[1]
+        with trio.fail_after(60):
+            with httpx.Client() as client:  # one keep-alive connection for both
+                streamed = await trio.to_thread.run_sync(client.get, f"http://127.0.0.1:{port}/stream")
+                small = await trio.to_thread.run_sync(client.get, f"http://127.0.0.1:{port}/typed")
+        stop.set()
+    assert streamed.status_code == 200 and streamed.content == payload
+    assert small.content == typed.tobytes() and small.headers["Content-Length"] == "2000"
