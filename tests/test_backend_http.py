@@ -9,6 +9,8 @@ import random
 import signal
 import socket
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Iterator
@@ -414,3 +416,66 @@ async def test_bodies_go_out_whole_from_memoryviews_of_any_shape() -> None:
         stop.set()
     assert streamed.status_code == 200 and streamed.content == payload
     assert small.content == typed.tobytes() and small.headers["Content-Length"] == "2000"
+
+
+def _read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """One whole response (status, body) from a keep-alive connection."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        data = sock.recv(1 << 16)
+        assert data, "connection closed before the head"
+        received += data
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        data = sock.recv(1 << 20)
+        assert data, "connection closed mid-body"
+        body += data
+    return int(head.split()[1]), body
+
+
+@pytest.mark.timeout(120)
+def test_chunk_answers_wait_within_stream_memory(tmp_path: Path, hub: TestHub) -> None:
+    """/v1/chunk bodies count against --stream-memory until sent: with room for two chunks,
+    six clients that do not read hold at most two chunks; the other four wait (no 503),
+    and every one gets its chunk once the first ones read."""
+    root = hub.hub.root / "org" / "budget"
+    make_synthetic_model(root, 32 << 20, n_shards=1)
+    data = (root / SHARD).read_bytes()
+    chunk = 8 << 20  # more than a stalled connection's socket buffers take (4 MiB wmem max here)
+    with BackendProcess(tmp_path / "d", hub_url=hub.url, chunk_size="8MiB",
+                        extra_args=["--stream-memory", "16MiB"]) as backend:
+        assert httpx.post(f"{backend.url}/v1/prefetch/huggingface/org/budget/main", timeout=60).status_code == 200
+        url = urlsplit(backend.url)
+        clients = []
+        for i in range(6):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(60)
+            sock.connect((url.hostname, url.port))
+            sock.sendall(f"GET /v1/chunk/huggingface/org/budget/main/{SHARD}?index={i % 4} HTTP/1.1\r\n"
+                         "Host: backend\r\n\r\n".encode())
+            clients.append((i % 4, sock))
+        deadline = time.monotonic() + 30
+        while True:
+            memory = httpx.get(f"{backend.url}/healthz").json()["stream_memory"]
+            assert memory["used_bytes"] <= memory["limit_bytes"] == 16 << 20
+            if memory["used_bytes"] == 16 << 20 and memory["waiting"] == 4:
+                break
+            assert time.monotonic() < deadline, memory
+            time.sleep(0.05)
+        for _ in range(10):  # held there while nobody reads: no more than the limit, the rest waiting
+            memory = httpx.get(f"{backend.url}/healthz").json()["stream_memory"]
+            assert (memory["used_bytes"], memory["waiting"]) == (16 << 20, 4)
+            time.sleep(0.05)
+        with ThreadPoolExecutor(len(clients)) as pool:
+            answers = list(pool.map(lambda c: (c[0], _read_response(c[1])), clients))
+        for index, (status, body) in answers:
+            assert status == 200 and body == data[index * chunk:(index + 1) * chunk]
+        for _, sock in clients:
+            sock.close()
+        memory = httpx.get(f"{backend.url}/healthz").json()["stream_memory"]
+        assert memory == {"used_bytes": 0, "limit_bytes": 16 << 20, "peak_used_bytes": 16 << 20, "waiting": 0}
+        assert 'mmfs_backend_requests_total{route="chunk",method="GET",status="200"} 6' in \
+            httpx.get(f"{backend.url}/metrics").text
