@@ -178,7 +178,9 @@ async def serve(args: argparse.Namespace) -> int:
 
         nixl = NixlPlane(agent_name(listeners[0].socket.getsockname()[1]), pool_bytes=args.nixl_pool,
                          slot_size=args.chunk_size, lease_timeout=args.nixl_lease_timeout)
-        log.info("NIXL data plane: agent %s, %d slots of %s", nixl.name, nixl.slots, format_size(nixl.slot_size))
+        log.info("NIXL data plane: agent %s, %d slots of %s; RDMA devices: %s", nixl.name, nixl.slots,
+                 format_size(nixl.slot_size), ", ".join(nixl.rdma_devices) or
+                 "none (nodes with --transport auto use TCP; --transport nixl still reads over NIXL)")
     async with FetchEngine(tiers, remote, metadata, config) as engine:
         server: HTTPServer
         app = BackendApp(engine, access, metrics, upstream=remote.url, data_dir=str(data_dir),
