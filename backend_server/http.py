@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -58,6 +59,12 @@ MAX_CONNECTIONS = 1024
 RECEIVE_SIZE = 64 << 10
 #: Buffers handed to one ``writev`` (Linux's IOV_MAX is 1024).
 _IOV_MAX = 512
+#: ``TCP_NOTSENT_LOWAT`` of client connections: none (the kernel's default). trio sets 16
+#: KiB on every stream, which suits interactive protocols but makes a socket writable
+#: again only once all but 16 KiB of what it holds has gone out: a 4 MiB body then
+#: takes about ten ``writev`` calls and wake-ups of 400 KiB each instead of two of 2 MiB,
+#: measured as about a quarter of the server's CPU per byte here.
+NOTSENT_LOWAT = 2**31 - 1
 _REFUSAL_BODY = b'{"error": "too many connections to this backend; retry"}'
 _REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
             b"X-Error-Code: TransientError\r\nServer: mmfs-backend\r\n"
@@ -162,6 +169,10 @@ class HTTPServer:
             await self._refuse(stream)
             return
         self.connections += 1
+        try:
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+        except (OSError, AttributeError):  # not TCP, or not Linux
+            pass
         try:
             peer = stream.socket.getpeername()
             client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
@@ -349,8 +360,10 @@ class HTTPServer:
 
         ``SocketStream.send_all`` sends one buffer per ``send()`` and passes through trio's
         scheduler twice per call; a head and a body then go out as two segments. Here the
-        loop only waits (``wait_writable``) when the socket's buffer is full, and yields to
-        other tasks once per call.
+        loop only waits (``wait_writable``) when the socket's buffer is full (see
+        :data:`NOTSENT_LOWAT`), and yields to other tasks once per call. Measured with
+        ``strace -c`` over 32 warm 4 MiB ``/v1/chunk`` answers: 467 ``sendto`` before,
+        54 ``writev`` now.
         """
         views = []
         for buffer in buffers:

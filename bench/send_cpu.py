@@ -5,7 +5,8 @@
 For each tree, a backend (``python -m backend_server.cli serve`` with that tree first on
 ``PYTHONPATH``) is started on one shared test hub holding a single file of ``--size``,
 warmed with ``POST /v1/prefetch`` (so the file is verified and in the memory tier), and
-then read with ``curl -o /dev/null``, the backends taking turns, ``--repeats`` times:
+then read with ``curl -o /dev/null`` (``--passes`` times per measurement), the backends
+taking turns, ``--repeats`` times:
 
 * ``file``: one ``GET /v1/file/...`` of the whole file (a stream);
 * ``chunk``: every ``GET /v1/chunk/...?index=N`` in one curl (one keep-alive connection).
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="512MiB")
     parser.add_argument("--chunk-size", default="4MiB")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--passes", type=int, default=4,
+                        help="reads of the file per measurement (CPU times tick in 10 ms: measure seconds)")
     parser.add_argument("--modes", default="file,chunk")
     parser.add_argument("--work", default=None, help="work folder (default: a temporary one, removed)")
     parser.add_argument("--backend-arg", action="append", default=[], help="extra argument for every backend")
@@ -117,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                         proc, base = procs[name]
                         ps = psutil.Process(proc.pid)
                         cpu0, sys0 = _cpu(ps), _sys(ps)
-                        got, seconds = _curl(urls(base, mode))
+                        got, seconds = _curl(urls(base, mode) * args.passes)
                         cpu, system = _cpu(ps) - cpu0, _sys(ps) - sys0
-                        assert got == size, (name, mode, got, size)
+                        assert got == size * args.passes, (name, mode, got, size)
                         gb = got / 1e9
                         results.setdefault(name, {}).setdefault(mode, []).append((cpu / gb, gb / seconds))
                         print(f"{repeat} {mode:5} {name:10} {cpu / gb:6.3f} CPU-s/GB ({system / gb:5.3f} system) "
