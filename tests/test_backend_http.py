@@ -5,6 +5,7 @@ raw over a socket."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import socket
@@ -20,8 +21,8 @@ import httpx
 import pytest
 import trio
 
+from backend_server.http import FileRegion, HTTPServer, Request, Response
 from mmfs.budget import ByteBudget
-from backend_server.http import HTTPServer, Request, Response
 from backend_server.testing import BackendProcess, backend_command, parse_metrics
 from mmfs.errors import TransientError
 from mmfs.testing.hub import TestHub
@@ -479,3 +480,42 @@ def test_chunk_answers_wait_within_stream_memory(tmp_path: Path, hub: TestHub) -
         assert memory == {"used_bytes": 0, "limit_bytes": 16 << 20, "peak_used_bytes": 16 << 20, "waiting": 0}
         assert 'mmfs_backend_requests_total{route="chunk",method="GET",status="200"} 6' in \
             httpx.get(f"{backend.url}/metrics").text
+
+
+async def test_file_regions_go_out_with_sendfile(tmp_path: Path) -> None:
+    """A FileRegion body (whole, or pieces of a stream) is sent from the file; a file that
+    ends inside its region aborts the body instead of hanging or padding it."""
+    payload = random.Random(7).randbytes((6 << 20) + 11)
+    path = tmp_path / "data"
+    path.write_bytes(payload)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        async def handler(request: Request) -> Response:
+            if request.path == "/whole":
+                return Response(200, [], FileRegion(fd, 5, len(payload) - 5))
+            if request.path == "/short":  # claims more than the file has
+                return Response(200, [], FileRegion(fd, len(payload) - 10, 100))
+
+            async def stream(send) -> None:  # type: ignore[no-untyped-def]
+                await send(b"head:")
+                await send(FileRegion(fd, 0, 1 << 20))
+                await send(memoryview(payload)[1 << 20:3 << 20])
+                await send(FileRegion(fd, 3 << 20, len(payload) - (3 << 20)))
+
+            return Response(200, [], stream=stream, content_length=5 + len(payload))
+
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(HTTPServer(handler).serve, listeners, stop))  # type: ignore[arg-type]
+            base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+            with trio.fail_after(60), httpx.Client() as client:
+                whole = await trio.to_thread.run_sync(client.get, f"{base}/whole")
+                mixed = await trio.to_thread.run_sync(client.get, f"{base}/mixed")
+                with pytest.raises(httpx.RemoteProtocolError):  # a short body, never a complete one
+                    await trio.to_thread.run_sync(client.get, f"{base}/short")
+            stop.set()
+    finally:
+        os.close(fd)
+    assert whole.content == payload[5:] and whole.headers["Content-Length"] == str(len(payload) - 5)
+    assert mixed.content == b"head:" + payload
