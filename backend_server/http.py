@@ -10,14 +10,15 @@ connection's handler when the server shuts down.
 
 A handler is ``async def handler(request) -> Response``. A :class:`Response` carries
 either ``body`` (bytes, or a :class:`FileRegion` of an open file, sent with
-``sendfile``: measured here about a fifth less CPU per byte than ``writev`` from memory
-over loopback, for the cold tier once chunks have stable file offsets) or ``stream``, an ``async def stream(send)`` that must hand
-``send`` exactly ``content_length`` bytes (buffers or file regions). If ``stream`` raises, the connection is closed
-without completing the body, which every HTTP client reports as an error (a short
-body against ``Content-Length``). Requests are logged one line each at DEBUG (nothing
-per request at INFO: the data path serves thousands of chunks a second; a response
-cut short is also logged at INFO, ``ABORTED``), without header values
-(``Authorization`` never reaches a log).
+``sendfile``: measured here about a fifth less CPU per byte than ``writev`` from
+memory over loopback; meant for the cold tier once chunks have stable file offsets) or
+``stream``, an ``async def stream(send)`` that must hand ``send`` exactly
+``content_length`` bytes (buffers or file regions). If ``stream`` raises, the
+connection is closed without completing the body, which every HTTP client reports as
+an error (a short body against ``Content-Length``). Requests are logged one line each
+at DEBUG (nothing per request at INFO: the data path serves thousands of chunks a
+second; a response cut short is also logged at INFO, ``ABORTED``), without header
+values (``Authorization`` never reaches a log).
 
 Slow or stalled clients cannot hold the server: a request head (and its small body)
 must arrive within ``head_timeout`` of its first byte, each piece of a response
