@@ -89,6 +89,8 @@ class TransportChoice:
     requested: str
     kind: str
     reason: str
+    #: A few words for the ready line.
+    brief: str = ""
 
 
 def choose_transport(options: MountOptions) -> TransportChoice:
@@ -105,23 +107,23 @@ def choose_transport(options: MountOptions) -> TransportChoice:
     """
     requested = options.transport
     if requested == "tcp":
-        return TransportChoice(requested, "tcp", "--transport tcp")
+        return TransportChoice(requested, "tcp", "--transport tcp", "--transport tcp")
     from .remote.nixl import nixl_available, rdma_devices
 
     if requested == "nixl":
         if not nixl_available():
             raise MmfsError("--transport nixl needs the NIXL Python package on this node: "
                             "pip install --no-deps 'nixl-cu12>=1.5,<2' numpy (or use --transport auto)")
-        return TransportChoice(requested, "nixl", "--transport nixl")
+        return TransportChoice(requested, "nixl", "--transport nixl", "--transport nixl")
     devices = rdma_devices()  # checked first: without RDMA, NIXL is not even loaded
     if not devices:
         return TransportChoice(requested, "tcp", "--transport auto: no RDMA device on this node, and without "
-                               "RDMA NIXL is slower than TCP (--transport nixl forces it)")
+                               "RDMA NIXL is slower than TCP (--transport nixl forces it)", "auto: no RDMA here")
     if not nixl_available():
         return TransportChoice(requested, "tcp", f"--transport auto: RDMA device {', '.join(devices)} here, but "
-                               "the NIXL Python package (nixl-cu12) is not installed")
+                               "the NIXL Python package (nixl-cu12) is not installed", "auto: no nixl-cu12 here")
     return TransportChoice(requested, "nixl", f"--transport auto: RDMA device {', '.join(devices)} here; NIXL once "
-                           "the backend announces RDMA too, TCP until then")
+                           "the backend announces RDMA too, TCP until then", "auto: RDMA here")
 
 
 def make_remote(options: MountOptions, transport: TransportChoice | None = None) -> Remote:
@@ -176,7 +178,7 @@ def make_engine(options: MountOptions, problems: list[str] | None = None,
 def mode_text(options: MountOptions, transport: TransportChoice | None = None) -> str:
     if not options.backend:
         return "embedded"
-    return f"backend {options.backend}" + (f", transport {transport.kind}: {transport.reason}" if transport else "")
+    return f"backend {options.backend}" + (f", transport {transport.kind} ({transport.brief})" if transport else "")
 
 
 def _mount_options(options: MountOptions) -> set[str]:

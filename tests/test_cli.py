@@ -121,7 +121,7 @@ def test_transport_auto_is_tcp_unless_rdma(monkeypatch: pytest.MonkeyPatch, requ
     assert type(remote).__name__ == ("NixlBackendRemote" if kind == "nixl" else "BackendRemote")
     status = daemon.transport_status(remote, choice)
     assert (status["requested"], status["in_use"]) == (requested, kind)
-    assert f"transport {kind}: " in daemon.mode_text(options, choice)
+    assert daemon.mode_text(options, choice) == f"backend http://b:3000, transport {kind} ({choice.brief})"
 
 
 def test_transport_nixl_without_the_package_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:

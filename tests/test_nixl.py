@@ -118,7 +118,7 @@ def test_mount_with_transport_nixl_reads_real_model(tmp_path: Path, hub: TestHub
         assert status["transport_reason"].startswith("NIXL data plane on")
         assert status["nixl"]["bytes"] == repo_size(hub_root / REAL_REPO_ID) and status["nixl"]["fallbacks"] == 0
         assert "NIXL data plane on" in mount.log_text()
-        assert "transport nixl: --transport nixl" in mount.ready_line
+        assert mount.ready_line.endswith(f"(backend {backend.url}, transport nixl (--transport nixl))")
     metrics = nixl_metrics(backend)
     assert metrics["mmfs_nixl_bytes_total"] == repo_size(hub_root / REAL_REPO_ID)
     assert metrics["mmfs_nixl_fallbacks_total"] == 0
@@ -139,7 +139,7 @@ def test_mount_with_transport_auto_uses_tcp_without_rdma(tmp_path: Path, hub: Te
         status = mount.status()
         assert (status["transport"], status["transport_requested"]) == ("tcp", "auto")
         assert "no RDMA device on this node" in status["transport_reason"] and "nixl" not in status
-        assert "transport tcp: --transport auto: no RDMA device on this node" in mount.ready_line
+        assert mount.ready_line.endswith(f"(backend {backend.url}, transport tcp (auto: no RDMA here))")
         shown = subprocess.run([sys.executable, "-m", "mmfs", "status", "--mount", str(mount.mountpoint)],
                                capture_output=True, text=True, timeout=60, env=node_env())
         assert shown.returncode == 0 and "transport: tcp (--transport auto): " in shown.stdout, shown.stderr
