@@ -10,6 +10,7 @@ import random
 import signal
 import socket
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -519,3 +520,49 @@ async def test_file_regions_go_out_with_sendfile(tmp_path: Path) -> None:
         os.close(fd)
     assert whole.content == payload[5:] and whole.headers["Content-Length"] == str(len(payload) - 5)
     assert mixed.content == b"head:" + payload
+
+
+@pytest.mark.timeout(120)
+def test_chunk_answers_get_503_when_stream_memory_stays_busy(tmp_path: Path, hub: TestHub) -> None:
+    """A /v1/chunk request that cannot get its share within twice --send-timeout gets 503
+    TransientError before any header, while a slow (but not too slow) reader holds it."""
+    root = hub.hub.root / "org" / "busy503"
+    make_synthetic_model(root, 16 << 20, n_shards=1)
+    data = (root / SHARD).read_bytes()[:16 << 20]  # chunk 0
+    with BackendProcess(tmp_path / "d", hub_url=hub.url, chunk_size="16MiB",
+                        extra_args=["--stream-memory", "16MiB", "--send-timeout", "3"]) as backend:
+        assert httpx.post(f"{backend.url}/v1/prefetch/huggingface/org/busy503/main", timeout=60).status_code == 200
+        url = urlsplit(backend.url)
+        target = f"/v1/chunk/huggingface/org/busy503/main/{SHARD}?index=0"
+        with socket.socket() as slow:
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 << 10)  # a window of about 256 KiB
+            slow.settimeout(60)
+            slow.connect((url.hostname, url.port))
+            slow.sendall(f"GET {target} HTTP/1.1\r\nHost: backend\r\n\r\n".encode())
+
+            def read_slowly() -> bytes:  # about 1 MiB/s: well within 1 MiB per 3 s, so never dropped
+                received = b""
+                deadline = time.monotonic() + 60
+                while len(received.partition(b"\r\n\r\n")[2]) < len(data) and time.monotonic() < deadline:
+                    piece = slow.recv(256 << 10)
+                    if not piece:
+                        break
+                    received += piece
+                    if not hurry.is_set():
+                        time.sleep(0.25)
+                return received
+
+            hurry = threading.Event()  # set once the 503 came: then read the rest at full speed
+
+            with ThreadPoolExecutor(1) as pool:
+                reading = pool.submit(read_slowly)
+                while httpx.get(f"{backend.url}/healthz").json()["stream_memory"]["used_bytes"] == 0:
+                    time.sleep(0.05)
+                started = time.monotonic()
+                busy = httpx.get(backend.url + target, timeout=60)
+                waited = time.monotonic() - started
+                assert busy.status_code == 503 and busy.headers["X-Error-Code"] == "TransientError"
+                assert "--stream-memory" in busy.json()["error"] and 5.5 < waited < 30
+                hurry.set()
+                head, _, body = reading.result(timeout=60).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and body == data  # the slow reader got all of its chunk
