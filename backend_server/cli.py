@@ -10,8 +10,8 @@ The upstream is the Hub at ``HF_ENDPOINT`` with ``HF_TOKEN``; ``HF_HUB_OFFLINE=1
 only what the data directory already holds. Under ``--data-dir``: ``chunks/`` (the cold
 tier: content-addressed chunks indexed in LMDB), ``metadata/`` (refs, manifests, file
 records) and ``access.json`` (repos found gated or private). On start it prints
-``mmfs-backend listening on http://HOST:PORT`` to stdout; logs go to stderr, one line
-per request. SIGTERM or SIGINT: stop accepting, let requests in progress finish (up to
+``mmfs-backend listening on http://HOST:PORT`` to stdout; logs go to stderr (one line
+per request with ``--log-level DEBUG``; at INFO only bodies cut short). SIGTERM or SIGINT: stop accepting, let requests in progress finish (up to
 ``--grace`` seconds), flush the stores, exit 0.
 """
 
