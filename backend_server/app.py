@@ -62,9 +62,11 @@ log = logging.getLogger(__name__)
 
 #: Bytes of read-ahead a stream keeps in flight (in chunks: at least 2, at most 32).
 READAHEAD_BYTES = 32 << 20
-#: Bytes of chunk data streams may hold at once, all streams together (each holds the
-#: chunk it is sending): with 50 readers spread over a file this, not the reader count,
-#: bounds their memory. Streams wait for their turn; one stream is never slowed by it.
+#: Bytes of chunk data responses may hold at once, all together: each file stream holds
+#: the chunk it is sending, each ``/v1/chunk`` answer its chunk until sent (and a
+#: ``/v1/nixl/chunk`` one until the chunk is in a slot). With 50 readers spread over a file
+#: this, not the reader count, bounds their memory. Responses wait for their turn; one
+#: stream is never slowed by it.
 STREAM_MEMORY = 32 << 20
 #: Seconds a stream waits for its share of ``STREAM_MEMORY`` before giving up (503 before
 #: the headers, an aborted body after): twice the server's send timeout, so a waiting
@@ -168,7 +170,9 @@ class BackendApp:
                                                  "entries": t.entries} for t in stats.tiers},
                               "inflight_fetches": stats.inflight,
                               "stream_memory": {"used_bytes": self.stream_budget.total - self.stream_budget.free,
-                                                "limit_bytes": self.stream_budget.total}})
+                                                "limit_bytes": self.stream_budget.total,
+                                                "peak_used_bytes": self.stream_budget.peak,
+                                                "waiting": self.stream_budget.waiting}})
 
     async def metrics_page(self, request: Request, s: list[str]) -> Response:
         server = self.server_stats()
@@ -206,17 +210,32 @@ class BackendApp:
                         manifest.dumps())
 
     async def v1_chunk(self, request: Request, s: list[str]) -> Response:
-        source, index, data, verified = await self._chunk(request, s[2:])
+        held: list[int] = []  # this response's share of --stream-memory, until it is sent
+        try:
+            source, index, data, verified = await self._chunk(request, s[2:], held)
+        except BaseException:
+            self._give_back(held)
+            raise
         start, end = source.entry.chunk_span(index)
         return Response(200, [("Content-Type", "application/octet-stream"),
                               ("X-Repo-Commit", source.commit), ("X-Mmfs-Chunk-Range", f"{start}-{end - 1}"),
                               ("X-Mmfs-Chunk-Size", str(source.entry.chunk_size)),
-                              *([(VERIFIED_HEADER, "1")] if verified else [])], data)
+                              *([(VERIFIED_HEADER, "1")] if verified else [])], data,
+                        on_close=lambda: self._give_back(held))
 
-    async def _chunk(self, request: Request, s: list[str]) -> tuple[FileSource, int, bytes, bool]:
+    def _give_back(self, held: list[int]) -> None:
+        while held:
+            self.stream_budget.release(held.pop())
+
+    async def _chunk(self, request: Request, s: list[str], held: list[int] | None = None
+                     ) -> tuple[FileSource, int, bytes, bool]:
         """One chunk for ``<provider>/<org>/<name>/<commit>/<path>?index=N`` (``s``), and
         whether its file is verified (its map exists). Not hashed here: nodes hash what
-        they receive once and check it against the map (docs/datapath.md)."""
+        they receive once and check it against the map (docs/datapath.md).
+
+        With ``held``, the chunk's bytes are first taken from ``--stream-memory`` (waiting
+        as streams do; :class:`TransientError` when they stay busy) and the share is
+        appended to ``held``: the caller gives it back once the response is over."""
         source, auth = await self._file_of(request, s)
         raw_index = request.query_value("index")
         if raw_index is None or not raw_index.isdigit() or len(raw_index) > 12:
@@ -225,6 +244,9 @@ class BackendApp:
         if index >= source.entry.chunk_count:
             raise InvalidName(f"chunk {index} is out of range: {source.entry.path} has {source.entry.chunk_count} "
                               f"chunks of {source.entry.chunk_size} bytes")
+        if held is not None:
+            start, end = source.entry.chunk_span(index)
+            held.append(await self.stream_budget.acquire(end - start, self.stream_wait))
         tier = self._tier_of(source.entry.chunk_key(index))
         chunk = await self._read_chunk(source, index, auth)
         self.metrics.served_bytes[tier] += len(chunk.data)
@@ -269,9 +291,13 @@ class BackendApp:
 
     async def nixl_chunk(self, request: Request, s: list[str]) -> Response:
         plane = self._plane()
-        source, index, data, verified = await self._chunk(request, s[3:])
-        start, end = source.entry.chunk_span(index)
-        answer = await plane.lease(data, verified)
+        held: list[int] = []  # the chunk counts against --stream-memory until it is in a slot
+        try:
+            source, index, data, verified = await self._chunk(request, s[3:], held)
+            start, end = source.entry.chunk_span(index)
+            answer = await plane.lease(data, verified)
+        finally:
+            self._give_back(held)
         answer.update(commit=source.commit, start=start, end=end)
         return Response.json(answer)
 

@@ -10,8 +10,8 @@ The upstream is the Hub at ``HF_ENDPOINT`` with ``HF_TOKEN``; ``HF_HUB_OFFLINE=1
 only what the data directory already holds. Under ``--data-dir``: ``chunks/`` (the cold
 tier: content-addressed chunks indexed in LMDB), ``metadata/`` (refs, manifests, file
 records) and ``access.json`` (repos found gated or private). On start it prints
-``mmfs-backend listening on http://HOST:PORT`` to stdout; logs go to stderr, one line
-per request. SIGTERM or SIGINT: stop accepting, let requests in progress finish (up to
+``mmfs-backend listening on http://HOST:PORT`` to stdout; logs go to stderr (one line
+per request with ``--log-level DEBUG``; at INFO only bodies cut short). SIGTERM or SIGINT: stop accepting, let requests in progress finish (up to
 ``--grace`` seconds), flush the stores, exit 0.
 """
 
@@ -178,7 +178,9 @@ async def serve(args: argparse.Namespace) -> int:
 
         nixl = NixlPlane(agent_name(listeners[0].socket.getsockname()[1]), pool_bytes=args.nixl_pool,
                          slot_size=args.chunk_size, lease_timeout=args.nixl_lease_timeout)
-        log.info("NIXL data plane: agent %s, %d slots of %s", nixl.name, nixl.slots, format_size(nixl.slot_size))
+        log.info("NIXL data plane: agent %s, %d slots of %s; RDMA devices: %s", nixl.name, nixl.slots,
+                 format_size(nixl.slot_size), ", ".join(nixl.rdma_devices) or
+                 "none (nodes with --transport auto use TCP; --transport nixl still reads over NIXL)")
     async with FetchEngine(tiers, remote, metadata, config) as engine:
         server: HTTPServer
         app = BackendApp(engine, access, metrics, upstream=remote.url, data_dir=str(data_dir),

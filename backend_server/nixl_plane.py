@@ -42,7 +42,7 @@ from typing import Any
 import trio
 
 from mmfs.errors import MmfsError, TransientError
-from mmfs.remote.nixl import import_nixl
+from mmfs.remote.nixl import import_nixl, rdma_devices
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,9 @@ class NixlPlane:
         except Exception as exc:  # noqa: BLE001
             raise NixlMissing(f"cannot register {slots * slot_size} bytes with NIXL: {exc}") from None
         self.metadata = self._agent.get_agent_metadata()
+        #: RDMA devices of this host, announced to nodes: ``--transport auto`` uses NIXL
+        #: only when both ends have one (without RDMA, NIXL loses to TCP).
+        self.rdma_devices = rdma_devices()
         self._free = list(range(slots - 1, -1, -1))
         self._leases: dict[str, Lease] = {}
         self._released = trio.Event()
@@ -144,7 +147,8 @@ class NixlPlane:
     def describe(self) -> dict[str, Any]:
         """The body of ``GET /v1/nixl/agent``."""
         return {"name": self.name, "metadata": base64.b64encode(self.metadata).decode("ascii"),
-                "backend": "UCX", "mem_type": "DRAM", "slot_size": self.slot_size, "slots": self.slots,
+                "backend": "UCX", "mem_type": "DRAM", "rdma": bool(self.rdma_devices),
+                "rdma_devices": self.rdma_devices, "slot_size": self.slot_size, "slots": self.slots,
                 "lease_timeout_s": self.lease_timeout}
 
     async def lease(self, data: bytes, verified: bool) -> dict[str, Any]:

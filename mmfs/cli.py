@@ -36,9 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--backend", metavar="URL", help="cluster backend URL (default: embedded mode, the Hub "
                        "at HF_ENDPOINT directly)")
     mount.add_argument("--transport", choices=["tcp", "nixl", "auto"], default="auto",
-                       help="how chunk bytes come from --backend: nixl (NIXL READs, TCP per chunk when that "
-                       "fails), tcp, or auto (nixl where nixl-cu12 is installed here and the backend has --nixl; "
-                       "default)")
+                       help="how chunk bytes come from --backend: tcp, nixl (NIXL READs, TCP per chunk when "
+                       "that fails), or auto (default): TCP unless this node and the backend both have an RDMA "
+                       "device (and nixl-cu12 here, --nixl there); without RDMA, NIXL is slower than TCP")
     mount.add_argument("--cache-dir", metavar="DIR", default=None,
                        help="disk chunk cache and metadata DB (default: /var/cache/mmfs)")
     mount.add_argument("--cache-size", metavar="SIZE", type=_size, default=parse_size("50GiB"),
@@ -175,6 +175,14 @@ def format_status(status: dict[str, Any]) -> str:
                      f"{tier['evictions']} evictions" + (f", {tier['errors']} errors" if tier.get("errors") else ""))
     for problem in status.get("cache_problems", []):
         lines.append(f"  unavailable: {problem} (serving without it)")
+    if status.get("transport"):
+        requested = status.get("transport_requested")
+        lines.append(f"transport: {status['transport']}" + (f" (--transport {requested})" if requested else "")
+                     + (f": {status['transport_reason']}" if status.get("transport_reason") else ""))
+        nixl = status.get("nixl")
+        if nixl:
+            lines[-1] += (f"; over NIXL so far: {format_size(nixl.get('bytes', 0))} in {nixl.get('chunks', 0)} "
+                          f"chunks, {nixl.get('fallbacks', 0)} fallbacks to TCP")
     remote = status.get("remote", {})
     lines.append(f"remote: {remote.get('url')}: {format_size(remote.get('bytes', 0))} in {remote.get('fetches', 0)} "
                  f"chunk fetches ({remote.get('coalesced', 0)} coalesced, {remote.get('inflight', 0)} in flight)")

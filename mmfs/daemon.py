@@ -2,7 +2,8 @@
 
     MemoryTier(--memory-cache) ─ DiskTier(--cache-dir, --cache-size) ─ remote
     remote = BackendRemote(--backend)  or, embedded, HubRemote(HF_ENDPOINT, HF_TOKEN)
-             (NixlBackendRemote with --transport nixl, or auto where nixl-cu12 is installed)
+             (NixlBackendRemote with --transport nixl, or with auto where NIXL can win:
+             see choose_transport)
 
 Life cycle: open the caches (a cache dir that cannot be opened is logged and the daemon
 runs with the memory tier only: status shows the disk tier missing), clear a dead
@@ -52,7 +53,7 @@ class MountOptions:
     #: Cluster backend URL; ``None`` is embedded mode (the Hub directly).
     backend: str | None = None
     #: How chunk bytes come from the backend: ``tcp``, ``nixl`` (falls back to TCP per
-    #: chunk), or ``auto`` (``nixl`` where nixl-cu12 is installed here).
+    #: chunk), or ``auto`` (:func:`choose_transport`: TCP unless both ends have RDMA).
     transport: str = "auto"
     cache_dir: str = DEFAULT_CACHE_DIR
     #: Disk chunk cache bound, bytes.
@@ -83,22 +84,74 @@ def retry_policy(remote_timeout: float) -> RetryPolicy:
                        read_timeout=min(30.0, max(remote_timeout / 2, 1.0)))
 
 
-def make_remote(options: MountOptions) -> Remote:
+@dataclass(frozen=True, slots=True)
+class TransportChoice:
+    """How a mount with ``--backend`` gets chunk bytes, decided at start: ``kind`` is
+    ``tcp`` or ``nixl``, ``reason`` says why (the ready line and ``mmfs status`` show it)."""
+
+    requested: str
+    kind: str
+    reason: str
+    #: A few words for the ready line.
+    brief: str = ""
+
+
+def choose_transport(options: MountOptions) -> TransportChoice:
+    """``--transport`` made concrete. The rule for ``auto``: NIXL only where it can beat TCP.
+
+    NIXL moves bytes with one-sided RDMA READs where the hosts have RDMA NICs; without one,
+    UCX carries them over TCP or shared memory, and measured on such a host (a cold node
+    reading 512 MiB from a warm backend) NIXL was slower and costlier than plain HTTP:
+    0.17-0.22 GB/s and 4.3-5.7 CPU-s per GB against 0.29-0.36 GB/s and 2.9-3.7. So
+    ``auto`` picks NIXL only when this node has an RDMA device and nixl-cu12 is installed;
+    the remote then also waits for the backend to announce an RDMA device of its own
+    (``/v1/nixl/agent``), and uses TCP otherwise. ``nixl`` forces the data plane (still
+    falling back to TCP per chunk); ``tcp`` never loads NIXL.
+    """
+    requested = options.transport
+    if requested == "tcp":
+        return TransportChoice(requested, "tcp", "--transport tcp", "--transport tcp")
+    from .remote.nixl import nixl_available, rdma_devices
+
+    if requested == "nixl":
+        if not nixl_available():
+            raise MmfsError("--transport nixl needs the NIXL Python package on this node: "
+                            "pip install --no-deps 'nixl-cu12>=1.5,<2' numpy (or use --transport auto)")
+        return TransportChoice(requested, "nixl", "--transport nixl", "--transport nixl")
+    devices = rdma_devices()  # checked first: without RDMA, NIXL is not even loaded
+    if not devices:
+        return TransportChoice(requested, "tcp", "--transport auto: no RDMA device on this node, and without "
+                               "RDMA NIXL is slower than TCP (--transport nixl forces it)", "auto: no RDMA here")
+    if not nixl_available():
+        return TransportChoice(requested, "tcp", f"--transport auto: RDMA device {', '.join(devices)} here, but "
+                               "the NIXL Python package (nixl-cu12) is not installed", "auto: no nixl-cu12 here")
+    return TransportChoice(requested, "nixl", f"--transport auto: RDMA device {', '.join(devices)} here; NIXL once "
+                           "the backend announces RDMA too, TCP until then", "auto: RDMA here")
+
+
+def make_remote(options: MountOptions, transport: TransportChoice | None = None) -> Remote:
     policy = retry_policy(options.remote_timeout)
     if options.backend:
-        if options.transport != "tcp":
-            from .remote.nixl import NixlBackendRemote, nixl_available
+        transport = transport or choose_transport(options)
+        if transport.kind == "nixl":
+            from .remote.nixl import NixlBackendRemote
 
-            if nixl_available():
-                return NixlBackendRemote(options.backend, policy=policy)
-            if options.transport == "nixl":
-                raise MmfsError("--transport nixl needs the NIXL Python package on this node: "
-                                "pip install --no-deps 'nixl-cu12>=1.5,<2' numpy (or use --transport auto)")
+            return NixlBackendRemote(options.backend, policy=policy, auto=transport.requested == "auto",
+                                     reason=transport.reason)
         return BackendRemote(options.backend, policy=policy)
     return HubRemote(chunk_size=options.chunk_size, policy=policy)
 
 
-def make_engine(options: MountOptions, problems: list[str] | None = None) -> FetchEngine:
+def transport_status(remote: Remote, transport: TransportChoice) -> dict[str, Any]:
+    """The transport in use now and why: a NIXL remote knows (it may have switched off)."""
+    live = getattr(remote, "transport", None)
+    if callable(live):
+        return live()
+    return {"requested": transport.requested, "in_use": transport.kind, "reason": transport.reason}
+
+
+def make_engine(options: MountOptions, problems: list[str] | None = None,
+                transport: TransportChoice | None = None) -> FetchEngine:
     """The engine over the caches at ``--cache-dir``.
 
     A broken cache disk must not take the models down with it: a metadata DB or disk tier
@@ -122,11 +175,13 @@ def make_engine(options: MountOptions, problems: list[str] | None = None) -> Fet
     config = EngineConfig.from_env(max_concurrent_fetches=options.max_fetches,
                                    map_wait=max(0.5, min(10.0, options.remote_timeout / 4)),
                                    stall_timeout=options.remote_timeout)
-    return FetchEngine(tiers, make_remote(options), metadata, config)
+    return FetchEngine(tiers, make_remote(options, transport), metadata, config)
 
 
-def mode_text(options: MountOptions) -> str:
-    return f"backend {options.backend}" if options.backend else "embedded"
+def mode_text(options: MountOptions, transport: TransportChoice | None = None) -> str:
+    if not options.backend:
+        return "embedded"
+    return f"backend {options.backend}" + (f", transport {transport.kind} ({transport.brief})" if transport else "")
 
 
 def _mount_options(options: MountOptions) -> set[str]:
@@ -144,7 +199,8 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
     """Mount, serve until unmounted or signalled, unmount."""
     mountpoint = os.path.abspath(options.mountpoint)
     cache_problems: list[str] = []
-    engine = make_engine(options, cache_problems)
+    transport = choose_transport(options) if options.backend else None
+    engine = make_engine(options, cache_problems, transport)
     started = time.time()
     config = VfsConfig(remote_timeout=options.remote_timeout,
                        read_ahead=ReadAheadConfig(initial_chunks=options.read_ahead_chunks[0],
@@ -153,10 +209,16 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
     def describe() -> dict[str, Any]:
         info: dict[str, Any] = {"mountpoint": mountpoint, "mode": "backend" if options.backend else "embedded",
                                 "backend": options.backend,
-                                "transport": options.transport if options.backend else None,
+                                "transport": None, "transport_requested": None, "transport_reason": None,
                                 "cache_dir": os.path.abspath(options.cache_dir), "pid": os.getpid(),
                                 "offline": engine.config.offline, "daemon_started_at": started,
                                 "cache_problems": cache_problems, "passthrough_option": options.passthrough}
+        if transport is not None:
+            now = transport_status(engine.remote, transport)
+            info.update(transport=now["in_use"], transport_requested=now["requested"],
+                        transport_reason=now["reason"])
+            if "nixl" in now:
+                info["nixl"] = now["nixl"]
         try:
             import psutil
 
@@ -189,7 +251,7 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
                             return
 
                 await nursery.start(watch_signals)
-                print(f"mmfs: mounted {mountpoint} ({mode_text(options)})", flush=True)
+                print(f"mmfs: mounted {mountpoint} ({mode_text(options, transport)})", flush=True)
                 if ready is not None:
                     ready()
                 await pyfuse3.main(min_tasks=4, max_tasks=options.max_tasks)

@@ -1,11 +1,13 @@
 """A node reading a repo through ``NixlBackendRemote``, as a child process of the NIXL tests.
 
-    python tests/nixl_node.py BACKEND_URL ORG/NAME [--attempts N] [--damage]
+    python tests/nixl_node.py BACKEND_URL ORG/NAME [--attempts N] [--damage] [--auto]
 
 Reads every file of the repo at ``main`` through a node ``FetchEngine`` (which checks each
 chunk's blake3) and prints one JSON line: ``{"files": {path: sha256 hex}, "stats": {...},
 "errors": {path: "ErrorClass: message"}}``. ``--damage`` flips one byte of every chunk
 after its NIXL READ, to show the node's check catches bytes damaged on that path.
+``--auto`` builds the remote as ``--transport auto`` does on a node with RDMA (NIXL only
+if the backend announces RDMA too); the result then also has ``"transport"``.
 
 Why a child process: NIXL's bundled abseil and grpc_tools' protoc compiler (which the CSI
 tests load into the pytest process) crash when both are loaded in one process, in either
@@ -32,8 +34,8 @@ from mmfs.remote.nixl import NixlBackendRemote, _Plane
 from mmfs.tiers.memory import MemoryTier
 
 
-async def read_repo(url: str, repo_id: str, attempts: int) -> dict:
-    remote = NixlBackendRemote(url, policy=RetryPolicy(attempts=attempts))
+async def read_repo(url: str, repo_id: str, attempts: int, auto: bool = False) -> dict:
+    remote = NixlBackendRemote(url, policy=RetryPolicy(attempts=attempts), auto=auto)
     repo = parse_repo_id(repo_id)
     files: dict[str, str] = {}
     errors: dict[str, str] = {}
@@ -47,7 +49,8 @@ async def read_repo(url: str, repo_id: str, attempts: int) -> dict:
             else:
                 files[entry.path] = hashlib.sha256(data).hexdigest()
         stats = dataclasses.asdict(remote.statistics())  # before the engine closes the remote
-    return {"files": files, "stats": stats, "errors": errors}
+        transport = remote.transport()
+    return {"files": files, "stats": stats, "errors": errors, "transport": transport}
 
 
 def main() -> None:
@@ -56,6 +59,7 @@ def main() -> None:
     parser.add_argument("repo")
     parser.add_argument("--attempts", type=int, default=4)
     parser.add_argument("--damage", action="store_true")
+    parser.add_argument("--auto", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     if args.damage:
@@ -67,7 +71,7 @@ def main() -> None:
             return bytes(data)
 
         _Plane.read = damaged  # type: ignore[method-assign]
-    result = trio.run(read_repo, args.url, args.repo, args.attempts)
+    result = trio.run(read_repo, args.url, args.repo, args.attempts, args.auto)
     sys.stdout.write(json.dumps(result) + "\n")
 
 

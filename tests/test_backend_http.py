@@ -5,10 +5,14 @@ raw over a socket."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import socket
 import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Iterator
@@ -18,8 +22,8 @@ import httpx
 import pytest
 import trio
 
+from backend_server.http import FileRegion, HTTPServer, Request, Response
 from mmfs.budget import ByteBudget
-from backend_server.http import HTTPServer, Request, Response
 from backend_server.testing import BackendProcess, backend_command, parse_metrics
 from mmfs.errors import TransientError
 from mmfs.testing.hub import TestHub
@@ -236,9 +240,10 @@ def test_cli_reports_an_unusable_listen_address(tmp_path: Path, hub: TestHub) ->
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_logs_one_line_per_request_without_credentials_and_stops_cleanly(tmp_path: Path, hub: TestHub,
-                                                                         sig: signal.Signals) -> None:
-    backend = BackendProcess(tmp_path / "d", hub_url=hub.url, env={"HF_TOKEN": "hf_servertoken999"}).start()
+def test_logs_one_line_per_request_at_debug_without_credentials_and_stops_cleanly(tmp_path: Path, hub: TestHub,
+                                                                                  sig: signal.Signals) -> None:
+    backend = BackendProcess(tmp_path / "d", hub_url=hub.url, env={"HF_TOKEN": "hf_servertoken999"},
+                             extra_args=["--log-level", "DEBUG"]).start()
     try:
         secret = {"Authorization": "Bearer hf_callersecret123"}
         assert httpx.get(f"{backend.url}/v1/resolve/huggingface/org/web/main", headers=secret).status_code == 200
@@ -249,10 +254,20 @@ def test_logs_one_line_per_request_without_credentials_and_stops_cleanly(tmp_pat
     assert code == 0
     log = backend.log_text()
     request_lines = [line for line in log.splitlines() if "backend_server.requests" in line]
-    assert len(request_lines) == 3
+    assert len(request_lines) == 3 and all(" DEBUG " in line for line in request_lines)
     assert '"GET /v1/file/huggingface/org/web/main/config.json" 200' in request_lines[1]
     assert "hf_callersecret123" not in log and "hf_servertoken999" not in log and "Bearer" not in log
     assert "shutting down" in log and "stopped" in log
+
+
+def test_nothing_per_request_at_info(backend: BackendProcess) -> None:
+    """The data path logs no line per request at the default level (INFO)."""
+    before = backend.log_text().count("\n")
+    for index in range(4):
+        assert httpx.get(f"{backend.url}/v1/chunk/huggingface/org/web/main/{SHARD}",
+                         params={"index": index}).status_code == 200
+        assert httpx.get(f"{backend.url}{BASE}/{SHARD}").status_code == 200
+    assert backend.log_text().count("\n") == before
 
 
 def test_unknown_methods_share_one_metrics_series(backend: BackendProcess) -> None:
@@ -373,3 +388,181 @@ async def test_streams_wait_for_memory_only_so_long(autojump_clock: trio.abc.Clo
         await budget.acquire(5, timeout=60)
     budget.release(10)
     assert await budget.acquire(5, timeout=60) == 5
+
+
+async def test_bodies_go_out_whole_from_memoryviews_of_any_shape() -> None:
+    """Head and body share one writev; slices, typed views and multi-MiB pieces arrive intact."""
+    payload = random.Random(5).randbytes((9 << 20) + 3)
+    typed = memoryview(__import__("array").array("H", range(1000)))
+
+    async def handler(request: Request) -> Response:
+        if request.path == "/typed":
+            return Response(200, [("Content-Type", "application/octet-stream")], typed)  # type: ignore[arg-type]
+
+        async def stream(send) -> None:  # type: ignore[no-untyped-def]
+            view = memoryview(payload)
+            for start, end in ((0, 1), (1, 5 << 20), (5 << 20, 5 << 20), (5 << 20, len(payload))):
+                await send(view[start:end])
+
+        return Response(200, [], stream=stream, content_length=len(payload))
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(HTTPServer(handler).serve, listeners, stop))  # type: ignore[arg-type]
+        port = listeners[0].socket.getsockname()[1]
+        with trio.fail_after(60):
+            with httpx.Client() as client:  # one keep-alive connection for both
+                streamed = await trio.to_thread.run_sync(client.get, f"http://127.0.0.1:{port}/stream")
+                small = await trio.to_thread.run_sync(client.get, f"http://127.0.0.1:{port}/typed")
+        stop.set()
+    assert streamed.status_code == 200 and streamed.content == payload
+    assert small.content == typed.tobytes() and small.headers["Content-Length"] == "2000"
+
+
+def _read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """One whole response (status, body) from a keep-alive connection."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        data = sock.recv(1 << 16)
+        assert data, "connection closed before the head"
+        received += data
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        data = sock.recv(1 << 20)
+        assert data, "connection closed mid-body"
+        body += data
+    return int(head.split()[1]), body
+
+
+@pytest.mark.timeout(120)
+def test_chunk_answers_wait_within_stream_memory(tmp_path: Path, hub: TestHub) -> None:
+    """/v1/chunk bodies count against --stream-memory until sent: with room for two chunks,
+    six clients that do not read hold at most two chunks; the other four wait (no 503),
+    and every one gets its chunk once the first ones read."""
+    root = hub.hub.root / "org" / "budget"
+    make_synthetic_model(root, 32 << 20, n_shards=1)
+    data = (root / SHARD).read_bytes()
+    chunk = 8 << 20  # more than a stalled connection's socket buffers take (4 MiB wmem max here)
+    with BackendProcess(tmp_path / "d", hub_url=hub.url, chunk_size="8MiB",
+                        extra_args=["--stream-memory", "16MiB"]) as backend:
+        assert httpx.post(f"{backend.url}/v1/prefetch/huggingface/org/budget/main", timeout=60).status_code == 200
+        url = urlsplit(backend.url)
+        clients = []
+        for i in range(6):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(60)
+            sock.connect((url.hostname, url.port))
+            sock.sendall(f"GET /v1/chunk/huggingface/org/budget/main/{SHARD}?index={i % 4} HTTP/1.1\r\n"
+                         "Host: backend\r\n\r\n".encode())
+            clients.append((i % 4, sock))
+        deadline = time.monotonic() + 30
+        while True:
+            memory = httpx.get(f"{backend.url}/healthz").json()["stream_memory"]
+            assert memory["used_bytes"] <= memory["limit_bytes"] == 16 << 20
+            if memory["used_bytes"] == 16 << 20 and memory["waiting"] == 4:
+                break
+            assert time.monotonic() < deadline, memory
+            time.sleep(0.05)
+        for _ in range(10):  # held there while nobody reads: no more than the limit, the rest waiting
+            memory = httpx.get(f"{backend.url}/healthz").json()["stream_memory"]
+            assert (memory["used_bytes"], memory["waiting"]) == (16 << 20, 4)
+            time.sleep(0.05)
+        with ThreadPoolExecutor(len(clients)) as pool:
+            answers = list(pool.map(lambda c: (c[0], _read_response(c[1])), clients))
+        for index, (status, body) in answers:
+            assert status == 200 and body == data[index * chunk:(index + 1) * chunk]
+        for _, sock in clients:
+            sock.close()
+        memory = httpx.get(f"{backend.url}/healthz").json()["stream_memory"]
+        assert memory == {"used_bytes": 0, "limit_bytes": 16 << 20, "peak_used_bytes": 16 << 20, "waiting": 0}
+        assert 'mmfs_backend_requests_total{route="chunk",method="GET",status="200"} 6' in \
+            httpx.get(f"{backend.url}/metrics").text
+
+
+async def test_file_regions_go_out_with_sendfile(tmp_path: Path) -> None:
+    """A FileRegion body (whole, or pieces of a stream) is sent from the file; a file that
+    ends inside its region aborts the body instead of hanging or padding it."""
+    payload = random.Random(7).randbytes((6 << 20) + 11)
+    path = tmp_path / "data"
+    path.write_bytes(payload)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        async def handler(request: Request) -> Response:
+            if request.path == "/whole":
+                return Response(200, [], FileRegion(fd, 5, len(payload) - 5))
+            if request.path == "/short":  # claims more than the file has
+                return Response(200, [], FileRegion(fd, len(payload) - 10, 100))
+
+            async def stream(send) -> None:  # type: ignore[no-untyped-def]
+                await send(b"head:")
+                await send(FileRegion(fd, 0, 1 << 20))
+                await send(memoryview(payload)[1 << 20:3 << 20])
+                await send(FileRegion(fd, 3 << 20, len(payload) - (3 << 20)))
+
+            return Response(200, [], stream=stream, content_length=5 + len(payload))
+
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(HTTPServer(handler).serve, listeners, stop))  # type: ignore[arg-type]
+            base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+            with trio.fail_after(60), httpx.Client() as client:
+                whole = await trio.to_thread.run_sync(client.get, f"{base}/whole")
+                mixed = await trio.to_thread.run_sync(client.get, f"{base}/mixed")
+                with pytest.raises(httpx.RemoteProtocolError):  # a short body, never a complete one
+                    await trio.to_thread.run_sync(client.get, f"{base}/short")
+            stop.set()
+    finally:
+        os.close(fd)
+    assert whole.content == payload[5:] and whole.headers["Content-Length"] == str(len(payload) - 5)
+    assert mixed.content == b"head:" + payload
+
+
+@pytest.mark.timeout(120)
+def test_chunk_answers_get_503_when_stream_memory_stays_busy(tmp_path: Path, hub: TestHub) -> None:
+    """A /v1/chunk request that cannot get its share within twice --send-timeout gets 503
+    TransientError before any header, while a slow (but not too slow) reader holds it."""
+    root = hub.hub.root / "org" / "busy503"
+    make_synthetic_model(root, 16 << 20, n_shards=1)
+    data = (root / SHARD).read_bytes()[:16 << 20]  # chunk 0
+    with BackendProcess(tmp_path / "d", hub_url=hub.url, chunk_size="16MiB",
+                        extra_args=["--stream-memory", "16MiB", "--send-timeout", "3"]) as backend:
+        assert httpx.post(f"{backend.url}/v1/prefetch/huggingface/org/busy503/main", timeout=60).status_code == 200
+        url = urlsplit(backend.url)
+        target = f"/v1/chunk/huggingface/org/busy503/main/{SHARD}?index=0"
+        with socket.socket() as slow:
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 << 10)  # a window of about 256 KiB
+            slow.settimeout(60)
+            slow.connect((url.hostname, url.port))
+            slow.sendall(f"GET {target} HTTP/1.1\r\nHost: backend\r\n\r\n".encode())
+
+            def read_slowly() -> bytes:  # about 1 MiB/s: well within 1 MiB per 3 s, so never dropped
+                received = b""
+                deadline = time.monotonic() + 60
+                while len(received.partition(b"\r\n\r\n")[2]) < len(data) and time.monotonic() < deadline:
+                    piece = slow.recv(256 << 10)
+                    if not piece:
+                        break
+                    received += piece
+                    if not hurry.is_set():
+                        time.sleep(0.25)
+                return received
+
+            hurry = threading.Event()  # set once the 503 came: then read the rest at full speed
+
+            with ThreadPoolExecutor(1) as pool:
+                reading = pool.submit(read_slowly)
+                while httpx.get(f"{backend.url}/healthz").json()["stream_memory"]["used_bytes"] == 0:
+                    time.sleep(0.05)
+                started = time.monotonic()
+                busy = httpx.get(backend.url + target, timeout=60)
+                waited = time.monotonic() - started
+                assert busy.status_code == 503 and busy.headers["X-Error-Code"] == "TransientError"
+                assert "--stream-memory" in busy.json()["error"] and 5.5 < waited < 30
+                hurry.set()
+                head, _, body = reading.result(timeout=60).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and body == data  # the slow reader got all of its chunk

@@ -74,3 +74,61 @@ def test_prefetch_backend_gives_up_after_timeout() -> None:
     result = subprocess.run([*MMFS, "prefetch", "org/name", "--backend", url, "--timeout", "0"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--timeout must be positive" in result.stderr
+
+
+def test_format_status_shows_the_transport_and_why() -> None:
+    status = {"mountpoint": "/m", "mode": "backend", "backend": "http://b:3000", "pid": 1, "uptime_s": 5,
+              "transport": "tcp", "transport_requested": "auto",
+              "transport_reason": "--transport auto: no RDMA device on this node"}
+    assert "transport: tcp (--transport auto): --transport auto: no RDMA device on this node" in \
+        cli.format_status(status)
+    status.update(transport="nixl", transport_requested="nixl", transport_reason="NIXL data plane on: agent a",
+                  nixl={"chunks": 3, "bytes": 3 << 20, "fallbacks": 1})
+    assert "transport: nixl (--transport nixl): NIXL data plane on: agent a; over NIXL so far: 3.0 MiB in 3 " \
+           "chunks, 1 fallbacks to TCP" in cli.format_status(status)
+    assert "transport" not in cli.format_status({"mode": "embedded"})
+
+
+def test_rdma_devices(tmp_path) -> None:
+    from mmfs.remote.nixl import rdma_devices
+
+    assert rdma_devices(str(tmp_path / "missing")) == []
+    (tmp_path / "mlx5_1").mkdir()
+    (tmp_path / "mlx5_0").mkdir()
+    assert rdma_devices(str(tmp_path)) == ["mlx5_0", "mlx5_1"]
+
+
+@pytest.mark.parametrize("requested,rdma,installed,kind,why", [
+    ("tcp", ["mlx5_0"], True, "tcp", "--transport tcp"),
+    ("auto", [], True, "tcp", "no RDMA device on this node"),
+    ("auto", ["mlx5_0"], False, "tcp", "nixl-cu12) is not installed"),
+    ("auto", ["mlx5_0"], True, "nixl", "RDMA device mlx5_0 here; NIXL once the backend announces RDMA too"),
+    ("nixl", [], True, "nixl", "--transport nixl"),
+])
+def test_transport_auto_is_tcp_unless_rdma(monkeypatch: pytest.MonkeyPatch, requested: str, rdma: list[str],
+                                           installed: bool, kind: str, why: str) -> None:
+    """--transport auto picks NIXL only with an RDMA device here (and the package); the
+    NIXL remote then also needs the backend to announce RDMA (tests/test_nixl.py)."""
+    from mmfs import daemon
+    from mmfs.remote import nixl
+
+    monkeypatch.setattr(nixl, "rdma_devices", lambda root=nixl.RDMA_SYSFS: rdma)
+    monkeypatch.setattr(nixl, "nixl_available", lambda: installed)
+    options = daemon.MountOptions("/m", backend="http://b:3000", transport=requested)
+    choice = daemon.choose_transport(options)
+    assert (choice.requested, choice.kind) == (requested, kind) and why in choice.reason
+    remote = daemon.make_remote(options, choice)
+    assert type(remote).__name__ == ("NixlBackendRemote" if kind == "nixl" else "BackendRemote")
+    status = daemon.transport_status(remote, choice)
+    assert (status["requested"], status["in_use"]) == (requested, kind)
+    assert daemon.mode_text(options, choice) == f"backend http://b:3000, transport {kind} ({choice.brief})"
+
+
+def test_transport_nixl_without_the_package_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmfs import daemon
+    from mmfs.errors import MmfsError
+    from mmfs.remote import nixl
+
+    monkeypatch.setattr(nixl, "nixl_available", lambda: False)
+    with pytest.raises(MmfsError, match="nixl-cu12"):
+        daemon.choose_transport(daemon.MountOptions("/m", backend="http://b:3000", transport="nixl"))

@@ -35,7 +35,7 @@ def test_real_model_through_backend(tmp_path: Path, hub: TestHub) -> None:
     with backend_testing.BackendProcess(tmp_path / "backend", hub_url=hub.url) as backend:
         mount = MountProcess(tmp_path / "mnt", tmp_path / "cache", backend=backend.url)
         with mount:
-            assert mount.ready_line == f"mmfs: mounted {mount.mountpoint} (backend {backend.url})"
+            assert mount.ready_line.startswith(f"mmfs: mounted {mount.mountpoint} (backend {backend.url}, transport ")
             repo = mount.repo(REAL_REPO_ID)
             assert os.readlink(repo) == hub.commit(REAL_REPO_ID)
             original = real_model_dir()

@@ -25,6 +25,7 @@ import pytest
 from backend_server.testing import BackendProcess, backend_command
 from mmfs.testing.hub import TestHub
 from mmfs.testing.models import REAL_REPO_ID, make_synthetic_model
+from mmfs.remote.nixl import rdma_devices
 from mmfs.testing.mount import MountProcess
 
 SHARD = "model-00001-of-00001.safetensors"
@@ -65,9 +66,13 @@ def repo_size(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and ".hub" not in p.parts)
 
 
+def node_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def node_read(backend: BackendProcess, repo_id: str, *args: str) -> tuple[dict, str]:
     """Run ``tests/nixl_node.py``: a node reading the whole repo; its JSON result and its log."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = node_env()
     result = subprocess.run([sys.executable, str(NODE), backend.url, repo_id, *args], capture_output=True,
                             text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -82,6 +87,7 @@ def test_real_model_over_nixl_byte_identical(hub: TestHub, hub_root: Path, start
     backend = start_backend()
     info = httpx.get(f"{backend.url}/v1/nixl/agent").json()
     assert info["slot_size"] == 4 << 20 and info["slots"] == 64 and info["name"].startswith("mmfs-backend-")
+    assert info["rdma"] is bool(rdma_devices()) and info["rdma_devices"] == rdma_devices()
 
     result, log = node_read(backend, REAL_REPO_ID)
     assert result["errors"] == {} and result["files"] == repo_digests(hub_root / REAL_REPO_ID)
@@ -107,11 +113,55 @@ def test_mount_with_transport_nixl_reads_real_model(tmp_path: Path, hub: TestHub
                       args=["--transport", "nixl"]) as mount:
         root = mount.repo(REAL_REPO_ID)
         assert repo_digests(root) == upstream
-        assert mount.status()["transport"] == "nixl"
+        status = mount.status()
+        assert (status["transport"], status["transport_requested"]) == ("nixl", "nixl")
+        assert status["transport_reason"].startswith("NIXL data plane on")
+        assert status["nixl"]["bytes"] == repo_size(hub_root / REAL_REPO_ID) and status["nixl"]["fallbacks"] == 0
         assert "NIXL data plane on" in mount.log_text()
+        assert mount.ready_line.endswith(f"(backend {backend.url}, transport nixl (--transport nixl))")
     metrics = nixl_metrics(backend)
     assert metrics["mmfs_nixl_bytes_total"] == repo_size(hub_root / REAL_REPO_ID)
     assert metrics["mmfs_nixl_fallbacks_total"] == 0
+
+
+@pytest.mark.fuse
+@pytest.mark.timeout(120)
+def test_mount_with_transport_auto_uses_tcp_without_rdma(tmp_path: Path, hub: TestHub, hub_root: Path,
+                                                          start_backend) -> None:
+    """On hosts without RDMA (this one), auto is TCP even against a backend with --nixl,
+    and the mount says so: ready line, status.json, mmfs status."""
+    if rdma_devices():
+        pytest.skip("this host has RDMA devices: auto may rightly pick NIXL")
+    backend = start_backend()
+    upstream = repo_digests(hub_root / REAL_REPO_ID)
+    with MountProcess(tmp_path / "mnt", tmp_path / "cache", backend=backend.url) as mount:
+        assert repo_digests(mount.repo(REAL_REPO_ID)) == upstream
+        status = mount.status()
+        assert (status["transport"], status["transport_requested"]) == ("tcp", "auto")
+        assert "no RDMA device on this node" in status["transport_reason"] and "nixl" not in status
+        assert mount.ready_line.endswith(f"(backend {backend.url}, transport tcp (auto: no RDMA here))")
+        shown = subprocess.run([sys.executable, "-m", "mmfs", "status", "--mount", str(mount.mountpoint)],
+                               capture_output=True, text=True, timeout=60, env=node_env())
+        assert shown.returncode == 0 and "transport: tcp (--transport auto): " in shown.stdout, shown.stderr
+        assert "NIXL" not in mount.log_text()  # never loaded, never tried
+    metrics = nixl_metrics(backend)
+    assert metrics["mmfs_nixl_bytes_total"] == 0 and metrics["mmfs_nixl_chunks_total"] == 0
+
+
+def test_auto_needs_the_backend_to_announce_rdma(hub: TestHub, hub_root: Path, start_backend) -> None:
+    """A node with RDMA under --transport auto still uses TCP when the backend has none."""
+    if rdma_devices():
+        pytest.skip("this host has RDMA devices")
+    root = make_synthetic_model(hub_root / "org" / "auto", 1 << 20, n_shards=1)
+    backend = start_backend(chunk_size="256KiB")
+    result, log = node_read(backend, "org/auto", "--auto")
+    assert result["errors"] == {} and result["files"] == repo_digests(root)
+    assert result["stats"]["state"] == "off" and result["stats"]["chunks"] == 0
+    transport = result["transport"]
+    assert (transport["requested"], transport["in_use"]) == ("auto", "tcp")
+    assert "announces no RDMA device" in transport["reason"]
+    assert log.count("announces no RDMA device") == 1 and "WARNING" not in log
+    assert nixl_metrics(backend)["mmfs_nixl_bytes_total"] == 0
 
 
 def test_unreleased_lease_expires_and_its_slot_is_reused(hub: TestHub, hub_root: Path, start_backend) -> None:
