@@ -234,14 +234,18 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
         unmounted = False
         try:
             async with trio.open_nursery() as nursery:
-                async def tune_read_ahead() -> None:
+                async def announce_when_tuned() -> None:
                     # The kernel sets the mount's readahead from the INIT reply (to its
-                    # 128 KiB default), so raise it only once INIT has been answered.
+                    # 128 KiB default), so raise it only once INIT has been answered, and
+                    # say "mounted" only then: a file opened earlier keeps the readahead it
+                    # was opened with (128 KiB reads: 8 times the requests, measured).
                     await operations.initialized.wait()
                     await trio.sleep(0.05)
                     mountutil.set_read_ahead(mountpoint, options.read_ahead)
+                    print(f"mmfs: mounted {mountpoint} ({mode_text(options, transport)})", flush=True)
+                    if ready is not None:
+                        ready()
 
-                nursery.start_soon(tune_read_ahead)
                 async def watch_signals(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
                     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                         task_status.started()
@@ -251,9 +255,7 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
                             return
 
                 await nursery.start(watch_signals)
-                print(f"mmfs: mounted {mountpoint} ({mode_text(options, transport)})", flush=True)
-                if ready is not None:
-                    ready()
+                nursery.start_soon(announce_when_tuned)
                 await pyfuse3.main(min_tasks=4, max_tasks=options.max_tasks)
                 unmounted = True
                 nursery.cancel_scope.cancel()
