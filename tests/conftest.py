@@ -7,17 +7,22 @@
   loopback port, stopped after the test; ``hub.url`` is the ``HF_ENDPOINT``.
 - Tests marked ``fuse`` (real mounts) need ``/dev/fuse`` and root: without them they
   skip, except under CI (``CI`` set), where that fails them: they must never skip there.
+- ``backing_dir``: a fresh folder on a file system that can back FUSE passthrough files
+  (not overlayfs, which the kernel refuses as a backing file's home); the same CI rule.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from mmfs.testing.hub import TestHub
+from mmfs.testing.mount import filesystem_type
 from mmfs.testing.models import populate_hub_root
 
 
@@ -44,4 +49,23 @@ def _fuse_tests_need_fuse(request: pytest.FixtureRequest) -> None:
         return
     if os.environ.get("CI"):
         pytest.fail(f"{reason}, and CI is set: FUSE tests must run in CI")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def backing_dir(tmp_path: Path) -> Iterator[Path]:
+    if filesystem_type(tmp_path) != "overlayfs":
+        yield tmp_path
+        return
+    for base in ("/var/tmp", "/dev/shm"):
+        if os.path.isdir(base) and filesystem_type(Path(base)) != "overlayfs":
+            path = Path(tempfile.mkdtemp(prefix="mmfs-passthrough-", dir=base))
+            try:
+                yield path
+            finally:
+                subprocess.run(["rm", "-rf", str(path)], check=False)
+            return
+    reason = "no folder outside overlayfs for FUSE passthrough backing files"
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}, and CI is set")
     pytest.skip(reason)

@@ -13,41 +13,18 @@ import mmap
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import pyfuse3
 import pytest
 
-from mmfs.testing.mount import force_unmount
+from mmfs.testing.mount import filesystem_type, force_unmount
 from mmfs.testing.process import child_env, start_until_ready, stop
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(120)]
 
 SIZE = 8 << 20
-
-
-def fs_type(path: Path) -> str:
-    return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
-@pytest.fixture
-def backing_dir(tmp_path: Path) -> Iterator[Path]:
-    """A directory whose file system can hold backing files: not overlayfs."""
-    if fs_type(tmp_path) != "overlayfs":
-        yield tmp_path
-        return
-    for base in ("/dev/shm", "/var/tmp"):
-        if os.path.isdir(base) and fs_type(Path(base)) != "overlayfs":
-            path = Path(tempfile.mkdtemp(prefix="mmfs-passthrough-", dir=base))
-            try:
-                yield path
-            finally:
-                subprocess.run(["rm", "-rf", str(path)], check=False)
-            return
-    pytest.skip("no directory outside overlayfs for backing files")
 
 
 class PassthroughMount:
@@ -242,7 +219,7 @@ def test_a_backing_file_on_overlayfs_is_refused(tmp_path: Path) -> None:
     if made.returncode != 0:
         pytest.skip(f"cannot mount an overlayfs here: {made.stderr.strip()}")
     try:
-        assert fs_type(layers["merged"]) == "overlayfs"
+        assert filesystem_type(layers["merged"]) == "overlayfs"
         fs = PassthroughMount(tmp_path, layers["merged"] / "backing.bin")
         try:
             # The backing file's stack depth must be below the connection's max_stack_depth

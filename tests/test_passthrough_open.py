@@ -13,7 +13,6 @@ import mmap
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,28 +30,6 @@ SHARD = "model-00001-of-00002.safetensors"
 OTHER = "model-00002-of-00002.safetensors"
 
 
-def fs_type(path: Path) -> str:
-    return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
-@pytest.fixture
-def cache_base(tmp_path: Path) -> Iterator[Path]:
-    """A directory for cache dirs whose file system can hold backing files: not overlayfs."""
-    if fs_type(tmp_path) != "overlayfs":
-        yield tmp_path
-        return
-    for base in ("/dev/shm", "/var/tmp"):
-        if os.path.isdir(base) and fs_type(Path(base)) != "overlayfs":
-            path = Path(tempfile.mkdtemp(prefix="mmfs-passthrough-", dir=base))
-            try:
-                yield path
-            finally:
-                subprocess.run(["rm", "-rf", str(path)], check=False)
-            return
-    pytest.skip("no directory outside overlayfs for the cache")
-
-
 @pytest.fixture
 def model(hub_root: Path) -> dict[str, bytes]:
     """Two 6 MiB shards (1 MiB chunks: six per shard) and small files."""
@@ -61,11 +38,11 @@ def model(hub_root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def mounts(tmp_path: Path, cache_base: Path) -> Iterator[Any]:
+def mounts(tmp_path: Path, backing_dir: Path) -> Iterator[Any]:
     started: list[MountProcess] = []
 
     def start(hub: TestHub, *args: str, cache: Path | None = None, wrapper: str | None = None) -> MountProcess:
-        mount = MountProcess(tmp_path / f"mnt{len(started)}", cache or cache_base / f"cache{len(started)}",
+        mount = MountProcess(tmp_path / f"mnt{len(started)}", cache or backing_dir / f"cache{len(started)}",
                              hub_url=hub.url, args=["--chunk-size", "1MiB", *args],
                              log_path=tmp_path / f"mount{len(started)}.log")
         if wrapper:

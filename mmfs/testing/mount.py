@@ -29,6 +29,12 @@ def fuse_available() -> bool:
     return os.path.exists("/dev/fuse")
 
 
+def filesystem_type(path: Path | str) -> str:
+    """The file system type of ``path`` as ``stat -f`` names it (``overlayfs``, ``ext2/ext3``, ...)."""
+    return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def force_unmount(mountpoint: Path | str) -> None:
     """Detach whatever is mounted at ``mountpoint``, quietly."""
     for argv in (["fusermount3", "-u", "-z", str(mountpoint)], ["umount", "-l", str(mountpoint)]):
