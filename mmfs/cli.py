@@ -53,9 +53,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="longest a file-system call waits on the backend/Hub before EIO (default: 60)")
     mount.add_argument("--max-tasks", metavar="N", type=int, default=64,
                        help="FUSE requests served concurrently (default: 64)")
-    mount.add_argument("--passthrough", choices=["auto", "off"], default="auto",
+    mount.add_argument("--passthrough", choices=["auto", "on", "off"], default="auto",
                        help="FUSE passthrough for files complete in the disk cache (default: auto, where the "
-                            "kernel, libfuse and privileges allow it)")
+                            "kernel, libfuse and privileges allow it; on: like auto, but the mount fails to "
+                            "start where it cannot be used)")
     mount.add_argument("--debug", action="store_true", help="debug logging (and FUSE debug output)")
 
     unmount = commands.add_parser("unmount", aliases=["umount"], help="unmount a running mmfs mount")

@@ -14,6 +14,7 @@ arrives, then unmount and exit 0.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -73,7 +74,8 @@ class MountOptions:
     read_ahead_chunks: tuple[int, int] = (2, 32)
     allow_other: bool | None = None  # None: when root
     #: FUSE passthrough for files complete in the disk cache: ``auto`` (where the kernel,
-    #: libfuse and privileges allow; one log line says which) or ``off``.
+    #: libfuse and privileges allow; one log line says which), ``on`` (as auto, but the mount
+    #: fails to start where passthrough cannot be used: :func:`passthrough_required`) or ``off``.
     passthrough: str = "auto"
     debug: bool = False
 
@@ -230,8 +232,11 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
     async with engine:
         vfs = Vfs(engine, config, describe=describe)
         operations = Operations(vfs, passthrough=options.passthrough != "off")
+        if options.passthrough == "on" and operations.passthrough_why_not is not None:
+            raise MmfsError(f"--passthrough on: FUSE passthrough cannot be used: {operations.passthrough_why_not}")
         pyfuse3.init(operations, mountpoint, _mount_options(options))
         unmounted = False
+        failure: list[str | None] = []
         try:
             async with trio.open_nursery() as nursery:
                 async def announce_when_tuned() -> None:
@@ -240,6 +245,11 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
                     # say "mounted" only then: a file opened earlier keeps the readahead it
                     # was opened with (128 KiB reads: 8 times the requests, measured).
                     await operations.initialized.wait()
+                    if options.passthrough == "on":
+                        failure.append(passthrough_required(vfs, engine))
+                        if failure[0] is not None:
+                            pyfuse3.terminate()  # never ready: unmount and exit 1
+                            return
                     await trio.sleep(0.05)
                     mountutil.set_read_ahead(mountpoint, options.read_ahead)
                     print(f"mmfs: mounted {mountpoint} ({mode_text(options, transport)})", flush=True)
@@ -262,6 +272,41 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
         finally:
             pyfuse3.close(unmount=True)
             log.info("unmounted %s%s", mountpoint, "" if unmounted else " after an error")
+        if failure and failure[0] is not None:
+            raise MmfsError(f"--passthrough on: FUSE passthrough cannot be used: {failure[0]}")
+
+
+def passthrough_required(vfs: Vfs, engine: FetchEngine) -> str | None:
+    """For ``--passthrough on``, once INIT was answered: why passthrough cannot be used on
+    this mount (``None``: it can).
+
+    Beyond what INIT says (kernel, libfuse), a probe registers a scratch file of the disk
+    cache as a backing file, as the first passthrough open would, so what only that shows
+    (EPERM: no CAP_SYS_ADMIN; ELOOP: the cache on overlayfs) fails the start too instead of
+    switching passthrough off at the first open."""
+    if vfs.passthrough_off is not None:
+        return vfs.passthrough_off
+    disk = next((t for t in engine.tiers if isinstance(t, DiskTier)), None)
+    if disk is None:
+        return "no disk cache (the cache dir could not be opened)"
+    probe = disk.root / f".passthrough-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        return f"cannot create a probe file in the disk cache: {exc}"
+    try:
+        vfs.backing.close(vfs.backing.open(fd))
+    except OSError as exc:
+        return f"registering a backing file in {disk.root} failed: {exc.strerror or exc}" + {
+            errno.EPERM: " (the daemon lacks CAP_SYS_ADMIN)", errno.EACCES: " (the daemon lacks CAP_SYS_ADMIN)",
+            errno.ELOOP: " (the cache dir is on a stacked file system such as overlayfs)"}.get(exc.errno or 0, "")
+    finally:
+        os.close(fd)
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    return None
 
 
 def prepare_mountpoint(path: str) -> None:

@@ -94,8 +94,8 @@ class Operations(pyfuse3.Operations):
     def __init__(self, vfs: Vfs, *, passthrough: bool = False) -> None:
         super().__init__()
         self.vfs = vfs
-        self._passthrough_why_not = "--passthrough off" if not passthrough else passthrough_support()
-        self.enable_passthrough = self._passthrough_why_not is None
+        self.passthrough_why_not = "--passthrough off" if not passthrough else passthrough_support()
+        self.enable_passthrough = self.passthrough_why_not is None
         if self.enable_passthrough:
             vfs.backing = _KernelBacking()
         self._dirs: dict[int, list[tuple[str, Attributes]]] = {}
@@ -105,9 +105,10 @@ class Operations(pyfuse3.Operations):
         vfs.invalidate = self._invalidate
 
     def init(self) -> None:
-        why_not = self._passthrough_why_not
+        why_not = self.passthrough_why_not
         if why_not is None and not pyfuse3.passthrough_enabled():
             why_not = "the kernel or libfuse did not offer it (Linux >= 6.9 and libfuse >= 3.17 needed)"
+        self.passthrough_why_not = why_not
         self.vfs.enable_passthrough(why_not)
         self.initialized.set()
 

@@ -286,3 +286,51 @@ def test_without_the_capability_reads_fall_back(hub_root: Path, model: dict[str,
         for _ in range(2):
             assert read_all(path) == model[SHARD]
         assert mount.log_text().count("FUSE passthrough: off") == 1
+
+
+# -- --passthrough on --------------------------------------------------------------------
+
+
+def start_failing(mount: MountProcess, wrapper: str) -> subprocess.CompletedProcess[str]:
+    argv = [mount.argv[0], "-m", wrapper, *mount.argv[3:]]
+    mount.mountpoint.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(argv, env=mount.env, capture_output=True, text=True, timeout=60)
+
+
+def test_passthrough_on_mounts_where_it_works(hub_root: Path, model: dict[str, bytes], mounts) -> None:
+    with TestHub(hub_root) as hub:
+        mount = mounts(hub, "--passthrough", "on")
+        assert passthrough(mount)["enabled"] is True
+        path = mount.repo("org/pt") / SHARD
+        assert read_all(path) == model[SHARD]
+        wait_closed(mount)
+        os.close(open_in_passthrough(mount, path))
+        assert not list(mount.cache_dir.rglob(".passthrough-probe*"))  # the probe file is gone
+
+
+@pytest.mark.parametrize("wrapper, cause", [
+    ("mmfs.testing.noinit", "the kernel or libfuse did not offer it"),  # INIT without the capability
+    ("mmfs.testing.nocap", "lacks CAP_SYS_ADMIN"),  # the first registration would fail: EPERM
+])
+def test_passthrough_on_fails_to_start_where_it_cannot_be_used(tmp_path: Path, backing_dir: Path, hub_root: Path,
+                                                               model: dict[str, bytes], wrapper: str,
+                                                               cause: str) -> None:
+    with TestHub(hub_root) as hub:
+        mount = MountProcess(tmp_path / "mnt", backing_dir / "cache", hub_url=hub.url,
+                             args=["--chunk-size", "1MiB", "--passthrough", "on"])
+        try:
+            result = start_failing(mount, wrapper)
+        finally:
+            if os.path.ismount(mount.mountpoint):
+                force_unmount(mount.mountpoint)
+                raise AssertionError("left mounted")
+        assert result.returncode == 1, (result.stdout, result.stderr)
+        assert "mmfs: mounted" not in result.stdout
+        assert "--passthrough on: FUSE passthrough cannot be used" in result.stderr and cause in result.stderr, \
+            result.stderr
+        # The same mount with auto starts, and reads lazily.
+        auto = MountProcess(tmp_path / "mnt", backing_dir / "cache", hub_url=hub.url,
+                            args=["--chunk-size", "1MiB"], log_path=tmp_path / "auto.log")
+        auto.argv[1:3] = ["-m", wrapper]
+        with auto:
+            assert read_all(auto.repo("org/pt") / SHARD) == model[SHARD]

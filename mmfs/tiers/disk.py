@@ -155,6 +155,10 @@ class DiskTier(ChunkTier):
 
     # -- start-up -------------------------------------------------------------------------
 
+    @property
+    def root(self) -> Path:
+        return self._root
+
     def _open(self) -> None:
         """Open the index and reconcile it with the data files; quarantine what is unusable."""
         try:
