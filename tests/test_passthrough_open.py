@@ -8,6 +8,7 @@ mode rules are in :meth:`mmfs.vfs.Vfs._passthrough`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
@@ -334,3 +335,78 @@ def test_passthrough_on_fails_to_start_where_it_cannot_be_used(tmp_path: Path, b
         auto.argv[1:3] = ["-m", wrapper]
         with auto:
             assert read_all(auto.repo("org/pt") / SHARD) == model[SHARD]
+
+
+# -- unmount, restart and kill -9 with a file open in passthrough --------------------------
+
+
+def observe(fd: int, expected: bytes) -> str:
+    """What a read of an fd open in passthrough gives now: ``bytes`` (always the right
+    ones: asserted) or the errno's name."""
+    try:
+        data = os.pread(fd, len(expected) + 1, 0)
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    assert data == expected, "wrong bytes from a passthrough file after its daemon went"
+    return "bytes"
+
+
+@pytest.mark.parametrize("how", ["unmount", "stop", "kill"])
+def test_daemon_gone_with_a_passthrough_file_open(hub_root: Path, model: dict[str, bytes], mounts, how: str,
+                                                  backing_dir: Path) -> None:
+    cache = backing_dir / "cache-restart"
+    with TestHub(hub_root) as hub:
+        mount = mounts(hub, cache=cache)
+        path = mount.repo("org/pt") / SHARD
+        assert read_all(path) == model[SHARD]
+        wait_closed(mount)
+        fd = open_in_passthrough(mount, path)
+        try:
+            assert observe(fd, model[SHARD]) == "bytes"
+            outcome: dict[str, str] = {}
+            if how == "unmount":
+                plain = subprocess.run([*MMFS, "unmount", str(mount.mountpoint)], capture_output=True, text=True,
+                                       timeout=30)
+                outcome["plain unmount"] = f"exit {plain.returncode} {plain.stderr.strip()}"
+                lazy = subprocess.run([*MMFS, "unmount", "--lazy", str(mount.mountpoint)], capture_output=True,
+                                      text=True, timeout=30)
+                assert lazy.returncode == 0, lazy.stderr
+                time.sleep(1)
+                outcome["daemon after lazy unmount"] = "running" if mount.proc.poll() is None else "exited"
+            elif how == "stop":
+                outcome["exit"] = str(mount.stop())
+            else:
+                mount.kill()
+            outcome["read after"] = observe(fd, model[SHARD])
+        finally:
+            os.close(fd)
+        time.sleep(0.5)
+        if how == "unmount":
+            outcome["daemon after close"] = "running" if mount.proc.poll() is None else "exited"
+        # Observed on Linux 6.18 (docs/node.md, "FUSE passthrough"): the open file keeps
+        # reading the right bytes from its backing file whatever happened to the daemon.
+        assert outcome["read after"] in ("bytes", "ENOTCONN", "EIO"), outcome
+        if how == "unmount":
+            assert "busy" in outcome["plain unmount"], outcome  # refused while the file is open
+            # Detached: the daemon serves the open file until it is closed, then exits.
+            assert outcome["daemon after lazy unmount"] == "running" and outcome["daemon after close"] == "exited"
+        mount.stop()
+        # Restarted on the same cache: no backing id left over, the same file reads right and
+        # opens in passthrough again.
+        mount = mounts(hub, cache=cache)
+        path = mount.repo("org/pt") / SHARD
+        state = passthrough(mount)
+        assert state["backing_ids"] == 0 and state["pinned_files"] == 0, state
+        assert read_all(path) == model[SHARD]
+        fd = open_in_passthrough(mount, path, timeout=5)
+        try:
+            reads = file_reads(mount)
+            assert os.pread(fd, len(model[SHARD]) + 1, 0) == model[SHARD]
+            with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as view:
+                assert view[:] == model[SHARD]
+            assert file_reads(mount) == reads
+            assert passthrough(mount)["backing_ids"] == 1
+        finally:
+            os.close(fd)
+        wait_closed(mount)
+        assert passthrough(mount)["backing_ids"] == 0 and mount.status()["integrity"]["failures"] == 0
