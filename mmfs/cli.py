@@ -80,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="what a mount holds: repos, cache use, hit rates")
     status.add_argument("--mount", metavar="MOUNTPOINT", help="the mount (default: the only mmfs mount)")
     status.add_argument("--json", action="store_true", help="raw JSON")
+
+    verify = commands.add_parser("verify", help="scrub the node's disk cache for bit rot (daemon stopped)")
+    verify.add_argument("--cache-dir", metavar="DIR", help="the cache dir (default: /var/cache/mmfs)")
+    verify.add_argument("--repair", action="store_true", help="drop damaged chunks (fetched again when read)")
     return parser
 
 
@@ -213,10 +217,29 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .daemon import DEFAULT_CACHE_DIR
+    from .verify import verify
+
+    report = verify(Path(args.cache_dir or DEFAULT_CACHE_DIR), repair=args.repair)
+    by_file: dict[str, list[str]] = {}
+    for damage in report.damaged:
+        by_file.setdefault(str(damage.path), []).append(f"chunk {damage.chunk}: {damage.reason}")
+    for path, problems in sorted(by_file.items()):
+        print(f"{path}: {len(problems)} damaged chunk(s){' (dropped)' if args.repair else ''}")
+        for problem in problems:
+            print(f"  {problem}")
+    print(f"mmfs verify: {report.chunks} chunks, {report.bytes} bytes checked; {len(report.damaged)} damaged"
+          + (f", {report.dropped} dropped" if args.repair else ""))
+    return EXIT_ERROR if report.damaged and not args.repair else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"mount": _mount, "unmount": _unmount, "umount": _unmount, "prefetch": _prefetch,
-               "status": _status}[args.command]
+               "status": _status, "verify": _verify}[args.command]
     try:
         return handler(args)
     except MmfsError as exc:

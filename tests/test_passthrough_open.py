@@ -410,3 +410,49 @@ def test_daemon_gone_with_a_passthrough_file_open(hub_root: Path, model: dict[st
             os.close(fd)
         wait_closed(mount)
         assert passthrough(mount)["backing_ids"] == 0 and mount.status()["integrity"]["failures"] == 0
+
+
+# -- mmfs verify ---------------------------------------------------------------------------
+
+
+def test_verify_finds_and_repairs_a_flipped_byte(hub_root: Path, model: dict[str, bytes], mounts,
+                                                 backing_dir: Path) -> None:
+    cache = backing_dir / "cache-verify"
+    with TestHub(hub_root) as hub:
+        mount = mounts(hub, cache=cache)
+        assert read_all(mount.repo("org/pt") / SHARD) == model[SHARD]
+        wait_closed(mount)
+        os.close(open_in_passthrough(mount, mount.repo("org/pt") / SHARD))  # all on disk, verified
+        refused = subprocess.run([*MMFS, "verify", "--cache-dir", str(cache)], capture_output=True, text=True,
+                                 timeout=60)
+        assert refused.returncode == 1 and "in use by the mmfs mount" in refused.stderr, refused
+        mount.stop()
+        clean = subprocess.run([*MMFS, "verify", "--cache-dir", str(cache)], capture_output=True, text=True,
+                               timeout=60)
+        assert clean.returncode == 0 and " 0 damaged" in clean.stdout, (clean.stdout, clean.stderr)
+        backing = data_file(cache, len(model[SHARD]), model[SHARD])
+        with open(backing, "r+b") as f:  # bit rot in chunk 3
+            f.seek(3 * (1 << 20) + 12345)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0x10]))
+        found = subprocess.run([*MMFS, "verify", "--cache-dir", str(cache)], capture_output=True, text=True,
+                               timeout=60)
+        assert found.returncode == 1, (found.stdout, found.stderr)
+        assert f"{backing}: 1 damaged chunk(s)" in found.stdout and "chunk 3:" in found.stdout, found.stdout
+        repaired = subprocess.run([*MMFS, "verify", "--repair", "--cache-dir", str(cache)], capture_output=True,
+                                  text=True, timeout=60)
+        assert repaired.returncode == 0 and "1 dropped" in repaired.stdout, (repaired.stdout, repaired.stderr)
+        again = subprocess.run([*MMFS, "verify", "--cache-dir", str(cache)], capture_output=True, text=True,
+                               timeout=60)
+        assert again.returncode == 0 and " 0 damaged" in again.stdout, again.stdout
+        # Restarted: the dropped chunk is fetched again, the file reads right and goes passthrough again.
+        mount = mounts(hub, cache=cache)
+        path = mount.repo("org/pt") / SHARD
+        assert read_all(path) == model[SHARD]
+        wait_closed(mount)
+        fd = open_in_passthrough(mount, path)
+        try:
+            assert os.pread(fd, len(model[SHARD]) + 1, 0) == model[SHARD]
+        finally:
+            os.close(fd)
