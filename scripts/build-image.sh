@@ -7,17 +7,23 @@
 #   scripts/build-image.sh            build (as root), tag $TAG, print the time taken
 #   scripts/build-image.sh --check    also: in the built image, `mmfs mount` mounts and
 #                                     serves a read (scripts/image-check.py, chrooted in)
+#   scripts/build-image.sh --check-only   the check alone, on the image built before
 #
 # Work and image storage live in $MMFS_IMAGE_WORK (default /var/tmp/mmfs-image; it must
 # not be on overlayfs: the check's FUSE passthrough cache lives there). The base is made
 # once and kept (delete the folder to remake it). Slow (minutes): not part of .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-check=
-[[ ${1:-} == --check ]] && check=1
+check= build=1
+case ${1:-} in
+    --check) check=1 ;;
+    --check-only) check=1 build= ;;
+    "") ;;
+    *) echo "usage: $0 [--check | --check-only]" >&2; exit 2 ;;
+esac
 [[ $(id -u) == 0 ]] || { echo "build-image: run as root" >&2; exit 1; }
 WORK=${MMFS_IMAGE_WORK:-/var/tmp/mmfs-image}
-TAG=${TAG:-ghcr.io/ai-dynamo/mmfs:$(sed -n 's/^newTag: *//p' deploy/base/kustomization.yaml | tr -d '"' | head -1)}
+TAG=${TAG:-ghcr.io/ai-dynamo/mmfs:$(sed -n 's/^ *newTag: *//p' deploy/base/kustomization.yaml | tr -d '"' | head -1)}
 BASE=docker.io/library/debian:trixie-slim
 mkdir -p "$WORK"
 for tool in buildah debootstrap; do
@@ -49,11 +55,13 @@ printf '[global]\ncert = /run/host-ca.pem\n' > "$WORK/pip.conf"
 binds+=(-v "$WORK/pip.conf:/etc/pip.conf:ro")
 [[ -f /etc/apt/apt.conf.d/99artifact-registry ]] \
     && binds+=(-v /etc/apt/apt.conf.d/99artifact-registry:/etc/apt/apt.conf.d/99host:ro)
-start=$SECONDS
-"${bah[@]}" bud --isolation chroot --pull-never "${binds[@]}" -t "$TAG" -f deploy/Dockerfile . >"$WORK/build.log" 2>&1 \
-    || { tail -40 "$WORK/build.log" >&2; echo "build-image: build failed (log: $WORK/build.log)" >&2; exit 1; }
-size=$("${bah[@]}" inspect --type image --format '{{.Size}}' "$TAG" 2>/dev/null || echo "?")
-echo "build-image: $TAG built in $((SECONDS - start)) s, $size bytes (log: $WORK/build.log)"
+if [[ -n $build ]]; then
+    start=$SECONDS
+    "${bah[@]}" bud --isolation chroot --pull-never "${binds[@]}" -t "$TAG" -f deploy/Dockerfile . >"$WORK/build.log" 2>&1 \
+        || { tail -40 "$WORK/build.log" >&2; echo "build-image: build failed (log: $WORK/build.log)" >&2; exit 1; }
+    size=$("${bah[@]}" images --format '{{.Size}}' "$TAG" 2>/dev/null | head -1)
+    echo "build-image: $TAG built in $((SECONDS - start)) s, ${size:-?} (log: $WORK/build.log)"
+fi
 [[ -n $check ]] || exit 0
 
 # The check: the image's root, chrooted into in a private mount namespace with /dev,

@@ -38,6 +38,10 @@ def main() -> int:
             status = mount.status()
         print(f"image-check: log tail:\n{mount.log_text()[-1500:]}")
     ok = cold == want and warm == want and '"hidden_size"' in config
+    passthrough = status.get("passthrough") or {}
+    if passthrough.get("enabled") and not passthrough.get("opens"):
+        print("image-check: passthrough is on, but the warm open of the complete file did not use it")
+        ok = False
     print(f"image-check: sha256 want {want[:16]} cold {cold[:16]} warm {warm[:16]}; "
           f"passthrough {status.get('passthrough')!r}")
     print("image-check: OK" if ok else "image-check: FAILED")
