@@ -330,16 +330,31 @@ def test_examples_use_the_driver_read_only():
 
 def test_dockerfile_builds_one_image_for_all_commands():
     text = (DEPLOY / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
     assert re.search(r"apt-get install[^\n]*\bfuse3\b", text)
-    # Debian 13: libfuse 3.17 (FUSE passthrough) is a package there, as libfuse3-4.
-    assert re.search(r"^FROM python:3\.11-slim-trixie\b", text, re.M)
+    # Debian 13: libfuse 3.17 (FUSE passthrough) is a package there, as libfuse3-4; the
+    # distro's python3 (3.13) in a venv first on PATH. scripts/build-image.sh makes this
+    # base with debootstrap under the same name and builds the image for real.
+    assert re.findall(r"^FROM .*", text, re.M) == ["FROM debian:trixie-slim"]
     assert re.search(r"apt-get install[^\n]*\blibfuse3-4\b", text)
+    assert re.search(r"apt-get install[^\n]*\bpython3-venv\b", text)
+    assert re.search(r"python3 -m venv /opt/mmfs\b", text) and re.search(r"^ENV PATH=/opt/mmfs/bin:", text, re.M)
     assert re.search(r"^RUN \./scripts/pyfuse3-passthrough\.sh python\b", text, re.M)
     assert re.search(r"^COPY scripts/pyfuse3-passthrough\.sh scripts/pyfuse3-passthrough\.patch ", text, re.M)
     assert re.search(r"pip install [^\n]*\s\.(\s|$)", text)
     for path in ("mmfs", "backend_server", "csi_driver", "pyproject.toml"):
         assert re.search(rf"^COPY .*\b{path}\b", text, re.M), path
+
+
+def test_image_build_script_makes_the_dockerfiles_base():
+    """The real build (scripts/build-image.sh, slow, not in .ci/run) stands in for the base
+    the Dockerfile names, and the Python the image carries is one pyproject allows."""
+    script = (DEPLOY.parent / "scripts" / "build-image.sh").read_text()
+    base = re.search(r"^FROM (\S+)", (DEPLOY / "Dockerfile").read_text(), re.M).group(1)
+    assert f"BASE=docker.io/library/{base}\n" in script
+    assert "debootstrap --variant=minbase trixie" in script and "--isolation chroot" in script
+    pyproject = (DEPLOY.parent / "pyproject.toml").read_text()
+    assert re.search(r'requires-python = ">=3\.11,<3\.14"', pyproject)  # trixie's python3 is 3.13
+    assert "build-image.sh --check" in (DEPLOY / "README.md").read_text()
 
 
 def test_readme_covers_install_upgrade_removal():
