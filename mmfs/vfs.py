@@ -54,6 +54,7 @@ from .names import PROVIDERS, RepoRef, check_repo_part, check_revision, is_commi
 from .prefetch import ReadAhead, ReadAheadConfig
 from .remote.base import FileSource
 from .tiers.base import Chunk
+from .tiers.disk import hold_for_reader
 
 log = logging.getLogger(__name__)
 
@@ -691,6 +692,7 @@ class Vfs:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
+                hold_for_reader(fd)  # eviction skips it while the kernel holds it, even after a restart
                 backing_id = self.backing.open(fd)  # the kernel keeps its own reference
             finally:
                 os.close(fd)

@@ -23,7 +23,7 @@ from mmfs.chunkmap import BLOCK_SIZE, ChunkMap, block_digests
 from mmfs.errors import CacheError
 from mmfs.manifest import ChunkKey
 from mmfs.tiers.base import Chunk
-from mmfs.tiers.disk import DiskTier
+from mmfs.tiers.disk import DiskTier, hold_for_reader
 from mmfs.tiers.memory import MemoryTier
 
 CHUNK = 8 * BLOCK_SIZE + 123  # blocks never cross chunks: the last block of each is short
@@ -460,4 +460,24 @@ async def test_pinned_files_are_not_evicted_and_a_discard_unlinks_them(tmp_path:
     tier.unpin(CONTENT, CHUNK)
     await tier.put(key(1, OTHER), chunk(11))  # evicts the least recently used: OTHER's chunk 0
     assert tier.contains(key(0)) and tier.contains(key(1)) and not tier.contains(key(0, OTHER))
+    await tier.aclose()
+
+
+async def test_files_held_by_readers_of_an_earlier_daemon_are_not_evicted(tmp_path: Path) -> None:
+    """A passthrough backing file outlives the daemon that registered it (the kernel keeps
+    it while readers have the file open): after a restart nothing is pinned in memory, but
+    the open file's lock (hold_for_reader) still keeps eviction from punching it."""
+    tier = DiskTier(tmp_path, 3 * CHUNK + CHUNK // 2)
+    for index in range(3):
+        await tier.put(key(index), chunk(index))
+    held = os.open(data_file(tmp_path), os.O_RDONLY)
+    try:
+        hold_for_reader(held)
+        await tier.put(key(0, OTHER), chunk(10))  # would need to punch the held file: refused
+        assert not tier.contains(key(0, OTHER)) and all(tier.contains(key(i)) for i in range(3))
+        assert os.pread(held, 3 * CHUNK, 0) == b"".join(payload(s) for s in range(3))
+    finally:
+        os.close(held)
+    await tier.put(key(0, OTHER), chunk(10))  # released: the least recently used chunk goes
+    assert tier.contains(key(0, OTHER)) and not tier.contains(key(0))
     await tier.aclose()

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -471,22 +472,25 @@ class DiskTier(ChunkTier):
 
     def _make_room(self, size: int) -> list[tuple[ChunkKey, int]] | None:
         """Take least recently used chunks until ``size`` more bytes fit (``_lock`` held);
-        chunks of pinned files are skipped (and moved to the recent end: they are in use).
-        ``None``, taking nothing, when even every unpinned chunk would not make room."""
+        chunks of files in use by passthrough readers are skipped: pinned here, or held by
+        a reader of an earlier daemon (:func:`hold_for_reader`). ``None``, taking nothing,
+        when even every other chunk would not make room."""
         if self._used + size <= self._limit:
             return []
-        if self._pins:
-            unpinned = sum(e.size for k, e in self._index.items() if (k.content_id, k.chunk_size) not in self._pins)
-            if self._used - unpinned + size > self._limit:
-                return None
-        victims = []
-        while self._index and self._used + size > self._limit:
-            key = next(iter(self._index))
-            if (key.content_id, key.chunk_size) in self._pins:
-                self._index.move_to_end(key)
-                continue
-            victims.append(self._take(key))
-        return victims
+        in_use: dict[_FileId, bool] = {}
+        chosen, freed = [], 0
+        for key, entry in self._index.items():
+            if self._used - freed + size <= self._limit:
+                break
+            file_id = (key.content_id, key.chunk_size)
+            if file_id not in in_use:
+                in_use[file_id] = file_id in self._pins or _held_by_reader(self._path(*file_id))
+            if not in_use[file_id]:
+                chosen.append(key)
+                freed += entry.size
+        if self._used - freed + size > self._limit:
+            return None
+        return [self._take(key) for key in chosen]
 
     def _write(self, key: ChunkKey, data: bytes | bytearray | memoryview) -> None:
         """Write a chunk at its offset: its whole pages with ``O_DIRECT`` where the buffer is
@@ -798,3 +802,28 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     written = 0
     while written < len(view):
         written += os.pwrite(fd, view[written:], offset + written)
+
+
+_LOCK = struct.Struct("hh4xqqi4x")  # struct flock on Linux x86_64 and aarch64
+
+
+def hold_for_reader(fd: int) -> None:
+    """Mark the open file ``fd`` as read by someone the cache cannot see (a passthrough
+    backing file: the kernel keeps this open file while readers use it, also across a
+    daemon restart). An open-file-description read lock lasts exactly as long."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _LOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0))
+
+
+def _held_by_reader(path: Path) -> bool:
+    """Whether some open file of ``path`` carries a :func:`hold_for_reader` lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _LOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return _LOCK.unpack(answer)[0] != fcntl.F_UNLCK
