@@ -9,6 +9,8 @@
   skip, except under CI (``CI`` set), where that fails them: they must never skip there.
 - ``backing_dir``: a fresh folder on a file system that can back FUSE passthrough files
   (not overlayfs, which the kernel refuses as a backing file's home); the same CI rule.
+- ``overlay_dir``: the merged folder of a fresh overlayfs mount (unmounted afterwards), for
+  the fallback from passthrough; the same CI rule.
 """
 
 from __future__ import annotations
@@ -69,3 +71,22 @@ def backing_dir(tmp_path: Path) -> Iterator[Path]:
     if os.environ.get("CI"):
         pytest.fail(f"{reason}, and CI is set")
     pytest.skip(reason)
+
+
+@pytest.fixture
+def overlay_dir(tmp_path: Path) -> Iterator[Path]:
+    layers = {name: tmp_path / f"overlay-{name}" for name in ("lower", "upper", "work", "merged")}
+    for path in layers.values():
+        path.mkdir()
+    options = f"lowerdir={layers['lower']},upperdir={layers['upper']},workdir={layers['work']}"
+    made = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(layers["merged"])],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        reason = f"cannot mount an overlayfs here: {made.stderr.strip()}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}, and CI is set")
+        pytest.skip(reason)
+    try:
+        yield layers["merged"]
+    finally:
+        subprocess.run(["umount", "-l", str(layers["merged"])], check=False)
