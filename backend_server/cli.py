@@ -34,7 +34,7 @@ from mmfs.errors import CacheError, MmfsError
 from mmfs.manifest import DEFAULT_CHUNK_SIZE
 from mmfs.metadata import MetadataStore
 from mmfs.remote.hub import HubRemote, hub_endpoint
-from mmfs.sizes import format_size, parse_size
+from mmfs.sizes import format_size, parse_size, size_argument
 from mmfs.tiers.base import ChunkTier
 from mmfs.tiers.disk import DiskTier
 from mmfs.tiers.memory import MemoryTier
@@ -50,15 +50,8 @@ MIN_CHUNK = 64 << 10
 MAX_CHUNK = 256 << 20
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _chunk_size(text: str) -> int:
-    value = _size(text)
+    value = size_argument(text)
     if not MIN_CHUNK <= value <= MAX_CHUNK:
         raise argparse.ArgumentTypeError(f"chunk size {text!r} must be between 64KiB and 256MiB")
     return value
@@ -100,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", type=_listen, default=("0.0.0.0", 3000), metavar="HOST:PORT",
                        help="address to listen on (default 0.0.0.0:3000; port 0 picks a free one)")
     serve.add_argument("--data-dir", type=Path, required=True, help="where the cold tier and metadata live")
-    serve.add_argument("--memory-cache", type=_size, default=parse_size("2GiB"), metavar="SIZE",
+    serve.add_argument("--memory-cache", type=size_argument, default=parse_size("2GiB"), metavar="SIZE",
                        help="hot tier size in memory (default 2GiB; 0 disables it)")
     serve.add_argument("--memory-ttl", type=_seconds, default=600.0, metavar="SECONDS",
                        help="how long a chunk stays in the hot tier (default 600)")
@@ -108,13 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"chunk size for new manifests (default {format_size(DEFAULT_CHUNK_SIZE)})")
     serve.add_argument("--max-upstream-fetches", type=_positive_int, default=None, metavar="N",
                        help="chunk fetches from the upstream at once (default: 32MiB worth of chunks, 4 to 16)")
-    serve.add_argument("--disk-cache", type=_size, default=None, metavar="SIZE",
+    serve.add_argument("--disk-cache", type=size_argument, default=None, metavar="SIZE",
                        help="cold tier size (default: 90%% of the data volume's size)")
-    serve.add_argument("--stream-memory", type=_size, default=STREAM_MEMORY, metavar="SIZE",
+    serve.add_argument("--stream-memory", type=size_argument, default=STREAM_MEMORY, metavar="SIZE",
                        help="chunk bytes all streaming responses may hold at once (default 32MiB)")
     serve.add_argument("--nixl", action="store_true",
                        help="also serve chunks over NIXL (needs nixl-cu12: pip install --no-deps 'nixl-cu12>=1.5,<2')")
-    serve.add_argument("--nixl-pool", type=_size, default=parse_size("256MiB"), metavar="SIZE",
+    serve.add_argument("--nixl-pool", type=size_argument, default=parse_size("256MiB"), metavar="SIZE",
                        help="registered DRAM nodes READ chunks from, in chunk-size slots (default 256MiB)")
     serve.add_argument("--nixl-lease-timeout", type=_seconds, default=10.0, metavar="SECONDS",
                        help="how long a slot stays leased to a node that never releases it (default 10)")

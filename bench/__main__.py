@@ -24,6 +24,8 @@ import time
 import traceback
 from pathlib import Path
 
+from mmfs.sizes import rate_argument, size_argument
+
 from .config import BenchConfig, prepare_models
 from .context import Context
 from .harness import Harness, MmfsTools, Unavailable, drop_caches, http_json, machine_info, rmtree
@@ -67,24 +69,6 @@ def _run_scenario(name: str, ctx: Context) -> list[Scenario]:
     return importlib.import_module(f".{name}", __package__).run(ctx)
 
 
-def _size(text: str) -> int:
-    from mmfs.sizes import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _rate(text: str) -> float:
-    from mmfs.sizes import parse_rate
-
-    try:
-        return float(parse_rate(text))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, 1 repeat (CI smoke, < 2 min)")
@@ -97,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
                              "group alone (one cold node from a warm backend: curl, tcp, nixl), a few minutes")
     parser.add_argument("--repeats", type=int, default=None, help="override the number of repeats")
     parser.add_argument("--nodes", type=int, default=None, help="override the number of nodes of scenario 1")
-    parser.add_argument("--hub-rate", type=_rate, default=None, metavar="RATE",
+    parser.add_argument("--hub-rate", type=rate_argument, default=None, metavar="RATE",
                         help="override the hub's bandwidth cap of scenarios 1 and 2 (e.g. 100MB/s; default 200MB/s)")
-    parser.add_argument("--synthetic-size", type=_size, default=None, metavar="SIZE",
+    parser.add_argument("--synthetic-size", type=size_argument, default=None, metavar="SIZE",
                         help="override the synthetic model of scenario 1 (default 1GiB, quick 96MiB)")
-    parser.add_argument("--bigfile-size", type=_size, default=None, metavar="SIZE",
+    parser.add_argument("--bigfile-size", type=size_argument, default=None, metavar="SIZE",
                         help="override the single file of scenarios 2-5 (default 2GiB, quick 192MiB)")
-    parser.add_argument("--ingest-size", type=_size, default=None, metavar="SIZE",
+    parser.add_argument("--ingest-size", type=size_argument, default=None, metavar="SIZE",
                         help="override the file of scenario 8, node ingest (default 512MiB, quick 64MiB)")
     parser.add_argument("--profile", type=float, default=None, metavar="SECONDS",
                         help="profile the read path with py-spy (default: on in full runs, off in --quick; 0: off)")

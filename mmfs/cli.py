@@ -13,17 +13,10 @@ import sys
 from typing import Any, Sequence
 
 from .errors import MmfsError
-from .sizes import format_size, parse_size
+from .sizes import format_size, parse_size, size_argument
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,13 +34,13 @@ def _parser() -> argparse.ArgumentParser:
                        "device (and nixl-cu12 here, --nixl there); without RDMA, NIXL is slower than TCP")
     mount.add_argument("--cache-dir", metavar="DIR", default=None,
                        help="disk chunk cache and metadata DB (default: /var/cache/mmfs)")
-    mount.add_argument("--cache-size", metavar="SIZE", type=_size, default=parse_size("50GiB"),
+    mount.add_argument("--cache-size", metavar="SIZE", type=size_argument, default=parse_size("50GiB"),
                        help="disk cache bound (default: 50GiB)")
-    mount.add_argument("--memory-cache", metavar="SIZE", type=_size, default=parse_size("1GiB"),
+    mount.add_argument("--memory-cache", metavar="SIZE", type=size_argument, default=parse_size("1GiB"),
                        help="memory cache bound (default: 1GiB)")
-    mount.add_argument("--chunk-size", metavar="SIZE", type=_size, default=parse_size("4MiB"),
+    mount.add_argument("--chunk-size", metavar="SIZE", type=size_argument, default=parse_size("4MiB"),
                        help="chunk size in embedded mode (default: 4MiB; a backend picks its own)")
-    mount.add_argument("--read-ahead", metavar="SIZE", type=_size, default=parse_size("16MiB"),
+    mount.add_argument("--read-ahead", metavar="SIZE", type=size_argument, default=parse_size("16MiB"),
                        help="kernel readahead of the mount (default: 16MiB)")
     mount.add_argument("--remote-timeout", metavar="SECONDS", type=float, default=60.0,
                        help="longest a file-system call waits on the backend/Hub before EIO (default: 60)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 
 _UNITS = {
@@ -27,6 +28,22 @@ def parse_size(text: str) -> int:
 def parse_rate(text: str) -> int:
     """Parse a bandwidth such as ``100MB/s`` (the ``/s`` is optional) into bytes per second."""
     return parse_size(text[:-2] if text.endswith("/s") else text)
+
+
+def size_argument(text: str) -> int:
+    """:func:`parse_size` as an ``argparse`` type: a bad size is a usage error naming it."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def rate_argument(text: str) -> int:
+    """:func:`parse_rate` as an ``argparse`` type."""
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def format_size(n: float) -> str:
