@@ -407,17 +407,19 @@ class Vfs:
                     scope.deadline = trio.current_time() + timeout
 
         with trio.move_on_after(timeout) as scope:
-            try:
-                async with trio.open_nursery() as nursery:
-                    if patient:
+            if not patient:
+                result.append(await fn(*args))
+            else:
+                try:
+                    async with trio.open_nursery() as nursery:
                         nursery.start_soon(extend_while_active, scope)
-                    result.append(await fn(*args))
-                    nursery.cancel_scope.cancel()
-            except BaseExceptionGroup as group:
-                error = first_error(group)
-                if error is None:
-                    raise
-                raise error from None
+                        result.append(await fn(*args))
+                        nursery.cancel_scope.cancel()
+                except BaseExceptionGroup as group:
+                    error = first_error(group)
+                    if error is None:
+                        raise
+                    raise error from None
         if scope.cancelled_caught and not result:
             raise UpstreamError(f"{what}: no answer from {self.engine.remote.url or 'the remote'} "
                                 f"within {timeout:g} s") from None
@@ -759,8 +761,12 @@ class Vfs:
             self._read_bytes += len(cached)
             return cached
         try:
+            # Only a read of the file's end may wait for the whole file to be fetched and
+            # verified; other reads wait for their own chunks and keep the plain bound
+            # (no watcher task on the common read path).
+            tail = offset + size >= source.entry.size
             data = await self._bounded(f"{source.repo}@{source.commit}/{source.entry.path}", self._read_through,
-                                       state, offset, size, patient=True)
+                                       state, offset, size, patient=tail)
         except MmfsError as exc:
             self._read_errors += 1
             if isinstance(exc, IntegrityError):
