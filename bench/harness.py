@@ -543,20 +543,25 @@ def _in_proc_mounts(path: Path) -> bool:
 # CPU and memory of daemons
 
 
-def cpu_seconds(proc: psutil.Process) -> float:
-    """User + system CPU seconds of a process and its children (0 once it is gone)."""
-    total = 0.0
+def family_sum(proc: psutil.Process, measure: Callable[[psutil.Process], float]) -> float:
+    """``measure`` summed over a process and its children (0 once it is gone; children
+    that exit meanwhile count nothing)."""
     try:
         family = [proc, *proc.children(recursive=True)]
     except psutil.NoSuchProcess:
         return 0.0
+    total = 0.0
     for p in family:
         try:
-            t = p.cpu_times()
-            total += t.user + t.system
+            total += measure(p)
         except psutil.NoSuchProcess:
             pass
     return total
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    """User + system CPU seconds of a process and its children."""
+    return family_sum(proc, lambda p: sum(p.cpu_times()[:2]))
 
 
 class CpuMeter:
@@ -614,17 +619,7 @@ class RssSampler(CpuMeter):
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _rss(self, proc: psutil.Process) -> int:
-        total = 0
-        try:
-            family = [proc, *proc.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return 0
-        for p in family:
-            try:
-                total += p.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        return total
+        return int(family_sum(proc, lambda p: p.memory_info().rss))
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -75,6 +75,15 @@ def drop_page_cache() -> None:
     subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
 
 
+def read_once(mount: MountProcess, model: dict[str, bytes], name: str = SHARD) -> Path:
+    """Read a file of org/pt whole through ``mount`` (lazily: its chunks then reach the disk
+    cache) and wait until no handle of it is open; returns its path."""
+    path = mount.repo("org/pt") / name
+    assert read_all(path) == model[name]
+    wait_closed(mount)
+    return path
+
+
 def open_in_passthrough(mount: MountProcess, path: Path, timeout: float = 20.0) -> int:
     """Open ``path`` again and again until the daemon answers in passthrough (its chunks
     reach the disk cache behind the readers); returns the fd, open in passthrough."""
@@ -229,9 +238,7 @@ def test_a_cache_on_overlayfs_falls_back_to_the_lazy_path(tmp_path: Path, hub_ro
                                                           model: dict[str, bytes], mounts, overlay_dir: Path) -> None:
     with TestHub(hub_root) as hub:
         mount = mounts(hub, cache=overlay_dir / "cache")
-        path = mount.repo("org/pt") / SHARD
-        assert read_all(path) == model[SHARD]
-        wait_closed(mount)
+        path = read_once(mount, model)
         deadline = time.monotonic() + 20
         while passthrough(mount)["enabled"] and time.monotonic() < deadline:
             assert read_all(path) == model[SHARD]  # the first open of the complete file: ELOOP
@@ -263,9 +270,7 @@ def test_without_the_capability_reads_fall_back(hub_root: Path, model: dict[str,
     privilege): the kernel refuses backing files (EPERM); passthrough goes off, one log line."""
     with TestHub(hub_root) as hub:
         mount = mounts(hub, wrapper="mmfs.testing.nocap")
-        path = mount.repo("org/pt") / SHARD
-        assert read_all(path) == model[SHARD]
-        wait_closed(mount)
+        path = read_once(mount, model)
         deadline = time.monotonic() + 20
         while passthrough(mount)["enabled"] and time.monotonic() < deadline:
             assert read_all(path) == model[SHARD]
@@ -291,9 +296,7 @@ def test_passthrough_on_mounts_where_it_works(hub_root: Path, model: dict[str, b
     with TestHub(hub_root) as hub:
         mount = mounts(hub, "--passthrough", "on")
         assert passthrough(mount)["enabled"] is True
-        path = mount.repo("org/pt") / SHARD
-        assert read_all(path) == model[SHARD]
-        wait_closed(mount)
+        path = read_once(mount, model)
         os.close(open_in_passthrough(mount, path))
         assert not list(mount.cache_dir.rglob(".passthrough-probe*"))  # the probe file is gone
 
@@ -346,9 +349,7 @@ def test_daemon_gone_with_a_passthrough_file_open(hub_root: Path, model: dict[st
     cache = backing_dir / "cache-restart"
     with TestHub(hub_root) as hub:
         mount = mounts(hub, cache=cache)
-        path = mount.repo("org/pt") / SHARD
-        assert read_all(path) == model[SHARD]
-        wait_closed(mount)
+        path = read_once(mount, model)
         fd = open_in_passthrough(mount, path)
         try:
             assert observe(fd, model[SHARD]) == "bytes"
@@ -437,9 +438,7 @@ def test_verify_finds_and_repairs_a_flipped_byte(hub_root: Path, model: dict[str
         assert again.returncode == 0 and " 0 damaged" in again.stdout, again.stdout
         # Restarted: the dropped chunk is fetched again, the file reads right and goes passthrough again.
         mount = mounts(hub, cache=cache)
-        path = mount.repo("org/pt") / SHARD
-        assert read_all(path) == model[SHARD]
-        wait_closed(mount)
+        path = read_once(mount, model)
         fd = open_in_passthrough(mount, path)
         try:
             assert os.pread(fd, len(model[SHARD]) + 1, 0) == model[SHARD]
