@@ -622,11 +622,6 @@ class FetchEngine:
             _, old = self._maps.popitem(last=False)
             self._map_bytes -= len(old.digests)
 
-    def known_digest(self, entry: FileEntry, index: int) -> bytes | None:
-        """The block digests of chunk ``index`` from the file's map, if known."""
-        chunk_map = self.known_map(entry)
-        return None if chunk_map is None else chunk_map.chunk_digests(index)
-
     def verification_progress(self, entry: FileEntry) -> int:
         """Bytes of the file hashed so far by a whole-file check under way here (0: none)."""
         state = self._file_hashes.get(map_key(entry.content_id, entry.chunk_size))
