@@ -50,6 +50,7 @@ from mmfs.tiers.base import Chunk
 from mmfs.names import RepoRef, check_path, check_provider, check_repo_part, check_revision
 from mmfs.remote.backend import VERIFIED_HEADER
 from mmfs.remote.base import FileSource
+from mmfs.remote.replicas import ReplicaRemote
 
 from .access import AccessControl
 from .http import Request, Response, Send
@@ -172,7 +173,9 @@ class BackendApp:
                               "stream_memory": {"used_bytes": self.stream_budget.total - self.stream_budget.free,
                                                 "limit_bytes": self.stream_budget.total,
                                                 "peak_used_bytes": self.stream_budget.peak,
-                                                "waiting": self.stream_budget.waiting}})
+                                                "waiting": self.stream_budget.waiting},
+                              **({"replicas": self.engine.remote.status()}
+                                 if isinstance(self.engine.remote, ReplicaRemote) else {})})
 
     async def metrics_page(self, request: Request, s: list[str]) -> Response:
         server = self.server_stats()

@@ -4,12 +4,19 @@
         [--memory-cache 8GiB] [--memory-ttl 600] [--chunk-size 4MiB] \\
         [--max-upstream-fetches 16] [--disk-cache 500GiB] [--stream-memory 32MiB] \\
         [--max-connections 1024] [--send-timeout 30] \\
-        [--nixl [--nixl-pool 256MiB] [--nixl-lease-timeout 10]]
+        [--nixl [--nixl-pool 256MiB] [--nixl-lease-timeout 10]] \\
+        [--replicas URL[,URL…] [--advertise HOST:PORT]] [--shared-dir DIR [--cold-compression zstd|none]]
 
 The upstream is the Hub at ``HF_ENDPOINT`` with ``HF_TOKEN``; ``HF_HUB_OFFLINE=1`` serves
-only what the data directory already holds. Under ``--data-dir``: ``chunks/`` (the cold
-tier: content-addressed chunks indexed in LMDB), ``metadata/`` (refs, manifests, file
-records) and ``access.json`` (repos found gated or private). On start it prints
+only what the data directory already holds. Under ``--data-dir`` (local storage: LMDB must
+not sit on a network filesystem): ``chunks/`` (the cold tier: content-addressed chunks
+indexed in LMDB; with ``--shared-dir`` the cold tier is there instead, see
+:mod:`mmfs.tiers.shared`), ``metadata/`` (refs, manifests, file records) and
+``access.json`` (repos found gated or private). One process at a time uses a data
+directory: a second one (a rolling update started early) waits for the first to exit.
+With ``--replicas``, chunks are owned by replicas by rendezvous hashing
+(:mod:`mmfs.remote.replicas`): this replica fetches the chunks it owns upstream and
+takes the others from their owners. On start it prints
 ``mmfs-backend listening on http://HOST:PORT`` to stdout; logs go to stderr (one line
 per request with ``--log-level DEBUG``; at INFO only bodies cut short). SIGTERM or SIGINT: stop accepting, let requests in progress finish (up to
 ``--grace`` seconds), flush the stores, exit 0.
@@ -33,14 +40,18 @@ from mmfs.engine import EngineConfig, FetchEngine
 from mmfs.errors import CacheError, MmfsError
 from mmfs.manifest import DEFAULT_CHUNK_SIZE
 from mmfs.metadata import MetadataStore
+from mmfs.remote.base import Remote
 from mmfs.remote.hub import HubRemote, hub_endpoint
+from mmfs.remote.replicas import Replica, ReplicaRemote, ReplicaSet, expand, parse_replica_urls
 from mmfs.sizes import format_size, parse_size, size_argument
 from mmfs.tiers.base import ChunkTier
 from mmfs.tiers.disk import DiskTier
 from mmfs.tiers.memory import MemoryTier
+from mmfs.tiers.shared import SharedTier
 
 from .access import AccessControl
 from .app import STREAM_MEMORY, BackendApp
+from .datadir import hold_data_dir
 from .http import MAX_CONNECTIONS, SEND_TIMEOUT, HTTPServer
 from .metrics import Metrics
 
@@ -85,6 +96,17 @@ def _listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _replica_urls(text: str) -> list[str]:
+    try:
+        return parse_replica_urls(text)
+    except MmfsError as exc:
+        raise argparse.ArgumentTypeError(f"--replicas: {exc}") from None
+
+
+#: Seconds between sweeps of the shared cold tier (settling chunks another replica verified).
+SWEEP_EVERY = 5.0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfs-backend", description="The mmfs cluster backend server.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "streams wait up to twice this for --stream-memory")
     serve.add_argument("--grace", type=_seconds, default=5.0, metavar="SECONDS",
                        help="on SIGTERM, how long requests in progress may take to finish (default 5)")
+    serve.add_argument("--replicas", type=_replica_urls, default=None, metavar="URL[,URL…]",
+                       help="every replica of this backend, this one included, or one DNS name resolving to "
+                            "all of them (a headless Service): each chunk is fetched upstream by its owner only")
+    serve.add_argument("--advertise", type=_listen, default=None, metavar="HOST:PORT",
+                       help="this replica's address among --replicas (default: the --listen address, or "
+                            "$POD_IP with the --listen port)")
+    serve.add_argument("--shared-dir", type=Path, default=None, metavar="DIR",
+                       help="cold tier shared by the replicas (an RWX volume; content-addressed, safe for "
+                            "several writers) instead of chunks/ under --data-dir")
+    serve.add_argument("--cold-compression", choices=["zstd", "none"], default="none",
+                       help="compress chunks at rest in --shared-dir (byte-grouped zstd; default none)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -152,14 +185,26 @@ async def serve(args: argparse.Namespace) -> int:
     # Each fetch holds up to twice its chunk while the body arrives: bound them in bytes.
     fetches = args.max_upstream_fetches or max(4, min(16, (32 << 20) // args.chunk_size))
     config = EngineConfig.from_env(max_concurrent_fetches=fetches)
-    remote = HubRemote(chunk_size=args.chunk_size)
+    hub = HubRemote(chunk_size=args.chunk_size)
+    remote: Remote = hub
+    if args.replicas:
+        self_id = _advertised(args)
+        replicas = ReplicaSet(args.replicas, always=Replica(self_id, f"http://{self_id}"))
+        remote = ReplicaRemote(replicas, self_id=self_id, local=hub)
+        log.info("replica %s of %s", self_id, ", ".join(r.id for r in replicas.members))
     tiers: list[ChunkTier] = [MemoryTier(args.memory_cache, ttl_seconds=args.memory_ttl)]
+    shared: SharedTier | None = None
     try:
-        tiers.append(DiskTier(data_dir / "chunks", disk_limit))
+        if args.shared_dir is not None:
+            shared = SharedTier(args.shared_dir, args.disk_cache or int(shutil.disk_usage(args.shared_dir).total * 0.9),
+                                compression=args.cold_compression)
+            tiers.append(shared)
+        else:
+            tiers.append(DiskTier(data_dir / "chunks", disk_limit))
     except CacheError as exc:  # a crash loop would serve nothing: serve from memory instead
         log.error("%s: running without the cold tier (memory only)", exc)
     metadata = MetadataStore(data_dir / "metadata")
-    access = AccessControl(remote.url, os.environ.get("HF_TOKEN") or None, data_dir / "access.json")
+    access = AccessControl(hub.url, os.environ.get("HF_TOKEN") or None, data_dir / "access.json")
     metrics = Metrics()
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
@@ -176,7 +221,7 @@ async def serve(args: argparse.Namespace) -> int:
                  "none (nodes with --transport auto use TCP; --transport nixl still reads over NIXL)")
     async with FetchEngine(tiers, remote, metadata, config) as engine:
         server: HTTPServer
-        app = BackendApp(engine, access, metrics, upstream=remote.url, data_dir=str(data_dir),
+        app = BackendApp(engine, access, metrics, upstream=hub.url, data_dir=str(data_dir),
                          stream_memory=args.stream_memory, stream_wait=2 * args.send_timeout, nixl=nixl,
                          stats=lambda: {"connections": server.connections, "active_requests": server.active_requests})
         server = HTTPServer(app.handle, observer=lambda req, resp, sent, secs, done:
@@ -194,11 +239,13 @@ async def serve(args: argparse.Namespace) -> int:
             bound = listeners[0].socket.getsockname()
             shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
             log.info("serving %s through %s; data in %s (memory %s, ttl %.0fs, disk %s, chunks %s, "
-                     "%d upstream fetches, holder %s)", remote.url, f"http://{shown}:{bound[1]}", data_dir,
+                     "%d upstream fetches, holder %s)", hub.url, f"http://{shown}:{bound[1]}", data_dir,
                      format_size(args.memory_cache), args.memory_ttl, format_size(disk_limit),
                      format_size(args.chunk_size), fetches, config.holder)
             print(f"mmfs-backend listening on http://{shown}:{bound[1]}", flush=True)
             nursery.start_soon(_expire_memory, tiers[0], args.memory_ttl)
+            if shared is not None:
+                nursery.start_soon(_sweep_shared, shared)
             if nixl is not None:
                 nursery.start_soon(nixl.run)
         if nixl is not None:
@@ -224,6 +271,28 @@ async def _expire_memory(tier: MemoryTier, ttl: float) -> None:
         tier.expire()
 
 
+async def _sweep_shared(tier: SharedTier) -> None:
+    while True:
+        await trio.sleep(SWEEP_EVERY)
+        try:
+            await tier.sweep()
+        except OSError as exc:
+            log.error("shared cold tier %s: sweep failed: %s", tier.root, exc)
+
+
+def _advertised(args: argparse.Namespace) -> str:
+    """This replica's id in the set (``IP:port``), as nodes and the other replicas name it."""
+    host, port = args.advertise or args.listen
+    if host in ("0.0.0.0", "::", ""):
+        host = os.environ.get("POD_IP", "")
+        if not host:
+            raise MmfsError("--replicas needs to know this replica's address: give --advertise HOST:PORT "
+                            "(or set POD_IP), or --listen a specific address")
+    if port == 0:
+        raise MmfsError("--replicas needs a fixed port: the other replicas and the nodes must know it")
+    return expand(f"http://{f'[{host}]' if ':' in host else host}:{port}")[0].id
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -235,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("HF_ENDPOINT is not set: the upstream is %s", hub_endpoint())
     try:
         args.data_dir.mkdir(parents=True, exist_ok=True)
+        if args.shared_dir is not None:
+            args.shared_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(args.data_dir, os.W_OK):
             raise MmfsError(f"--data-dir {args.data_dir} is not writable")
     except OSError as exc:
@@ -245,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _tame_malloc()
     try:
-        return trio.run(serve, args)
+        with hold_data_dir(args.data_dir):
+            return trio.run(serve, args)
     except MmfsError as exc:
         print(f"mmfs-backend: error: {exc}", file=sys.stderr)
         return 1

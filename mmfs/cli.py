@@ -26,8 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     mount = commands.add_parser("mount", help="mount the model namespace (foreground, until unmounted)",
                                 description="Mount MOUNTPOINT/huggingface/<org>/<name>/<rev>/<path> read-only.")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT")
-    mount.add_argument("--backend", metavar="URL", help="cluster backend URL (default: embedded mode, the Hub "
-                       "at HF_ENDPOINT directly)")
+    mount.add_argument("--backend", metavar="URL[,URL…]", help="cluster backend URL, or its replicas' URLs, or "
+                       "one name resolving to every replica (default: embedded mode, the Hub at HF_ENDPOINT "
+                       "directly)")
     mount.add_argument("--transport", choices=["tcp", "nixl", "auto"], default="auto",
                        help="how chunk bytes come from --backend: tcp, nixl (NIXL READs, TCP per chunk when "
                        "that fails), or auto (default): TCP unless this node and the backend both have an RDMA "
@@ -96,6 +97,15 @@ def _mount(args: argparse.Namespace) -> int:
     if args.remote_timeout <= 0:
         print("mmfs mount: --remote-timeout must be positive", file=sys.stderr)
         return EXIT_USAGE
+    if args.backend:
+        from .errors import InvalidName
+        from .remote.replicas import parse_replica_urls
+
+        try:
+            parse_replica_urls(args.backend)
+        except InvalidName as exc:
+            print(f"mmfs mount: --backend: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     options = MountOptions(mountpoint=args.mountpoint, backend=args.backend, transport=args.transport,
                            cache_dir=args.cache_dir or DEFAULT_CACHE_DIR, cache_size=args.cache_size,
                            memory_cache=args.memory_cache, chunk_size=args.chunk_size, read_ahead=args.read_ahead,

@@ -2,6 +2,7 @@
 
     MemoryTier(--memory-cache) ─ DiskTier(--cache-dir, --cache-size) ─ remote
     remote = BackendRemote(--backend)  or, embedded, HubRemote(HF_ENDPOINT, HF_TOKEN)
+             (ReplicaRemote where --backend names several replicas: each chunk from its owner)
              (NixlBackendRemote with --transport nixl, or with auto where NIXL can win:
              see choose_transport)
 
@@ -38,6 +39,7 @@ from .remote._http import RetryPolicy
 from .remote.backend import BackendRemote
 from .remote.base import Remote
 from .remote.hub import HubRemote
+from .remote.replicas import ReplicaRemote, ReplicaSet, expand, parse_replica_urls
 from .tiers.base import ChunkTier
 from .tiers.disk import DiskTier
 from .tiers.memory import MemoryTier
@@ -131,10 +133,29 @@ def choose_transport(options: MountOptions) -> TransportChoice:
                            "the backend announces RDMA too, TCP until then", "auto: RDMA here")
 
 
+def replica_set(backend: str) -> ReplicaSet | None:
+    """The replicas ``--backend`` names (a list, or one name resolving to several
+    addresses: a headless Service), or ``None`` for a single backend."""
+    urls = parse_replica_urls(backend)
+    if len(urls) == 1:
+        try:
+            if len(expand(urls[0])) < 2:
+                return None
+        except MmfsError:
+            return None  # not resolvable yet: one backend, found when it is asked
+    return ReplicaSet(urls)
+
+
 def make_remote(options: MountOptions, transport: TransportChoice | None = None) -> Remote:
     policy = retry_policy(options.remote_timeout)
     if options.backend:
         transport = transport or choose_transport(options)
+        replicas = replica_set(options.backend)
+        if replicas is not None:
+            if transport.kind == "nixl":
+                log.warning("NIXL reads from one backend only: chunks come over TCP from the replicas %s",
+                            ", ".join(r.id for r in replicas.members))
+            return ReplicaRemote(replicas, policy=policy)
         if transport.kind == "nixl":
             from .remote.nixl import NixlBackendRemote
 
@@ -215,6 +236,8 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
                                 "cache_dir": os.path.abspath(options.cache_dir), "pid": os.getpid(),
                                 "offline": engine.config.offline, "daemon_started_at": started,
                                 "cache_problems": cache_problems, "passthrough_option": options.passthrough}
+        if isinstance(engine.remote, ReplicaRemote):
+            info["replicas"] = engine.remote.status()
         if transport is not None:
             now = transport_status(engine.remote, transport)
             info.update(transport=now["in_use"], transport_requested=now["requested"],

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import trio
 
 from ..errors import MmfsError, TransientError, UpstreamError, from_http
-from .wire import Response, WireClient
+from .wire import Response, Unreachable, WireClient
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,9 @@ class RetryPolicy:
     connect_timeout: float = 5.0
     read_timeout: float = 30.0  # between bytes
     request_timeout: float = 120.0  # for one whole request, however slowly its bytes come
+    #: Raise :class:`~mmfs.remote.wire.Unreachable` at once instead of retrying it: the
+    #: caller has another server to ask (a replica set fails over to the next replica).
+    fail_over: bool = False
 
 
 def make_client(policy: RetryPolicy) -> WireClient:
@@ -78,6 +81,8 @@ async def request(client: WireClient, policy: RetryPolicy, method: str, url: str
                 return response
             raise error_from_response(response)
         except TransientError as exc:
+            if policy.fail_over and isinstance(exc, Unreachable):
+                raise
             error: MmfsError = exc
         if attempt == policy.attempts:
             raise UpstreamError(f"{method} {_redact(url)} failed after {attempt} attempts: {error}") from error

@@ -98,6 +98,11 @@ class _Connection:
         return await self.stream.receive_some(_RECEIVE)
 
 
+class Unreachable(TransientError):
+    """No answer came: the connection could not be made, broke, or went silent. (An HTTP
+    error status is an answer: the server is there.) Replica failover tells the two apart."""
+
+
 class WireClient:
     """Keep-alive connections per origin; ``get``/``head`` return whole responses."""
 
@@ -124,7 +129,7 @@ class WireClient:
             with trio.fail_after(self._request_timeout):
                 return await self._follow(method, url, dict(headers or {}), max_body)
         except trio.TooSlowError:
-            raise TransientError(f"{method} {url.split('?', 1)[0]} took over {self._request_timeout:g} s") from None
+            raise Unreachable(f"{method} {url.split('?', 1)[0]} took over {self._request_timeout:g} s") from None
 
     async def _follow(self, method: str, url: str, headers: dict[str, str], max_body: int) -> Response:
         origin = _origin(url)
@@ -162,13 +167,13 @@ class WireClient:
                 await trio.aclose_forcefully(connection.stream)
                 if connection.reused and not answered:
                     continue  # a kept-alive connection the server had closed: try a fresh one
-                raise TransientError(f"connection to {key[1]}:{key[2]} broke: {exc or type(exc).__name__}") from exc
+                raise Unreachable(f"connection to {key[1]}:{key[2]} broke: {exc or type(exc).__name__}") from exc
             except _BodyTooLarge as exc:
                 await trio.aclose_forcefully(connection.stream)
                 raise UpstreamError(f"{key[1]}:{key[2]} {exc}") from None
             except trio.TooSlowError as exc:
                 await trio.aclose_forcefully(connection.stream)
-                raise TransientError(f"no answer from {key[1]}:{key[2]} within {self._read_timeout:g} s") from exc
+                raise Unreachable(f"no answer from {key[1]}:{key[2]} within {self._read_timeout:g} s") from exc
             except BaseException:
                 await trio.aclose_forcefully(connection.stream)
                 raise
@@ -281,9 +286,9 @@ class WireClient:
                     stream = trio.SSLStream(stream, self._tls, server_hostname=host, https_compatible=True)
                     await stream.do_handshake()
         except trio.TooSlowError as exc:
-            raise TransientError(f"cannot connect to {host}:{port} within {self._connect_timeout:g} s") from exc
+            raise Unreachable(f"cannot connect to {host}:{port} within {self._connect_timeout:g} s") from exc
         except (OSError, trio.BrokenResourceError) as exc:
-            raise TransientError(f"cannot connect to {host}:{port}: {exc}") from exc
+            raise Unreachable(f"cannot connect to {host}:{port}: {exc}") from exc
         return _Connection(stream)
 
     def _checkin(self, key: tuple[str, str, int], connection: _Connection) -> None:
