@@ -181,9 +181,12 @@ class BackendApp:
         server = self.server_stats()
         self.metrics.access_checks.clear()
         self.metrics.access_checks.update(self.access.outcomes)
+        remote = self.engine.remote
+        replicas = (remote.replica_fetches, remote.replica_bytes) if isinstance(remote, ReplicaRemote) else (0, 0)
         text = self.metrics.render(self.engine.statistics(), connections=server["connections"],
                                    active_requests=server["active_requests"],
-                                   nixl=self.nixl.statistics() if self.nixl else None)
+                                   nixl=self.nixl.statistics() if self.nixl else None,
+                                   replica_fetches=replicas[0], replica_bytes=replicas[1])
         return Response.text(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def files(self, request: Request, s: list[str]) -> Response:
@@ -328,7 +331,7 @@ class BackendApp:
         auth = self._upstream_auth(repo, request.header("authorization"))
         chosen = [f for f in manifest.files if not patterns or any(fnmatch.fnmatchcase(f.path, p) for p in patterns)]
         started = time.perf_counter()
-        upstream_before = self.engine.statistics().remote_bytes
+        upstream_before = self._upstream_bytes()
         errors: list[str] = []
         first: list[MmfsError] = []
         queue = list(chosen)
@@ -348,13 +351,19 @@ class BackendApp:
                 nursery.start_soon(worker)
         summary = {"repo": str(repo), "revision": revision, "commit": manifest.commit, "files": len(chosen),
                    "bytes": sum(f.size for f in chosen),
-                   "upstream_bytes": self.engine.statistics().remote_bytes - upstream_before,
+                   "upstream_bytes": self._upstream_bytes() - upstream_before,
                    "seconds": round(time.perf_counter() - started, 3), "errors": errors}
         if first:
             err = first[0]
             summary["error"] = f"{len(errors)} of {len(chosen)} files failed; first: {errors[0]}"
             return Response.json(summary, err.status, [("X-Error-Code", err.code())])
         return Response.json(summary)
+
+    def _upstream_bytes(self) -> int:
+        """Bytes this process fetched from the upstream (not from other replicas)."""
+        remote = self.engine.remote
+        return self.engine.statistics().remote_bytes - \
+            (remote.replica_bytes if isinstance(remote, ReplicaRemote) else 0)
 
     # -- the Hub's download API ---------------------------------------------------------
 

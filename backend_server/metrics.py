@@ -39,12 +39,18 @@ class Metrics:
             self.aborted_responses += 1
 
     def render(self, engine: EngineStatistics, *, connections: int, active_requests: int,
-               nixl: PlaneStatistics | None = None) -> str:
+               nixl: PlaneStatistics | None = None, replica_fetches: int = 0, replica_bytes: int = 0) -> str:
+        """``replica_*``: the part of the engine's remote fetches that came from other replicas."""
         out = _Writer()
         out.metric("mmfs_backend_upstream_bytes_total", "counter", "Bytes fetched from the upstream (the Hub).",
-                   [({}, engine.remote_bytes)])
+                   [({}, engine.remote_bytes - replica_bytes)])
         out.metric("mmfs_backend_upstream_fetches_total", "counter", "Chunk fetches from the upstream.",
-                   [({}, engine.remote_fetches)])
+                   [({}, engine.remote_fetches - replica_fetches)])
+        out.metric("mmfs_backend_replica_bytes_total", "counter",
+                   "Bytes of chunks fetched from the other replicas (their owners; 0 without --replicas).",
+                   [({}, replica_bytes)])
+        out.metric("mmfs_backend_replica_fetches_total", "counter", "Chunk fetches from the other replicas.",
+                   [({}, replica_fetches)])
         out.metric("mmfs_backend_inflight_fetches", "gauge", "Chunk loads in flight (single-flight entries).",
                    [({}, engine.inflight)])
         out.metric("mmfs_backend_coalesced_requests_total", "counter",

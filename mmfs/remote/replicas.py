@@ -202,6 +202,8 @@ class ReplicaRemote(Remote):
         self._remotes: dict[str, BackendRemote] = {}
         #: Requests answered per replica id (``mmfs status``, tests).
         self.answered: dict[str, int] = {}
+        #: Chunks, and their bytes, that came from other replicas (not from ``local``).
+        self.replica_fetches = self.replica_bytes = 0
 
     def _remote(self, replica: Replica) -> BackendRemote:
         remote = self._remotes.get(replica.id)
@@ -241,8 +243,14 @@ class ReplicaRemote(Remote):
 
     async def fetch_chunk(self, source: FileSource, index: int, *, auth: str | None = None) -> FetchedChunk:
         local = self.local
-        return await self._route(chunk_owner_key(source, index),
-                                 lambda r: r.fetch_chunk(source, index, auth=auth),
+
+        async def from_replica(remote: BackendRemote) -> FetchedChunk:
+            fetched = await remote.fetch_chunk(source, index, auth=auth)
+            self.replica_fetches += 1
+            self.replica_bytes += len(fetched.data)
+            return fetched
+
+        return await self._route(chunk_owner_key(source, index), from_replica,
                                  lambda: local.fetch_chunk(source, index, auth=auth))  # type: ignore[union-attr]
 
     async def fetch_map(self, source: FileSource, *, wait: float = 0.0, auth: str | None = None) -> ChunkMap | int:
