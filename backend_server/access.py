@@ -43,6 +43,8 @@ from mmfs.singleflight import SingleFlight
 log = logging.getLogger(__name__)
 
 _RESTRICTED_CODES = ("GatedRepo", "RepoNotFound")
+#: The codes of a 404 that still shows the repo to the asker (the Hub sends one on every 404).
+_VISIBLE_REPO_CODES = ("EntryNotFound", "RevisionNotFound")
 _MAX_CALLER_ENTRIES = 10_000
 
 
@@ -168,7 +170,9 @@ class AccessControl:
         if response.status_code in (401, 403) or response.headers.get("X-Error-Code") in _RESTRICTED_CODES:
             return True
         if response.status_code == 404:
-            return False  # the repo is visible; the file or revision is missing: the engine says so
+            # Visible, only the file or revision is missing (the engine says so); a 404
+            # that does not say so could be a hidden repo: restricted, callers checked.
+            return not _shows_the_repo(response)
         raise error_from_response(response)
 
     async def _ask_caller(self, repo: RepoRef, commit: str, path: str, auth: str) -> bool:
@@ -180,8 +184,9 @@ class AccessControl:
             self._count("denied")
             return False
         if response.status_code == 404:
-            self._count("allowed")
-            return True
+            allowed = _shows_the_repo(response)  # without a code, a 404 proves no access
+            self._count("allowed" if allowed else "denied")
+            return allowed
         self._count("error")
         error = error_from_response(response)
         raise error if isinstance(error, UpstreamError) else UpstreamError(str(error))
@@ -191,3 +196,8 @@ class AccessControl:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _shows_the_repo(response: httpx.Response) -> bool:
+    """Whether a 404 says the repo exists for this caller (only a file or revision is missing)."""
+    return response.headers.get("X-Error-Code") in _VISIBLE_REPO_CODES

@@ -244,7 +244,7 @@ class BackendApp:
         appended to ``held``: the caller gives it back once the response is over."""
         source, auth = await self._file_of(request, s)
         raw_index = request.query_value("index")
-        if raw_index is None or not raw_index.isdigit() or len(raw_index) > 12:
+        if raw_index is None or not _is_number(raw_index) or len(raw_index) > 12:
             raise InvalidName("the chunk endpoint needs ?index=N with N a chunk number (0, 1, ...)")
         index = int(raw_index)
         if index >= source.entry.chunk_count:
@@ -402,6 +402,7 @@ class BackendApp:
 
     async def _serve_file(self, request: Request, source: FileSource, auth: str | None) -> Response:
         entry = source.entry
+        entry.check_empty()  # a zero-byte file has no chunk to verify: its hash is checked here
         span = parse_range(request.header("range"), entry.size)
         tainted_at = self.engine.tainted_at(entry)
         if span is not None and span[0] > 0 and span[1] == entry.size and tainted_at:
@@ -580,6 +581,11 @@ def _segments(path: str) -> list[str]:
         raise InvalidName(f"the path is not valid percent-encoded UTF-8: {exc.reason}") from None
 
 
+def _is_number(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts ``'²'`` and other digits ``int`` refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _repo(provider: str, org: str, name: str) -> RepoRef:
     return RepoRef(check_provider(provider), check_repo_part(org, "organisation"), check_repo_part(name))
 
@@ -607,7 +613,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         raise BadRange("multiple ranges in one request are not supported; ask for one range at a time")
     first, dash, last = spec.strip().partition("-")
     first, last = first.strip(), last.strip()
-    if not dash or (first and not first.isdigit()) or (last and not last.isdigit()) or not (first or last) \
+    if not dash or (first and not _is_number(first)) or (last and not _is_number(last)) or not (first or last) \
             or len(first) > 20 or len(last) > 20:
         raise BadRange(f"malformed Range {header[:100]!r}: expected bytes=START-END, bytes=START- or bytes=-N")
     if not first:

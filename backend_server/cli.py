@@ -36,6 +36,7 @@ from pathlib import Path
 
 import trio
 
+from mmfs import options
 from mmfs.engine import EngineConfig, FetchEngine
 from mmfs.errors import CacheError, MmfsError
 from mmfs.manifest import DEFAULT_CHUNK_SIZE
@@ -57,44 +58,6 @@ from .metrics import Metrics
 
 log = logging.getLogger("backend_server")
 
-MIN_CHUNK = 64 << 10
-MAX_CHUNK = 256 << 20
-
-
-def _chunk_size(text: str) -> int:
-    value = size_argument(text)
-    if not MIN_CHUNK <= value <= MAX_CHUNK:
-        raise argparse.ArgumentTypeError(f"chunk size {text!r} must be between 64KiB and 256MiB")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"seconds must be a positive number, not {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def _listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid --listen {text!r}: expected HOST:PORT such as 0.0.0.0:3000")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
-
 
 def _replica_urls(text: str) -> list[str]:
     try:
@@ -109,41 +72,42 @@ SWEEP_EVERY = 5.0
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfs-backend", description="The mmfs cluster backend server.")
+    options.add_version(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve models from the Hub through the cluster cache",
                                 description=__doc__.split("\n\n")[0])
-    serve.add_argument("--listen", type=_listen, default=("0.0.0.0", 3000), metavar="HOST:PORT",
+    serve.add_argument("--listen", type=options.listen_address, default=("0.0.0.0", 3000), metavar="HOST:PORT",
                        help="address to listen on (default 0.0.0.0:3000; port 0 picks a free one)")
     serve.add_argument("--data-dir", type=Path, required=True, help="where the cold tier and metadata live")
     serve.add_argument("--memory-cache", type=size_argument, default=parse_size("2GiB"), metavar="SIZE",
                        help="hot tier size in memory (default 2GiB; 0 disables it)")
-    serve.add_argument("--memory-ttl", type=_seconds, default=600.0, metavar="SECONDS",
+    serve.add_argument("--memory-ttl", type=options.seconds, default=600.0, metavar="SECONDS",
                        help="how long a chunk stays in the hot tier (default 600)")
-    serve.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
+    serve.add_argument("--chunk-size", type=options.chunk_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
                        help=f"chunk size for new manifests (default {format_size(DEFAULT_CHUNK_SIZE)})")
-    serve.add_argument("--max-upstream-fetches", type=_positive_int, default=None, metavar="N",
+    serve.add_argument("--max-upstream-fetches", type=options.positive_int, default=None, metavar="N",
                        help="chunk fetches from the upstream at once (default: 32MiB worth of chunks, 4 to 16)")
     serve.add_argument("--disk-cache", type=size_argument, default=None, metavar="SIZE",
                        help="cold tier size (default: 90%% of the data volume's size)")
-    serve.add_argument("--stream-memory", type=size_argument, default=STREAM_MEMORY, metavar="SIZE",
+    serve.add_argument("--stream-memory", type=options.size_between(options.MIN_CHUNK), default=STREAM_MEMORY, metavar="SIZE",
                        help="chunk bytes all streaming responses may hold at once (default 32MiB)")
     serve.add_argument("--nixl", action="store_true",
                        help="also serve chunks over NIXL (needs nixl-cu12: pip install --no-deps 'nixl-cu12>=1.5,<2')")
     serve.add_argument("--nixl-pool", type=size_argument, default=parse_size("256MiB"), metavar="SIZE",
                        help="registered DRAM nodes READ chunks from, in chunk-size slots (default 256MiB)")
-    serve.add_argument("--nixl-lease-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+    serve.add_argument("--nixl-lease-timeout", type=options.seconds, default=10.0, metavar="SECONDS",
                        help="how long a slot stays leased to a node that never releases it (default 10)")
-    serve.add_argument("--max-connections", type=_positive_int, default=MAX_CONNECTIONS, metavar="N",
+    serve.add_argument("--max-connections", type=options.positive_int, default=MAX_CONNECTIONS, metavar="N",
                        help=f"client connections served at once; more are answered 503 (default {MAX_CONNECTIONS})")
-    serve.add_argument("--send-timeout", type=_seconds, default=SEND_TIMEOUT, metavar="SECONDS",
+    serve.add_argument("--send-timeout", type=options.seconds, default=SEND_TIMEOUT, metavar="SECONDS",
                        help="drop a client that takes no MiB of a response for this long (default 30); "
                             "streams wait up to twice this for --stream-memory")
-    serve.add_argument("--grace", type=_seconds, default=5.0, metavar="SECONDS",
+    serve.add_argument("--grace", type=options.seconds, default=5.0, metavar="SECONDS",
                        help="on SIGTERM, how long requests in progress may take to finish (default 5)")
     serve.add_argument("--replicas", type=_replica_urls, default=None, metavar="URL[,URL…]",
                        help="every replica of this backend, this one included, or one DNS name resolving to "
                             "all of them (a headless Service): each chunk is fetched upstream by its owner only")
-    serve.add_argument("--advertise", type=_listen, default=None, metavar="HOST:PORT",
+    serve.add_argument("--advertise", type=options.listen_address, default=None, metavar="HOST:PORT",
                        help="this replica's address among --replicas (default: the --listen address, or "
                             "$POD_IP with the --listen port)")
     serve.add_argument("--shared-dir", type=Path, default=None, metavar="DIR",
@@ -296,6 +260,9 @@ def _advertised(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.nixl and args.nixl_pool < args.chunk_size:
+        parser.error(f"--nixl-pool {format_size(args.nixl_pool)} holds no chunk of --chunk-size "
+                     f"{format_size(args.chunk_size)}: give at least one chunk's worth")
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore"):

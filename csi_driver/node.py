@@ -61,6 +61,8 @@ class Config:
     fs_timeout: float = 5.0
     #: Command run as ``<cmd> prefetch <provider>/<org>/<name>@<commit> --mount <root>``.
     prefetch_command: str = "mmfs"
+    #: kubelet's root directory: targets are only accepted where kubelet puts them.
+    kubelet_dir: str = "/var/lib/kubelet"
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,16 +171,36 @@ class NodeDriver:
                 raise CsiError(grpc.StatusCode.UNAVAILABLE, f"{what}: mmfs mount is down ({exc.strerror})") from exc
             raise CsiError(grpc.StatusCode.INTERNAL, f"{what}: {exc}") from exc
 
+    # ---- targets ----
+
+    def _target(self, volume_id: str, path: str, what: str = "target_path") -> str:
+        """Check the ids of a call and return its target, canonical.
+
+        The plugin runs as root and mounts, unmounts and removes directories at the paths it
+        is given: only where kubelet puts volume targets,
+        ``<kubelet dir>/pods/<pod uid>/volumes/kubernetes.io~csi/<volume>/mount``, never an
+        arbitrary directory of the host."""
+        if not volume_id:
+            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "volume_id is required")
+        if not path:
+            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, f"{what} is required")
+        if not os.path.isabs(path) or "\0" in path:
+            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, f"{what} must be an absolute path")
+        target = mounts.canonical(path)
+        pods = os.path.join(mounts.canonical(self.config.kubelet_dir), "pods")
+        relative = os.path.relpath(target, pods).split(os.sep)
+        if len(relative) != 5 or relative[0] in (".", "..") or relative[1:3] != ["volumes", "kubernetes.io~csi"] \
+                or relative[4] != "mount" or relative[3] in (".", ".."):
+            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{what} {path!r} is not a volume target kubelet would give: expected "
+                           f"{pods}/<pod uid>/volumes/kubernetes.io~csi/<volume>/mount")
+        return target
+
     # ---- publish ----
 
     def publish(self, req: PublishRequest) -> str:
         """Bind the requested revision read-only on the target; returns the pinned commit."""
-        if not req.volume_id:
-            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "volume_id is required")
-        if not req.target_path:
-            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "target_path is required")
-        if not os.path.isabs(req.target_path) or "\0" in req.target_path:
-            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "target_path must be an absolute path")
+        target = self._target(req.volume_id, req.target_path)
         if not req.has_capability:
             raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "volume_capability is required")
         if req.block:
@@ -194,7 +216,6 @@ class NodeDriver:
             spec = parse_volume_context(req.volume_context)
         except InvalidVolume as exc:
             raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-        target = mounts.canonical(req.target_path)
 
         with self._claim(f"volume:{req.volume_id}", f"target:{target}"):
             existing = self.state.get(target)
@@ -243,6 +264,8 @@ class NodeDriver:
             if os.path.dirname(resolved) != repo_dir:
                 raise CsiError(grpc.StatusCode.INTERNAL, f"{rev_path} points outside its repo: {link!r}")
             commit = os.path.basename(resolved)
+        if not is_commit(commit):  # only a commit directory is pinned: never the repo or a ref folder
+            raise CsiError(grpc.StatusCode.NOT_FOUND, f"revision {spec.revision} of {spec.repo} is no commit")
         source = os.path.join(repo_dir, commit, spec.sub_path) if spec.sub_path else os.path.join(repo_dir, commit)
         what = f"{spec.repo}@{spec.revision}" + (f" subPath {spec.sub_path}" if spec.sub_path else "")
         st = self._fs(lambda: os.stat(source), what)
@@ -306,13 +329,7 @@ class NodeDriver:
     # ---- unpublish ----
 
     def unpublish(self, volume_id: str, target_path: str) -> None:
-        if not volume_id:
-            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "volume_id is required")
-        if not target_path:
-            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "target_path is required")
-        if not os.path.isabs(target_path) or "\0" in target_path:
-            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "target_path must be an absolute path")
-        target = mounts.canonical(target_path)
+        target = self._target(volume_id, target_path)
         with self._claim(f"volume:{volume_id}", f"target:{target}"):
             try:
                 mounts.unmount_all(target)
@@ -329,16 +346,18 @@ class NodeDriver:
     # ---- stats ----
 
     def volume_stats(self, volume_id: str, volume_path: str) -> tuple[os.statvfs_result | None, str | None]:
-        """``(statvfs, None)`` for a healthy volume, ``(None, why)`` for an abnormal one."""
+        """``(statvfs, None)`` for a healthy volume, ``(None, why)`` for an abnormal one;
+        ``NOT_FOUND`` unless this plugin published ``volume_id`` at ``volume_path``."""
         if not volume_id:
             raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "volume_id is required")
         if not volume_path:
             raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "volume_path is required")
-        path = mounts.canonical(volume_path)
+        path = mounts.canonical(volume_path) if os.path.isabs(volume_path) and "\0" not in volume_path else ""
+        published = self.state.get(path) if path else None
+        if published is None or published.volume_id != volume_id:
+            raise CsiError(grpc.StatusCode.NOT_FOUND, f"volume {volume_id} is not published at {volume_path}")
         mounted = mounts.is_mount_point(path)
         err = mounts.path_health(path, self.config.fs_timeout)
-        if err == errno.ENOENT and not mounted:
-            raise CsiError(grpc.StatusCode.NOT_FOUND, f"{path} does not exist")
         if err is not None:
             return None, f"{path}: {os.strerror(err)} (mmfs mount down or restarting)"
         if not mounted:

@@ -13,10 +13,11 @@ import os
 import time
 from collections.abc import Callable
 from concurrent import futures
-from importlib import metadata
 from typing import Any
 
 import grpc
+
+from mmfs.options import package_version
 from google.protobuf import wrappers_pb2
 
 from . import csi_pb2 as pb
@@ -27,10 +28,7 @@ log = logging.getLogger("csi_driver.rpc")
 
 
 def vendor_version() -> str:
-    try:
-        return metadata.version("mmfs")
-    except metadata.PackageNotFoundError:
-        return "0.0.0+unknown"
+    return package_version()
 
 
 def _rpc(describe: Callable[[Any], str] = lambda _req: "") -> Callable:

@@ -12,23 +12,26 @@ import os
 import sys
 from typing import Any, Sequence
 
+from . import options
 from .errors import MmfsError
 from .sizes import format_size, parse_size, size_argument
 
 EXIT_ERROR = 1
-EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfs", description="The model filesystem for inference clusters.")
+    options.add_version(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     mount = commands.add_parser("mount", help="mount the model namespace (foreground, until unmounted)",
                                 description="Mount MOUNTPOINT/huggingface/<org>/<name>/<rev>/<path> read-only.")
-    mount.add_argument("mountpoint", metavar="MOUNTPOINT")
-    mount.add_argument("--backend", metavar="URL[,URL…]", help="cluster backend URL, or its replicas' URLs, or "
-                       "one name resolving to every replica (default: embedded mode, the Hub at HF_ENDPOINT "
-                       "directly)")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", type=options.non_empty)
+    mount.add_argument("--nonempty", action="store_true", help="mount even if MOUNTPOINT holds files (hidden "
+                       "while mounted)")
+    mount.add_argument("--backend", metavar="URL[,URL…]", type=_backend_urls, help="cluster backend URL, or its "
+                       "replicas' URLs, or one name resolving to every replica (default: embedded mode, the Hub at "
+                       "HF_ENDPOINT directly)")
     mount.add_argument("--transport", choices=["tcp", "nixl", "auto"], default="auto",
                        help="how chunk bytes come from --backend: tcp, nixl (NIXL READs, TCP per chunk when "
                        "that fails), or auto (default): TCP unless this node and the backend both have an RDMA "
@@ -39,13 +42,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="disk cache bound (default: 50GiB)")
     mount.add_argument("--memory-cache", metavar="SIZE", type=size_argument, default=parse_size("1GiB"),
                        help="memory cache bound (default: 1GiB)")
-    mount.add_argument("--chunk-size", metavar="SIZE", type=size_argument, default=parse_size("4MiB"),
-                       help="chunk size in embedded mode (default: 4MiB; a backend picks its own)")
-    mount.add_argument("--read-ahead", metavar="SIZE", type=size_argument, default=parse_size("16MiB"),
-                       help="kernel readahead of the mount (default: 16MiB)")
-    mount.add_argument("--remote-timeout", metavar="SECONDS", type=float, default=60.0,
+    mount.add_argument("--chunk-size", metavar="SIZE", type=options.chunk_size, default=parse_size("4MiB"),
+                       help="chunk size in embedded mode, 64KiB to 256MiB (default: 4MiB; a backend picks its own)")
+    mount.add_argument("--read-ahead", metavar="SIZE", type=options.read_ahead, default=parse_size("16MiB"),
+                       help="kernel readahead of the mount, 4KiB to 1GiB (default: 16MiB)")
+    mount.add_argument("--remote-timeout", metavar="SECONDS", type=options.seconds, default=60.0,
                        help="longest a file-system call waits on the backend/Hub before EIO (default: 60)")
-    mount.add_argument("--max-tasks", metavar="N", type=int, default=64,
+    mount.add_argument("--max-tasks", metavar="N", type=options.int_between(1, 10_000), default=64,
                        help="FUSE requests served concurrently (default: 64)")
     mount.add_argument("--passthrough", choices=["auto", "on", "off"], default="auto",
                        help="FUSE passthrough for files complete in the disk cache (default: auto, where the "
@@ -54,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--debug", action="store_true", help="debug logging (and FUSE debug output)")
 
     unmount = commands.add_parser("unmount", aliases=["umount"], help="unmount a running mmfs mount")
-    unmount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    unmount.add_argument("mountpoint", metavar="MOUNTPOINT", type=options.non_empty)
     unmount.add_argument("--lazy", "-z", action="store_true", help="detach even if busy")
 
     prefetch = commands.add_parser("prefetch", help="warm the node cache (through a mount) or a backend",
@@ -64,21 +67,34 @@ def _parser() -> argparse.ArgumentParser:
     prefetch.add_argument("--include", metavar="GLOB", nargs="+", action="extend", default=[],
                           help="only files matching one of these globs (path or file name)")
     where = prefetch.add_mutually_exclusive_group()
-    where.add_argument("--mount", metavar="MOUNTPOINT", help="warm through this mount")
-    where.add_argument("--backend", metavar="URL", help="warm this backend (no mount needed)")
-    prefetch.add_argument("--jobs", "-j", metavar="N", type=int, default=8, help="parallel readers (default: 8)")
-    prefetch.add_argument("--timeout", metavar="SECONDS", type=float, default=3600.0,
+    where.add_argument("--mount", metavar="MOUNTPOINT", type=options.non_empty, help="warm through this mount")
+    where.add_argument("--backend", metavar="URL", type=options.http_url, help="warm this backend (no mount needed)")
+    prefetch.add_argument("--jobs", "-j", metavar="N", type=options.int_between(1, 1024), default=8,
+                          help="parallel readers, 1 to 1024 (default: 8)")
+    prefetch.add_argument("--timeout", metavar="SECONDS", type=options.seconds, default=3600.0,
                           help="with --backend: give up after this long (default: 3600)")
     prefetch.add_argument("--debug", action="store_true")
 
     status = commands.add_parser("status", help="what a mount holds: repos, cache use, hit rates")
-    status.add_argument("--mount", metavar="MOUNTPOINT", help="the mount (default: the only mmfs mount)")
+    status.add_argument("--mount", metavar="MOUNTPOINT", type=options.non_empty, help="the mount (default: the only mmfs mount)")
     status.add_argument("--json", action="store_true", help="raw JSON")
 
     verify = commands.add_parser("verify", help="scrub the node's disk cache for bit rot (daemon stopped)")
     verify.add_argument("--cache-dir", metavar="DIR", help="the cache dir (default: /var/cache/mmfs)")
     verify.add_argument("--repair", action="store_true", help="drop damaged chunks (fetched again when read)")
     return parser
+
+
+def _backend_urls(text: str) -> str:
+    """``--backend``: one URL or the replicas' URLs, comma-separated (checked as the remote will read them)."""
+    from .errors import InvalidName
+    from .remote.replicas import parse_replica_urls
+
+    try:
+        parse_replica_urls(text)
+    except InvalidName as exc:
+        raise options.OptionError(str(exc)) from None
+    return text
 
 
 def _setup_logging(debug: bool) -> None:
@@ -93,25 +109,16 @@ def _setup_logging(debug: bool) -> None:
 def _mount(args: argparse.Namespace) -> int:
     from .daemon import DEFAULT_CACHE_DIR, MountOptions, run
 
+    if args.transport == "nixl" and not args.backend:
+        return options.usage_error("mmfs mount", "--transport nixl needs --backend (NIXL carries chunks from a "
+                                   "backend; embedded mode reads the Hub over HTTP)")
     _setup_logging(args.debug)
-    if args.remote_timeout <= 0:
-        print("mmfs mount: --remote-timeout must be positive", file=sys.stderr)
-        return EXIT_USAGE
-    if args.backend:
-        from .errors import InvalidName
-        from .remote.replicas import parse_replica_urls
-
-        try:
-            parse_replica_urls(args.backend)
-        except InvalidName as exc:
-            print(f"mmfs mount: --backend: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-    options = MountOptions(mountpoint=args.mountpoint, backend=args.backend, transport=args.transport,
-                           cache_dir=args.cache_dir or DEFAULT_CACHE_DIR, cache_size=args.cache_size,
-                           memory_cache=args.memory_cache, chunk_size=args.chunk_size, read_ahead=args.read_ahead,
-                           remote_timeout=args.remote_timeout, max_tasks=args.max_tasks, debug=args.debug,
-                           passthrough=args.passthrough)
-    return run(options)
+    mount_options = MountOptions(
+        mountpoint=args.mountpoint, backend=args.backend, transport=args.transport,
+        cache_dir=args.cache_dir or DEFAULT_CACHE_DIR, cache_size=args.cache_size, memory_cache=args.memory_cache,
+        chunk_size=args.chunk_size, read_ahead=args.read_ahead, remote_timeout=args.remote_timeout,
+        max_tasks=args.max_tasks, debug=args.debug, passthrough=args.passthrough, nonempty=args.nonempty)
+    return run(mount_options)
 
 
 def _unmount(args: argparse.Namespace) -> int:
@@ -135,9 +142,6 @@ def _prefetch(args: argparse.Namespace) -> int:
     if args.debug:
         _setup_logging(True)
     target = warm.parse_target(args.model)
-    if args.timeout <= 0:
-        print("mmfs prefetch: --timeout must be positive", file=sys.stderr)
-        return EXIT_USAGE
     if args.backend:
         summary = warm.prefetch_backend(args.backend, target, args.include, args.jobs, args.timeout)
         print(summary.line(f"{target} warmed in {args.backend}"), flush=True)

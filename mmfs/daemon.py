@@ -79,6 +79,8 @@ class MountOptions:
     #: libfuse and privileges allow; one log line says which), ``on`` (as auto, but the mount
     #: fails to start where passthrough cannot be used: :func:`passthrough_required`) or ``off``.
     passthrough: str = "auto"
+    #: Mount over a directory that holds files (they are hidden while mounted).
+    nonempty: bool = False
     debug: bool = False
 
 
@@ -332,14 +334,29 @@ def passthrough_required(vfs: Vfs, engine: FetchEngine) -> str | None:
     return None
 
 
-def prepare_mountpoint(path: str) -> None:
-    """Create the mountpoint, or clear a dead mount there; refuse a live mmfs mount."""
+def prepare_mountpoint(path: str, *, nonempty: bool = False) -> None:
+    """Create the mountpoint, or clear a dead mount there; refuse a live mmfs mount, a
+    mountpoint that is not a directory, and one that holds files unless ``nonempty``
+    (mounting would hide them: a typo'd path should not silently shadow a directory)."""
+    if not path.strip():
+        raise MmfsError("the mountpoint is empty: give a directory such as /var/lib/mmfs/models")
     if mountutil.clear_stale(path):
         return
     info = mountutil.mount_at(path)
     if info is not None and info.fstype == mountutil.FSTYPE:
         raise MmfsError(f"{path} is already an mmfs mount (unmount it first: mmfs unmount {path})")
-    Path(path).mkdir(parents=True, exist_ok=True)
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise MmfsError(f"{path} is not a directory (the mountpoint must be a directory)")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MmfsError(f"cannot create the mountpoint {path}: {exc.strerror or exc}") from None
+    if not nonempty:
+        with os.scandir(target) as entries:
+            if next(entries, None) is not None:
+                raise MmfsError(f"{path} is not empty (its files would be hidden while mounted); "
+                                "use an empty directory or pass --nonempty")
 
 
 def _tune_malloc() -> None:
@@ -368,7 +385,7 @@ def run(options: MountOptions) -> int:
     """Blocking entry point of ``mmfs mount``; returns the exit status."""
     _tune_malloc()
     try:
-        prepare_mountpoint(options.mountpoint)
+        prepare_mountpoint(options.mountpoint, nonempty=options.nonempty)
         trio.run(serve, options)
     except KeyboardInterrupt:
         return 0  # ^C before the signal handler was in place: unmounted on the way out

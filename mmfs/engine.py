@@ -312,8 +312,11 @@ class FetchEngine:
         indices = entry.chunks_for(offset, size)
         end = min(offset + size, entry.size)
         served = served if served is not None else Served()
-        if len(indices) <= 1:
-            return await self._read_span(source, indices[0], offset, end, auth, served) if indices else b""
+        if not indices:
+            entry.check_empty()
+            return b""
+        if len(indices) == 1:
+            return await self._read_span(source, indices[0], offset, end, auth, served)
         parts: dict[int, bytes | memoryview] = {}
 
         async def fetch(index: int) -> None:
@@ -360,6 +363,7 @@ class FetchEngine:
         entry = source.entry
         indices = entry.chunks_for(offset, size)
         if not indices:
+            entry.check_empty()
             return b""
         get = getattr(self.tiers[0], "get_nowait", None) if self.tiers else None
         if get is None:

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from .errors import IntegrityError
 from .names import RepoRef, check_path, is_commit
 
 #: Default chunk size: small enough that the first tensor of a cold file arrives after one
@@ -23,6 +24,8 @@ MANIFEST_FORMAT = 1
 SHA256 = "sha256"  # LFS files: the Hub's X-Linked-Etag
 GIT_SHA1 = "git-sha1"  # regular files: the git blob id
 _HASH_FORMS = {SHA256: re.compile(r"[0-9a-f]{64}"), GIT_SHA1: re.compile(r"[0-9a-f]{40}")}
+#: The hash of empty content in each form: what a zero-byte file must carry.
+_EMPTY_HASHES = {SHA256: hashlib.sha256(b"").hexdigest(), GIT_SHA1: hashlib.sha1(b"blob 0\0").hexdigest()}
 #: Chunk sizes a manifest may carry: a remote cannot make us allocate absurd buffers.
 MIN_CHUNK_SIZE = 4 << 10
 MAX_CHUNK_SIZE = 256 << 20
@@ -93,6 +96,15 @@ class FileEntry:
         if offset >= end:
             return range(0)
         return range(offset // self.chunk_size, (end - 1) // self.chunk_size + 1)
+
+    def check_empty(self) -> None:
+        """For a zero-byte file, raise :class:`IntegrityError` unless its hash is that of
+        empty content. Such a file has no chunk to verify, so this is its whole check: an
+        upstream listing an empty file under another content's hash is as wrong as a
+        flipped byte, and readers must not take the empty file as that content."""
+        if self.size == 0 and self.hash != _EMPTY_HASHES[self.hash_algo]:
+            raise IntegrityError(f"{self.path}: listed as empty, but its {self.hash_algo} {self.hash} is not the "
+                                 "hash of empty content")
 
     def new_hasher(self) -> "hashlib._Hash":
         """A hasher that, fed the whole content, must end in :attr:`hash`."""

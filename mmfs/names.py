@@ -20,7 +20,7 @@ PATH_MAX = 4096
 REPO_PART_MAX = 96
 
 _REPO_PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?$")
-_REVISION = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9._/-]*$")
+_REVISION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -65,12 +65,15 @@ def parse_repo_id(repo_id: str, provider: str = "huggingface") -> RepoRef:
 
 
 def check_revision(revision: str) -> str:
-    """A branch, tag or commit as the Hub accepts it (``refs/pr/1`` included)."""
+    """A branch, tag or commit as the Hub accepts it (``refs/pr/1`` included).
+
+    As in git, no ``/``-separated part may be empty or begin with a dot: ``.`` and ``..``
+    would name the repo's own directory or its parent wherever a revision becomes a path."""
     if "\0" in revision:
         raise InvalidName("revision contains a NUL byte")
     if not revision or len(revision) > NAME_MAX:
         raise InvalidName(f"revision must be 1 to {NAME_MAX} characters")
-    if not _REVISION.match(revision) or ".." in revision.split("/") or "//" in revision or revision.endswith("/"):
+    if not _REVISION.match(revision) or any(not part or part.startswith(".") for part in revision.split("/")):
         raise InvalidName(f"invalid revision {revision!r}")
     return revision
 

@@ -622,6 +622,11 @@ class Vfs:
             raise NotALink(f"{self.path_of(node)} cannot be opened")
         assert node.repo is not None and node.entry is not None
         entry = node.entry
+        try:
+            entry.check_empty()  # the kernel never asks to read a file of size 0: its check is here
+        except IntegrityError as exc:
+            log.error("open of %s refused: %s", self.path_of(node), exc)
+            raise
         source = FileSource(node.repo, node.commit, entry)
         state = _Handle(node, source, ReadAhead(entry.chunk_size, entry.chunk_count, self.config.read_ahead),
                         served=_HandleServed(inode, self._page_record))

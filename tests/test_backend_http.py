@@ -106,6 +106,13 @@ BAD_INPUTS = [
     (f"/v1/chunk/huggingface/org/web/main/{SHARD}", "GET", None, 400, "index=N"),
     (f"/v1/chunk/huggingface/org/web/main/{SHARD}?index=-1", "GET", None, 400, "index=N"),
     (f"/v1/chunk/huggingface/org/web/main/{SHARD}?index=x", "GET", None, 400, "index=N"),
+    (f"/v1/chunk/huggingface/org/web/main/{SHARD}?index=%C2%B2", "GET", None, 400, "index=N"),  # '²'
+    (f"/v1/chunk/huggingface/org/web/main/{SHARD}?index=%D9%A1", "GET", None, 400, "index=N"),  # Arabic-Indic 1
+    (f"{BASE}/{SHARD}", "GET", {"Range": "bytes=\xb2-"}, 416, "malformed Range"),  # '²' in latin-1
+    (f"{BASE}/{SHARD}", "GET", {"Range": "bytes=0-\xb9"}, 416, "malformed Range"),  # '¹'
+    (f"{BASE}/{SHARD}", "GET", {"Range": "bytes=-\xb3"}, 416, "malformed Range"),
+    ("/v1/resolve/huggingface/org/web/.", "GET", None, 400, "invalid revision"),
+    ("/v1/resolve/huggingface/org/web/refs/.hidden", "GET", None, 400, "invalid revision"),
     (f"/v1/chunk/huggingface/org/web/main/{SHARD}?index=99", "GET", None, 400, "out of range"),
     (f"{BASE}/%ff%fe", "GET", None, 400, "UTF-8"),
     (f"{BASE}/{SHARD}", "DELETE", None, 405, "not allowed"),
@@ -217,7 +224,10 @@ def test_metrics_and_healthz(backend: BackendProcess, hub: TestHub, files: dict[
 
 @pytest.mark.parametrize("args,text", [
     (["--memory-cache", "12XB"], "--memory-cache: invalid size '12XB'"),
-    (["--chunk-size", "1KiB"], "between 64KiB and 256MiB"),
+    (["--chunk-size", "1KiB"], "--chunk-size: '1KiB' is out of range: must be from 64KiB to 256MiB"),
+    (["--stream-memory", "0"], "--stream-memory: '0' is out of range: must be at least 64KiB"),
+    (["--nixl", "--nixl-pool", "1MiB", "--chunk-size", "4MiB"], "holds no chunk of --chunk-size"),
+    (["--max-connections", "²"], "--max-connections: invalid whole number '²'"),
     (["--memory-ttl", "-5"], "--memory-ttl: seconds must be a positive number"),
     (["--max-upstream-fetches", "0"], "must be at least 1"),
     (["--listen", "localhost"], "expected HOST:PORT"),

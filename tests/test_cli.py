@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mmfs import cli, warm
+from mmfs import cli, options, warm
 from mmfs.errors import InvalidName
 from mmfs.names import RepoRef
 
@@ -54,6 +54,53 @@ def test_usage_errors() -> None:
     assert result.returncode == 1 and "mmfs prefetch:" in result.stderr
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["mount", ""], "argument MOUNTPOINT: must not be empty"),
+    (["mount", "/tmp/m", "--backend", "127.0.0.1:18091"], "--backend: invalid replica URL '127.0.0.1:18091'"),
+    (["mount", "/tmp/m", "--backend", "htp:/x"], "--backend: invalid replica URL 'htp:/x'"),
+    (["mount", "/tmp/m", "--backend", "http://host:99999"], "--backend: invalid port in replica URL"),
+    (["mount", "/tmp/m", "--chunk-size", "0"], "--chunk-size: '0' is out of range: must be from 64KiB to 256MiB"),
+    (["mount", "/tmp/m", "--chunk-size", "1"], "--chunk-size: '1' is out of range"),
+    (["mount", "/tmp/m", "--chunk-size", "1GiB"], "--chunk-size: '1GiB' is out of range"),
+    (["mount", "/tmp/m", "--read-ahead", "1TB"], "--read-ahead: '1TB' is out of range: must be from 4KiB to 1GiB"),
+    (["mount", "/tmp/m", "--remote-timeout", "nan"], "--remote-timeout: seconds must be a positive number"),
+    (["mount", "/tmp/m", "--max-tasks", "0"], "--max-tasks: 0 is out of range"),
+    (["mount", "/tmp/m", "--transport", "nixl"], "--transport nixl needs --backend"),
+    (["prefetch", "org/name", "--jobs", "0"], "--jobs/-j: 0 is out of range: must be from 1 to 1024"),
+    (["prefetch", "org/name", "--jobs", "²"], "--jobs/-j: invalid whole number '²'"),
+    (["prefetch", "org/name", "--backend", "localhost:3000"], "--backend: invalid URL 'localhost:3000'"),
+    (["prefetch", "org/name", "--mount", ""], "--mount: must not be empty"),
+])
+def test_bad_options_are_refused_at_start_with_one_line(argv: list[str], message: str) -> None:
+    result = subprocess.run([*MMFS, *argv], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"mmfs {argv[0]}: error: ")
+
+
+@pytest.mark.parametrize("command", [["mmfs"], ["backend_server.cli"], ["csi_driver"]])
+def test_every_command_tells_its_version(command: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", *command, "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.split()[-1] == options.package_version() != "0.0.0+unknown"
+
+
+def test_mountpoint_must_be_an_empty_directory(tmp_path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep").write_text("mine")
+    for mountpoint, message in ((a_file, f"{a_file} is not a directory"),
+                                (a_file / "below", f"cannot create the mountpoint {a_file / 'below'}: Not a directory"),
+                                (full, f"{full} is not empty (its files would be hidden while mounted); use an "
+                                       "empty directory or pass --nonempty")):
+        result = subprocess.run([*MMFS, "mount", str(mountpoint), "--cache-dir", str(tmp_path / "cache")],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1 and f"mmfs mount: {message}" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert (full / "keep").read_text() == "mine" and a_file.read_text() == "x"
+
+
 def test_unmount_and_status_without_a_mount(tmp_path) -> None:
     result = subprocess.run([*MMFS, "unmount", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 1 and "not mounted" in result.stderr
@@ -73,7 +120,7 @@ def test_prefetch_backend_gives_up_after_timeout() -> None:
     assert "did not finish warming within 1 s" in result.stderr and "--timeout" in result.stderr
     result = subprocess.run([*MMFS, "prefetch", "org/name", "--backend", url, "--timeout", "0"],
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "--timeout must be positive" in result.stderr
+    assert result.returncode == 2 and "--timeout: seconds must be a positive number, not '0'" in result.stderr
 
 
 def test_format_status_shows_the_transport_and_why() -> None:

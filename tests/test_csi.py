@@ -101,13 +101,15 @@ class FuseFs:
 class Plugin:
     """``python -m csi_driver`` as a child process and gRPC stubs to it."""
 
-    def __init__(self, sock_dir: str, mount_root: Path, state_dir: Path, log: Path, extra: list[str]) -> None:
+    def __init__(self, sock_dir: str, mount_root: Path, state_dir: Path, log: Path, extra: list[str],
+                 kubelet_dir: Path) -> None:
         self.endpoint = f"unix://{sock_dir}/csi.sock"
         self.sock_dir = sock_dir
         self.mount_root = mount_root
         self.state_dir = state_dir
         self.log = log
         self.extra = extra
+        self.kubelet_dir = kubelet_dir
         self.proc: subprocess.Popen | None = None
         self.channel: grpc.Channel | None = None
 
@@ -120,6 +122,7 @@ class Plugin:
             "--state-dir", str(self.state_dir),
             "--rebind-interval", "0.2",
             "--fs-timeout", "2",
+            "--kubelet-dir", str(self.kubelet_dir),
             *self.extra,
         ]  # fmt: skip
         logf = open(self.log, "a")
@@ -161,9 +164,9 @@ def env(tmp_path):
     """A live test FUSE mount, a running plugin, and a pods dir for targets."""
     sock_dir = tempfile.mkdtemp(prefix="csi-sock-")  # short: unix socket paths are capped at 108 bytes
     fs = FuseFs(tmp_path / "models", tmp_path / "fusefs.log")
-    plugin = Plugin(sock_dir, fs.root, tmp_path / "state", tmp_path / "plugin.log", [])
-    pods = tmp_path / "pods"
-    pods.mkdir()
+    plugin = Plugin(sock_dir, fs.root, tmp_path / "state", tmp_path / "plugin.log", [], tmp_path / "kubelet")
+    pods = tmp_path / "kubelet" / "pods"
+    pods.mkdir(parents=True)
     box = {"fs": fs, "plugin": plugin, "pods": pods, "tmp": tmp_path}
     try:
         yield box
@@ -182,9 +185,10 @@ def up(env):
     return env
 
 
-def target_in(env, name: str) -> str:
-    parent = env["pods"] / name
-    parent.mkdir(exist_ok=True)
+def target_in(env, pod: str) -> str:
+    """Where kubelet puts the target of a CSI volume of ``pod``."""
+    parent = env["pods"] / pod / "volumes" / "kubernetes.io~csi" / "vol"
+    parent.mkdir(parents=True, exist_ok=True)
     return str(parent / "mount")  # kubelet makes the parent; the plugin makes the target
 
 
@@ -334,7 +338,7 @@ def test_publish_and_unpublish_are_idempotent_and_branch_is_pinned(up):
     p.node.NodeUnpublishVolume(unpub, timeout=20)
     p.node.NodeUnpublishVolume(unpub, timeout=20)  # gone already: still OK
     assert not os.path.exists(target) and not mounted(target)
-    never = pb.NodeUnpublishVolumeRequest(volume_id="nope", target_path=str(up["pods"] / "never" / "mount"))
+    never = pb.NodeUnpublishVolumeRequest(volume_id="nope", target_path=target_in(up, "never"))
     p.node.NodeUnpublishVolume(never, timeout=20)
 
 
@@ -372,6 +376,9 @@ def test_invalid_argument(up):
         "one-part repo": publish_request(target, ctx={"repo": "tiny"}),
         "unknown provider": publish_request(target, ctx={"repo": "acme/tiny", "provider": "s3"}),
         "revision ..": publish_request(target, ctx={"repo": "acme/tiny", "revision": ".."}),
+        "revision .": publish_request(target, ctx={"repo": "acme/tiny", "revision": "."}),
+        "revision ./main": publish_request(target, ctx={"repo": "acme/tiny", "revision": "./main"}),
+        "revision .hidden": publish_request(target, ctx={"repo": "acme/tiny", "revision": ".hidden"}),
         "revision escaping": publish_request(target, ctx={"repo": "acme/tiny", "revision": "main/../../x"}),
         "absolute revision": publish_request(target, ctx={"repo": "acme/tiny", "revision": "/main"}),
         "revision with NUL": publish_request(target, ctx={"repo": "acme/tiny", "revision": "ma\0in"}),
@@ -389,6 +396,40 @@ def test_invalid_argument(up):
     for req in (pb.NodeUnpublishVolumeRequest(target_path=target), pb.NodeUnpublishVolumeRequest(volume_id="v")):
         assert code_of(node.NodeUnpublishVolume, req) == grpc.StatusCode.INVALID_ARGUMENT
     assert code_of(node.NodeGetVolumeStats, pb.NodeGetVolumeStatsRequest(volume_id="v")) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_targets_outside_kubelets_pod_volumes_are_refused(up):
+    """The plugin runs as root: it creates, mounts over, unmounts and removes only targets
+    where kubelet puts them, never a directory it is merely told about."""
+    node = up["plugin"].node
+    elsewhere = up["tmp"] / "elsewhere"
+    elsewhere.mkdir()
+    keep = up["tmp"] / "keep"
+    keep.mkdir()
+    (keep / "file").write_text("mine")
+    pods = up["pods"]
+    for target in (str(elsewhere / "mount"), "/nonexistent/dir", str(pods / "pod1" / "mount"),
+                   str(pods / "pod1" / "volumes" / "kubernetes.io~csi" / "vol" / "mount" / "deeper"),
+                   str(pods / "pod1" / "volumes" / "kubernetes.io~csi" / ".." / ".." / "x" / "mount"),
+                   str(pods / ".." / "pods" / ".." / "mount")):
+        assert code_of(node.NodePublishVolume, publish_request(target)) == grpc.StatusCode.INVALID_ARGUMENT, target
+        assert not os.path.exists(target), f"{target} was created"
+    assert not os.path.exists("/nonexistent")
+    unpublish = pb.NodeUnpublishVolumeRequest(volume_id="v", target_path=str(keep))
+    assert code_of(node.NodeUnpublishVolume, unpublish) == grpc.StatusCode.INVALID_ARGUMENT
+    assert (keep / "file").read_text() == "mine"
+
+
+def test_volume_stats_only_for_a_published_volume_at_its_path(up):
+    node = up["plugin"].node
+    target = target_in(up, "pod1")
+    node.NodePublishVolume(publish_request(target, volume_id="csi-vol-1"), timeout=20)
+    stats = node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(volume_id="csi-vol-1", volume_path=target), timeout=10)
+    assert not stats.volume_condition.abnormal
+    for volume_id, path in (("csi-other", target), ("csi-vol-1", "/proc"), ("csi-vol-1", "relative/path"),
+                            ("csi-vol-1", target_in(up, "pod2")), ("csi-vol-1", str(up["tmp"]))):
+        request = pb.NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=path)
+        assert code_of(node.NodeGetVolumeStats, request) == grpc.StatusCode.NOT_FOUND, (volume_id, path)
 
 
 def test_not_found(up):

@@ -17,7 +17,7 @@ from csi_driver import csi_pb2 as pb
 from csi_driver.mounts import read_mountinfo
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_csi import Plugin, lazy_umount_under, mounted, publish_request, serves, wait_for  # noqa: E402
+from test_csi import Plugin, lazy_umount_under, mounted, publish_request, serves, target_in, wait_for  # noqa: E402
 
 REPO = "sentence-transformers/all-MiniLM-L6-v2"
 MMFS = shutil.which("mmfs", path=str(Path(sys.executable).parent)) or shutil.which("mmfs")
@@ -71,9 +71,8 @@ def stack(tmp_path, hub):
     sock_dir = tempfile.mkdtemp(prefix="csi-sock-")
     fs = MmfsMount(tmp_path / "models", tmp_path / "cache", hub.url, tmp_path / "mmfs.log")
     plugin = Plugin(sock_dir, fs.root, tmp_path / "state", tmp_path / "plugin.log",
-                    ["--prefetch-command", MMFS])  # fmt: skip
-    pods = tmp_path / "pods"
-    (pods / "pod1").mkdir(parents=True)
+                    ["--prefetch-command", MMFS], tmp_path / "kubelet")  # fmt: skip
+    pods = tmp_path / "kubelet" / "pods"
     try:
         fs.start()
         plugin.start()
@@ -88,7 +87,7 @@ def stack(tmp_path, hub):
 
 def test_publish_from_real_mmfs_mount_survives_daemon_restart(stack, hub_root):
     fs, node = stack["fs"], stack["plugin"].node
-    target = str(stack["pods"] / "pod1" / "mount")
+    target = target_in(stack, "pod1")
     ctx = {"repo": REPO, "revision": "main", "prefetch": "true", "csi.storage.k8s.io/ephemeral": "true"}
     node.NodePublishVolume(publish_request(target, ctx=ctx), timeout=60)
 

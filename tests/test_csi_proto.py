@@ -63,7 +63,7 @@ def test_mountinfo_unescapes_paths(tmp_path):
 def test_csi_driver_does_not_import_the_data_path():
     code = "import sys, csi_driver.cli, csi_driver.server; print(sorted(m for m in sys.modules if m.startswith('mmfs')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert set(eval(out)) <= {"mmfs", "mmfs.names", "mmfs.errors"}
+    assert set(eval(out)) <= {"mmfs", "mmfs.names", "mmfs.errors", "mmfs.options", "mmfs.sizes"}
 
 
 def test_cli_refuses_bad_arguments(tmp_path):

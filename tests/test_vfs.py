@@ -15,7 +15,7 @@ from mmfs.manifest import SHA256, FileEntry, Manifest
 from mmfs.metadata import MetadataStore
 from mmfs.names import RepoRef
 from mmfs.prefetch import ReadAhead, ReadAheadConfig
-from mmfs.remote.base import FetchedChunk, Remote
+from mmfs.remote.base import FetchedChunk, FileSource, Remote
 from mmfs.tiers.disk import DiskTier
 from mmfs.tiers.memory import MemoryTier
 from mmfs.vfs import ROOT_INODE, Vfs, VfsConfig
@@ -192,6 +192,26 @@ async def test_reads_exact_and_short_only_at_eof(tmp_path) -> None:
         assert info.value.errno == errno.EROFS
         empty = await vfs.open(await walk(vfs, "huggingface", "org", "model", COMMIT, "weights", "empty"))
         assert await vfs.read(empty.handle, 0, 4096) == b""
+
+
+async def test_an_empty_file_listed_under_another_contents_hash_is_eio(tmp_path) -> None:
+    """A zero-byte file has no chunk to verify: its listed hash is its whole check."""
+
+    class ListsAWrongHash(FakeRemote):
+        async def manifest(self, repo, commit, *, auth=None):
+            right = await super().manifest(repo, commit, auth=auth)
+            lying = FileEntry("weights/empty", 0, SHA256, hashlib.sha256(b"not empty").hexdigest(), CHUNK)
+            return Manifest(repo, commit, tuple(lying if f.path == lying.path else f for f in right.files))
+
+    engine, vfs = await _vfs(tmp_path, ListsAWrongHash(FILES))
+    async with engine:
+        inode = await walk(vfs, "huggingface", "org", "model", COMMIT, "weights", "empty")
+        with pytest.raises(MmfsError) as info:
+            await vfs.open(inode)
+        assert info.value.errno == errno.EIO and "not the hash of empty content" in str(info.value)
+        entry = vfs.node(inode).entry
+        with pytest.raises(MmfsError):
+            await engine.read(FileSource(REPO, COMMIT, entry), 0, 10)
 
 
 async def test_sequential_reader_prefetches_ahead(tmp_path) -> None:

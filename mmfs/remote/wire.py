@@ -219,7 +219,7 @@ class WireClient:
             with trio.fail_after(self._read_timeout):
                 return await self._read_chunked(connection, max_body)
         length = headers.get("content-length", "")
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):
             raise _ConnectionClosed(f"unusable Content-Length {length[:20]!r}")  # never reuse it
         if int(length) > max_body:
             raise _BodyTooLarge(f"answered with {length} bytes, expected at most {max_body}")
