@@ -38,6 +38,7 @@ import trio
 from mmfs.errors import AccessDenied, MmfsError, TransientError, UpstreamError
 from mmfs.names import RepoRef
 from mmfs.remote._http import error_from_response
+from mmfs.remote.hub import hub_path
 from mmfs.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,10 @@ class AccessControl:
         self.own_ttl = own_ttl
         self.caller_ttl = caller_ttl
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False, trust_env=False)
-        self._own: dict[str, tuple[bool, float]] = {}  # repo id -> (restricted, checked at)
-        self._callers: dict[tuple[str, str], tuple[bool, float]] = {}  # (repo id, token hash) -> (allowed, at)
+        self._own: dict[str, tuple[bool, float]] = {}  # hub_path -> (restricted, checked at)
+        self._callers: dict[tuple[str, str], tuple[bool, float]] = {}  # (hub_path, token hash) -> (allowed, at)
         self._fingerprint = hashlib.sha256(f"mmfs-access\0{token or ''}".encode()).hexdigest()[:16]
-        self._open: set[str] = set()  # repo ids our token was last seen to read (persisted)
+        self._open: set[str] = set()  # repos (hub_path) our token was last seen to read (persisted)
         self._restricted: set[str] = self._load()
         self._flights: SingleFlight[tuple, bool] = SingleFlight()
         self.outcomes: dict[str, int] = {}
@@ -89,16 +90,16 @@ class AccessControl:
     # -- checks --------------------------------------------------------------------------
 
     def is_restricted(self, repo: RepoRef) -> bool:
-        return repo.repo_id in self._restricted
+        return hub_path(repo) in self._restricted
 
     def mark_restricted(self, repo: RepoRef) -> None:
         """Called when the upstream refused the backend's own credentials for ``repo``."""
-        if repo.repo_id not in self._restricted:
+        if hub_path(repo) not in self._restricted:
             log.info("%s is gated or private for the backend's own token: callers are checked", repo)
-            self._restricted.add(repo.repo_id)
-            self._open.discard(repo.repo_id)
+            self._restricted.add(hub_path(repo))
+            self._open.discard(hub_path(repo))
             self._save()
-        self._own[repo.repo_id] = (True, time.monotonic())
+        self._own[hub_path(repo)] = (True, time.monotonic())
 
     async def check(self, repo: RepoRef, commit: str, path: str, auth: str | None,
                     nursery: trio.Nursery) -> None:
@@ -107,9 +108,9 @@ class AccessControl:
             return
         if not auth:
             self._count("denied_no_token")
-            raise AccessDenied(f"{repo.repo_id} is gated or private: send an Authorization header with a token "
+            raise AccessDenied(f"{hub_path(repo)} is gated or private: send an Authorization header with a token "
                                "that has access to it")
-        key = (repo.repo_id, hashlib.sha256(auth.encode("latin-1", "replace")).hexdigest())
+        key = (hub_path(repo), hashlib.sha256(auth.encode("latin-1", "replace")).hexdigest())
         cached = self._callers.get(key)
         if cached is not None and time.monotonic() - cached[1] < self.caller_ttl:
             self._count("cached_allowed" if cached[0] else "cached_denied")
@@ -121,40 +122,40 @@ class AccessControl:
                 self._callers.clear()
             self._callers[key] = (allowed, time.monotonic())
         if not allowed:
-            raise AccessDenied(f"the token sent has no access to {repo.repo_id}")
+            raise AccessDenied(f"the token sent has no access to {hub_path(repo)}")
 
     async def _restricted_for_us(self, repo: RepoRef, commit: str, path: str, nursery: trio.Nursery) -> bool:
-        known = self._own.get(repo.repo_id)
+        known = self._own.get(hub_path(repo))
         if known is not None and time.monotonic() - known[1] < self.own_ttl:
             return known[0]
         try:
-            restricted = bool(await self._flights.run(("own", repo.repo_id),
+            restricted = bool(await self._flights.run(("own", hub_path(repo)),
                                                       lambda: self._ask_own(repo, commit, path), nursery))
         except MmfsError as exc:
             if known is not None:
                 fallback = known[0]
-            elif repo.repo_id in self._restricted or repo.repo_id in self._open:
-                fallback = repo.repo_id in self._restricted
+            elif hub_path(repo) in self._restricted or hub_path(repo) in self._open:
+                fallback = hub_path(repo) in self._restricted
             else:  # never answered: fail closed
                 log.warning("cannot check access to %s upstream (%s) and no answer is known: refusing", repo, exc)
-                raise TransientError(f"cannot check access to {repo.repo_id} upstream ({exc}); retry later") from exc
+                raise TransientError(f"cannot check access to {hub_path(repo)} upstream ({exc}); retry later") from exc
             log.warning("cannot check access to %s upstream (%s); using the last known answer: %s", repo, exc,
                         "restricted" if fallback else "open")
             return fallback
         if restricted:
             self.mark_restricted(repo)
         else:
-            self._own[repo.repo_id] = (False, time.monotonic())
-            if repo.repo_id in self._restricted or repo.repo_id not in self._open:
-                if repo.repo_id in self._restricted:
+            self._own[hub_path(repo)] = (False, time.monotonic())
+            if hub_path(repo) in self._restricted or hub_path(repo) not in self._open:
+                if hub_path(repo) in self._restricted:
                     log.info("%s is no longer restricted for the backend's own token", repo)
-                self._restricted.discard(repo.repo_id)
-                self._open.add(repo.repo_id)
+                self._restricted.discard(hub_path(repo))
+                self._open.add(hub_path(repo))
                 self._save()
         return restricted
 
     async def _head(self, repo: RepoRef, commit: str, path: str, auth: str | None) -> httpx.Response:
-        url = f"{self.endpoint}/{repo.repo_id}/resolve/{commit}/{quote(path)}"
+        url = f"{self.endpoint}/{hub_path(repo)}/resolve/{commit}/{quote(path)}"
         headers = {"User-Agent": "mmfs-backend/0.1", "Accept-Encoding": "identity"}
         if auth:
             headers["Authorization"] = auth

@@ -8,10 +8,12 @@ Three faces, one engine (the full reference is ``docs/protocol.md``):
   ``Range``, streamed) and ``POST /v1/prefetch``;
 * with ``--nixl``, the NIXL data plane (:mod:`backend_server.nixl_plane`): ``/v1/nixl/agent``,
   ``/v1/nixl/chunk`` (the chunk lands in a leased slot the node READs), ``/v1/nixl/release``;
-* the Hub's download API (``/api/models/...``, ``HEAD``/``GET /<org>/<name>/resolve/...``),
-  generated from the engine's manifest and served from the engine, so an unmodified
-  ``huggingface_hub`` pointed at the backend with ``HF_ENDPOINT`` reads through the
-  cluster cache;
+* the Hub's download API for models and datasets (``/api/models/...``,
+  ``/api/datasets/...``, ``HEAD``/``GET /[datasets/]<org>/<name>/resolve/...``, ``POST
+  .../paths-info/<rev>``), generated from the engine's manifest and served from the
+  engine, so an unmodified ``huggingface_hub`` pointed at the backend with ``HF_ENDPOINT``
+  reads through the cluster cache; the Hub's other read routes (commits, whoami, refs,
+  expanded listings, spaces) go to the upstream as the caller (:mod:`.passthrough`);
 * operations: ``/healthz``, ``/metrics``, ``/v1/files``.
 
 Every name taken from a URL goes through :mod:`mmfs.names` before it reaches the engine,
@@ -37,7 +39,7 @@ import logging
 import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Awaitable, Callable
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 import trio
 
@@ -47,7 +49,7 @@ from mmfs.errors import (AccessDenied, EntryNotFound, IntegrityError, InvalidNam
                          RepoNotFound, first_error)
 from mmfs.manifest import ChunkKey, FileEntry, Manifest
 from mmfs.tiers.base import Chunk
-from mmfs.names import RepoRef, check_path, check_provider, check_repo_part, check_revision
+from mmfs.names import RepoRef, check_path, check_provider, check_repo_part, check_revision, hub_provider
 from mmfs.remote.backend import VERIFIED_HEADER
 from mmfs.remote.base import FileSource
 from mmfs.remote.replicas import ReplicaRemote
@@ -55,6 +57,7 @@ from mmfs.remote.replicas import ReplicaRemote
 from .access import AccessControl
 from .http import Request, Response, Send
 from .metrics import Metrics
+from .passthrough import READ_POSTS, Passthrough
 
 if TYPE_CHECKING:
     from .nixl_plane import NixlPlane
@@ -106,6 +109,12 @@ class BackendApp:
         self.stream_budget = ByteBudget(stream_memory, "--stream-memory budget")
         self.stream_wait = stream_wait
         self.server_stats = stats or (lambda: {"connections": 0, "active_requests": 0})
+        self.passthrough = Passthrough(upstream) if upstream else None
+
+    async def aclose(self) -> None:
+        """Close the pass-through's connections to the upstream."""
+        if self.passthrough is not None:
+            await self.passthrough.aclose()
 
     # -- dispatch -----------------------------------------------------------------------
 
@@ -113,14 +122,17 @@ class BackendApp:
         route = "other"
         try:
             segments = _segments(request.path)
-            route, handler = self._route(request.method, segments)
+            route, handler = self._route(request, segments)
             response = await handler(request, segments)
         except MmfsError as err:
             response = error_response(err)
         response.route = route
         return response
 
-    def _route(self, method: str, s: list[str]) -> tuple[str, Callable[[Request, list[str]], Awaitable[Response]]]:
+    def _route(self, request: Request, s: list[str]
+               ) -> tuple[str, Callable[[Request, list[str]], Awaitable[Response]]]:
+        method = request.method
+
         def allow(route: str, handler: Callable, *methods: str):  # type: ignore[type-arg]
             if method not in methods:
                 raise MethodNotAllowed(f"{method} is not allowed on {route}; use {' or '.join(methods)}")
@@ -152,11 +164,22 @@ class BackendApp:
                     return allow("map", self.v1_map, "GET")
                 return allow("file", self.v1_file, "GET", "HEAD")
             raise NotFound(f"no such endpoint: /{'/'.join(s)} (see docs/protocol.md)")
-        if s[:2] == ["api", "models"] and len(s) >= 4:
+        if s[:1] == ["api"] and len(s) >= 4 and s[1] in ("models", "datasets"):
             if len(s) == 4 or (s[4] == "revision" and len(s) >= 6):
-                return allow("hub_model_info", self.hub_model_info, "GET")
-            if s[4] == "tree" and len(s) >= 6:
+                return allow("hub_repo_info", self.hub_repo_info, "GET")
+            # Expanded listings carry last commits and security scans, which only the
+            # upstream knows: those pass through.
+            if s[4] == "tree" and len(s) >= 6 and not _true(request.query_value("expand")):
                 return allow("hub_tree", self.hub_tree, "GET")
+            if s[4] == "paths-info" and len(s) >= 6 and method == "POST" and \
+                    not _true(_form(request).get("expand", [""])[-1]):
+                return "hub_paths_info", self.hub_paths_info
+        if s[:1] == ["datasets"] and len(s) >= 6 and s[3] == "resolve":
+            return allow("hub_resolve", self.hub_resolve, "GET", "HEAD")
+        if s[:1] in (["api"], ["spaces"]) and len(s) >= 2:
+            if method == "POST" and len(s) >= 3 and s[-2] in READ_POSTS:
+                return "hub_passthrough", self.hub_passthrough
+            return allow("hub_passthrough", self.hub_passthrough, "GET", "HEAD")
         if len(s) >= 5 and s[2] == "resolve":
             return allow("hub_resolve", self.hub_resolve, "GET", "HEAD")
         raise NotFound(f"no such endpoint: /{'/'.join(s)}")
@@ -367,26 +390,43 @@ class BackendApp:
 
     # -- the Hub's download API ---------------------------------------------------------
 
-    async def hub_model_info(self, request: Request, s: list[str]) -> Response:
-        repo = _repo("huggingface", s[2], s[3])
+    async def hub_repo_info(self, request: Request, s: list[str]) -> Response:
+        repo = _api_repo(s)
         revision = check_revision("/".join(s[5:])) if len(s) > 4 else "main"
         manifest = await self._listing(repo, revision, request.header("authorization"))
         blobs = (request.query_value("blobs") or "").lower() in ("true", "1")
-        return Response.json(model_info_json(manifest, blobs=blobs, gated=self.access.is_restricted(repo)),
+        return Response.json(repo_info_json(manifest, blobs=blobs, gated=self.access.is_restricted(repo)),
                              headers=[("X-Repo-Commit", manifest.commit)])
 
     async def hub_tree(self, request: Request, s: list[str]) -> Response:
-        repo = _repo("huggingface", s[2], s[3])
+        repo = _api_repo(s)
         revision = check_revision(s[5])
         path = "/".join(s[6:]).strip("/")
         if path:
             check_path(path)
         manifest = await self._listing(repo, revision, request.header("authorization"))
-        recursive = (request.query_value("recursive") or "").lower() in ("true", "1")
+        recursive = _true(request.query_value("recursive"))
         return Response.json(tree_json(manifest, path, recursive), headers=[("X-Repo-Commit", manifest.commit)])
 
+    async def hub_paths_info(self, request: Request, s: list[str]) -> Response:
+        """``get_paths_info``: the entries of the listed paths that exist (others are left
+        out, as the Hub does), shaped as tree entries."""
+        repo = _api_repo(s)
+        revision = check_revision("/".join(s[5:]))
+        paths = [check_path(p.strip("/")) for p in _form(request).get("paths", []) if p.strip("/")]
+        manifest = await self._listing(repo, revision, request.header("authorization"))
+        return Response.json(path_entries(manifest, paths), headers=[("X-Repo-Commit", manifest.commit)])
+
+    async def hub_passthrough(self, request: Request, s: list[str]) -> Response:
+        if self.passthrough is None:
+            raise NotFound(f"/{'/'.join(s)} is answered by the upstream, and this backend has none configured")
+        return await self.passthrough.forward(request)
+
     async def hub_resolve(self, request: Request, s: list[str]) -> Response:
-        repo = _repo("huggingface", s[0], s[1])
+        if s[0] == "datasets":
+            repo, s = _repo(hub_provider("dataset"), s[1], s[2]), s[1:]
+        else:
+            repo = _repo(hub_provider("model"), s[0], s[1])
         revision = check_revision(s[3])
         path = check_path("/".join(s[4:]))
         manifest = await self._listing(repo, revision, request.header("authorization"), path)
@@ -586,8 +626,25 @@ def _is_number(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def _true(value: str | None) -> bool:
+    return (value or "").lower() in ("true", "1")
+
+
+def _form(request: Request) -> dict[str, list[str]]:
+    """The fields of a form-encoded body (``paths=a&paths=b&expand=false``)."""
+    try:
+        return parse_qs(request.body.decode(), keep_blank_values=True, max_num_fields=100_000)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidName(f"the body is not a form (application/x-www-form-urlencoded): {exc}") from None
+
+
 def _repo(provider: str, org: str, name: str) -> RepoRef:
     return RepoRef(check_provider(provider), check_repo_part(org, "organisation"), check_repo_part(name))
+
+
+def _api_repo(s: list[str]) -> RepoRef:
+    """The repo of ``/api/{models,datasets}/<org>/<name>/...``."""
+    return _repo(hub_provider(s[1][:-1]), s[2], s[3])
 
 
 def error_response(err: MmfsError, headers: list[tuple[str, str]] | None = None) -> Response:
@@ -641,7 +698,8 @@ def git_blob_id(entry: FileEntry) -> str:
     return hashlib.sha1(b"blob %d\0" % len(pointer) + pointer).hexdigest()
 
 
-def model_info_json(manifest: Manifest, *, blobs: bool, gated: bool) -> dict:
+def repo_info_json(manifest: Manifest, *, blobs: bool, gated: bool) -> dict:
+    """``model_info``/``dataset_info`` as the Hub shapes them (the fields downloads read)."""
     siblings = []
     for entry in manifest.files:
         sibling: dict = {"rfilename": entry.path}
@@ -651,10 +709,12 @@ def model_info_json(manifest: Manifest, *, blobs: bool, gated: bool) -> dict:
                 sibling["lfs"] = {"sha256": entry.hash, "size": entry.size, "pointerSize": len(lfs_pointer(entry))}
         siblings.append(sibling)
     repo_id = manifest.repo.repo_id
-    return {"_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24], "id": repo_id, "modelId": repo_id,
+    by_type = {"modelId": repo_id, "library_name": None, "spaces": []} \
+        if manifest.repo.hub_repo_type == "model" else {"cardData": {}}
+    return {"_id": hashlib.sha1(str(manifest.repo).encode()).hexdigest()[:24], "id": repo_id, **by_type,
             "author": manifest.repo.org, "sha": manifest.commit, "private": False,
             "gated": "manual" if gated else False, "disabled": False, "downloads": 0, "likes": 0, "tags": [],
-            "library_name": None, "siblings": siblings, "spaces": [], "usedStorage": manifest.total_size}
+            "siblings": siblings, "usedStorage": manifest.total_size}
 
 
 def tree_json(manifest: Manifest, path: str, recursive: bool) -> list[dict]:
@@ -668,21 +728,28 @@ def tree_json(manifest: Manifest, path: str, recursive: bool) -> list[dict]:
     def wanted(p: str) -> bool:
         return p.startswith(prefix) and (recursive or "/" not in p[len(prefix):])
 
+    paths = [d for d in directories if wanted(d)] + [f.path for f in manifest.files if wanted(f.path)]
+    return sorted(path_entries(manifest, paths), key=lambda e: e["path"])
+
+
+def path_entries(manifest: Manifest, paths: list[str]) -> list[dict]:
+    """Tree entries (``type``, ``oid``, ``size``, ``path``, ``lfs``) of the ``paths`` that
+    exist in ``manifest``, files and folders, in the order asked, each once."""
+    directories = set(manifest.directories())
     entries: list[dict] = []
-    for directory in directories:
-        if wanted(directory):
-            inside = sorted(git_blob_id(f) for f in manifest.files if f.path.startswith(directory + "/"))
-            oid = hashlib.sha1(f"{directory}\0{''.join(inside)}".encode()).hexdigest()
-            entries.append({"type": "directory", "oid": oid, "size": 0, "path": directory})
-    for entry in manifest.files:
-        if wanted(entry.path):
+    for path in dict.fromkeys(paths):
+        entry = manifest.file(path)
+        if entry is not None:
             item: dict = {"type": "file", "oid": git_blob_id(entry), "size": entry.size, "path": entry.path}
             if entry.is_lfs:
                 item["lfs"] = {"oid": entry.hash, "size": entry.size, "pointerSize": len(lfs_pointer(entry))}
             entries.append(item)
-    entries.sort(key=lambda e: e["path"])
+        elif path in directories:
+            inside = sorted(git_blob_id(f) for f in manifest.files if f.path.startswith(path + "/"))
+            oid = hashlib.sha1(f"{path}\0{''.join(inside)}".encode()).hexdigest()
+            entries.append({"type": "directory", "oid": oid, "size": 0, "path": path})
     return entries
 
 
-__all__ = ["BackendApp", "BadRange", "error_response", "git_blob_id", "model_info_json", "parse_range",
-           "tree_json"]
+__all__ = ["BackendApp", "BadRange", "error_response", "git_blob_id", "parse_range", "path_entries",
+           "repo_info_json", "tree_json"]

@@ -212,6 +212,7 @@ async def serve(args: argparse.Namespace) -> int:
                 nursery.start_soon(_sweep_shared, shared)
             if nixl is not None:
                 nursery.start_soon(nixl.run)
+        await app.aclose()
         if nixl is not None:
             nixl.close()
         await access.aclose()

@@ -11,11 +11,12 @@ honest route to a model's files.
 
 Routes, first that applies wins:
 
-1. **The node's mmfs mount** (Hub models): ``MMFS_MOUNT`` when set, else every
+1. **The node's mmfs mount** (Hub models and datasets): ``MMFS_MOUNT`` when set, else every
    ``fuse.mmfs`` mount of the machine (``/proc/self/mountinfo``). The answer is a path on
    the mount: nothing is copied and nothing is read, so loading stays lazy. It is the
    commit directory's path when ``revision`` is a commit, the branch's (``…/main/…``, a
-   symlink to the commit) otherwise. A mount that does not show the file (unknown repo,
+   symlink to the commit) otherwise; under ``huggingface/`` for a model,
+   ``huggingface-datasets/`` for a dataset. A mount that does not show the file (unknown repo,
    gated for the node, a revision with ``/``, a dead mount) is passed over, so the
    backend or the Hub gives the authoritative answer. Not used with ``local_dir`` (the
    caller asked for files in that folder) nor ``local_files_only`` (the cache only).
@@ -33,15 +34,18 @@ Arguments mean what they mean to ``hf_hub_download``; errors are huggingface_hub
 (``RepositoryNotFoundError``, ``RevisionNotFoundError``, ``EntryNotFoundError``,
 ``GatedRepoError``, ``LocalEntryNotFoundError``, …), and a :class:`ValueError` naming
 the problem for an unknown provider or a bad argument. Progress bars are
-huggingface_hub's: shown on a terminal, silent otherwise (``HF_HUB_DISABLE_PROGRESS_BARS``).
-The route taken is logged at INFO on the ``mmfs.client`` logger.
+huggingface_hub's (tqdm) while standard error is a terminal, and off otherwise (logs and
+pipes get no bar lines; ``HF_HUB_DISABLE_PROGRESS_BARS=1`` turns them off on a terminal
+too). The route taken is logged at INFO on the ``mmfs.client`` logger.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import stat
+import sys
 import threading
 import time
 from dataclasses import dataclass, fields, replace
@@ -58,8 +62,8 @@ DEFAULT_PORT = 3000
 #: Provider spellings accepted (case-insensitive) and the name the mount and backend use.
 PROVIDERS = {"huggingface": "huggingface", "hf": "huggingface", "hub": "huggingface"}
 REPO_TYPES = ("model", "dataset", "space")
-#: Repo types the node mount and the backend serve today; others go to the provider.
-CLUSTER_REPO_TYPES = ("model",)
+#: Repo types the node mount and the backend serve; spaces go to the provider.
+CLUSTER_REPO_TYPES = ("model", "dataset")
 #: Seconds to wait for a backend's ``/healthz``; the answer is remembered for PROBE_TTL s.
 PROBE_TIMEOUT = 3.0
 PROBE_TTL = 30.0
@@ -95,7 +99,7 @@ class _Request:
     provider: str
     repo_type: str
     path: str | None  # subfolder/filename, checked; None for a snapshot
-    cluster_repo: Any  # mmfs.names.RepoRef when the mount and the backend can serve the repo
+    cluster_repo: Any  # mmfs.names.RepoRef (provider per repo type) when the mount and the backend can serve it
 
 
 # -- checking the arguments -----------------------------------------------------------
@@ -119,7 +123,7 @@ def _info(info: DownloadInfo | None, overrides: dict[str, Any], what: str) -> Do
 
 def _check(info: DownloadInfo, want_file: bool) -> _Request:
     from .errors import InvalidName
-    from .names import check_path, parse_repo_id
+    from .names import check_path, hub_provider, parse_repo_id
 
     if not isinstance(info.repo_id, str) or not info.repo_id.strip():
         raise ValueError(f"repo_id must be a non-empty string like 'org/name', not {info.repo_id!r}")
@@ -151,7 +155,7 @@ def _check(info: DownloadInfo, want_file: bool) -> _Request:
     cluster_repo = None
     if repo_type in CLUSTER_REPO_TYPES:
         try:
-            cluster_repo = parse_repo_id(info.repo_id, provider)
+            cluster_repo = parse_repo_id(info.repo_id, hub_provider(repo_type))
         except InvalidName as exc:
             # A repo id the cluster cannot name ("gpt2"): the provider alone can serve it.
             log.debug("%s: not servable by the mount or the backend (%s)", info.repo_id, exc)
@@ -287,6 +291,26 @@ def _through(request: _Request, endpoint: str | None, call: Callable[[str | None
 # -- the routes together --------------------------------------------------------------
 
 
+def _progress(function: Callable[..., Any]) -> dict[str, Any]:
+    """Keyword arguments that turn ``function``'s progress bars off when standard error is
+    no terminal (tqdm would write bar lines into logs and pipes); none on a terminal, where
+    huggingface_hub shows its bars unless ``HF_HUB_DISABLE_PROGRESS_BARS`` says otherwise."""
+    try:
+        terminal = sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
+        terminal = False
+    if terminal or "tqdm_class" not in inspect.signature(function).parameters:
+        return {}
+    from huggingface_hub.utils import tqdm
+
+    class Silent(tqdm):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return {"tqdm_class": Silent}
+
+
 def _provider_endpoint() -> str | None:
     return os.environ.get("HF_ENDPOINT") or None
 
@@ -336,7 +360,7 @@ def modelmanager_download(info: DownloadInfo | str | None = None, /, *, cache_di
         return hf_hub_download(i.repo_id, i.filename, subfolder=i.subfolder or None, repo_type=request.repo_type,
                                revision=i.revision, cache_dir=cache_dir, local_dir=local_dir,
                                force_download=force_download, token=i.token, local_files_only=local_files_only,
-                               endpoint=endpoint)
+                               endpoint=endpoint, **_progress(hf_hub_download))
 
     return _route(request, f"{i.repo_id}/{request.path}", local_dir=local_dir,
                   local_files_only=local_files_only, call=call)
@@ -369,7 +393,7 @@ def snapshot_download(info: DownloadInfo | str | None = None, /, *,
                                     cache_dir=cache_dir, local_dir=local_dir, force_download=force_download,
                                     token=i.token, local_files_only=local_files_only,
                                     allow_patterns=allow_patterns, ignore_patterns=ignore_patterns,
-                                    max_workers=max_workers, endpoint=endpoint)
+                                    max_workers=max_workers, endpoint=endpoint, **_progress(hf_snapshot_download))
 
     return _route(request, f"{i.repo_id}@{i.revision or 'main'}", local_dir=local_dir,
                   local_files_only=local_files_only, call=call)

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 
 from .errors import InvalidName
 
-PROVIDERS = ("huggingface",)
+#: The Hub's repo types the cluster serves, each under its own provider name (the mount's
+#: top-level folder, the first part of a repo's keys): models under ``huggingface`` and
+#: datasets under ``huggingface-datasets``. A provider name, not a folder level inside
+#: ``huggingface/``, keeps every repo at ``<provider>/<org>/<name>`` (no org is mistaken
+#: for a repo type) and keeps model paths as they were.
+HUB_REPO_TYPES = {"huggingface": "model", "huggingface-datasets": "dataset"}
+PROVIDERS = tuple(HUB_REPO_TYPES)
 #: Longest single path component Linux accepts (NAME_MAX) and longest path (PATH_MAX).
 NAME_MAX = 255
 PATH_MAX = 4096
@@ -36,6 +42,11 @@ class RepoRef:
     def repo_id(self) -> str:
         return f"{self.org}/{self.name}"
 
+    @property
+    def hub_repo_type(self) -> str | None:
+        """``"model"`` or ``"dataset"`` for a Hub repo, ``None`` for other providers."""
+        return HUB_REPO_TYPES.get(self.provider)
+
     def __str__(self) -> str:
         return f"{self.provider}/{self.org}/{self.name}"
 
@@ -44,6 +55,14 @@ def check_provider(provider: str) -> str:
     if provider not in PROVIDERS:
         raise InvalidName(f"unknown provider {provider!r} (known: {', '.join(PROVIDERS)})")
     return provider
+
+
+def hub_provider(repo_type: str) -> str:
+    """The provider name of a Hub repo type (``"dataset"`` -> ``"huggingface-datasets"``)."""
+    for provider, kind in HUB_REPO_TYPES.items():
+        if kind == repo_type:
+            return provider
+    raise InvalidName(f"repo type {repo_type!r} is not served here (served: {', '.join(HUB_REPO_TYPES.values())})")
 
 
 def check_repo_part(part: str, what: str = "repo name") -> str:

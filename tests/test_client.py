@@ -3,13 +3,17 @@ the test hub, an ``mmfs-backend`` child and, for the mount route, a real mmfs mo
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import pty
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import tomllib
 import uuid
 from pathlib import Path
@@ -127,6 +131,7 @@ from modelmanager_client import DownloadInfo, modelmanager_download, snapshot_do
 assert modelmanager_download is mmfs.client.modelmanager_download
 assert snapshot_download is mmfs.client.snapshot_download and DownloadInfo is mmfs.client.DownloadInfo
 got = modelmanager_download(DownloadInfo(repo_id={REPO!r}, filename="config.json", host={backend.url!r}))
+snapshot_download(DownloadInfo(repo_id={REPO!r}, host={backend.url!r}), allow_patterns=["*.json"])
 print(json.dumps([got, hf_hub_download({REPO!r}, "config.json", local_files_only=True)]))
 """
     env = child_env({**os.environ, "HF_HUB_CACHE": str(tmp_path / "hubcache"), "HF_HUB_DISABLE_TELEMETRY": "1"})
@@ -135,7 +140,7 @@ print(json.dumps([got, hf_hub_download({REPO!r}, "config.json", local_files_only
     got, again = json.loads(result.stdout.splitlines()[-1])
     assert got == again and Path(got).is_relative_to(tmp_path / "hubcache")
     assert sha256(got) == source_sha256("config.json")
-    assert result.stderr.strip() == ""  # not a terminal: no progress bars, no noise
+    assert result.stderr.strip() == ""  # not a terminal: no progress bars (test_progress_bars_on_a_terminal)
 
 
 def test_packaging_ships_the_top_level_module() -> None:
@@ -351,3 +356,71 @@ def test_mount_found_in_mountinfo_and_skipped_when_it_is_gone(tmp_path: Path, hu
     path = modelmanager_download(DownloadInfo(repo_id=repo_id, filename=shard, host=dead_host()),
                                  cache_dir=tmp_path / "hubcache")
     assert Path(path).is_relative_to(tmp_path / "hubcache") and sha256(path) == sha256(hub_root / repo_id / shard)
+
+
+def tree(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.fuse
+def test_dataset_on_the_mount_and_through_the_backend(tmp_path: Path, hub: TestHub, hub_root: Path,
+                                                      backend: BackendProcess,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    dataset = "org/corpus"
+    source = hub_root / "datasets" / dataset
+    make_synthetic_model(source, 2 << 20, n_shards=2, seed=9)
+    (source / "train").mkdir()
+    (source / "train" / "part-0.jsonl").write_text('{"text": "a"}\n')
+    # Through the backend with huggingface_hub itself, as a user runs it (HF_ENDPOINT is read
+    # when huggingface_hub is imported: a fresh interpreter), into the Hub cache.
+    script = f"from huggingface_hub import snapshot_download; print(snapshot_download({dataset!r}, repo_type='dataset'))"
+    env = child_env({**os.environ, "HF_ENDPOINT": backend.url, "HF_HUB_CACHE": str(tmp_path / "hubcache")})
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    cached = Path(result.stdout.strip().splitlines()[-1])
+    assert cached.is_relative_to(tmp_path / "hubcache" / "datasets--org--corpus") and tree(cached) == tree(source)
+    # On a node mount that reads through the same backend: the dataset's own folder.
+    with MountProcess(tmp_path / "mnt", tmp_path / "mmfs-cache", backend=backend.url) as mount:
+        monkeypatch.setenv("MMFS_MOUNT", str(mount.mountpoint))
+        hub.reset_stats()
+        before = served_by_backend(backend)
+        info = DownloadInfo(repo_id=dataset, repo_type="dataset", host=backend.url)
+        folder = snapshot_download(info, cache_dir=tmp_path / "unused")
+        assert folder == str(mount.repo(dataset, provider="huggingface-datasets"))
+        one = modelmanager_download(info, filename="part-0.jsonl", subfolder="train")
+        assert one == str(Path(folder) / "train" / "part-0.jsonl")
+        assert served_by_backend(backend) == before and not (tmp_path / "unused").exists()  # nothing copied
+        assert tree(Path(folder)) == tree(cached)  # byte-identical, read through the mount
+    assert hub.stats().bytes_served == 0  # the backend had every byte already
+
+
+def test_progress_bars_on_a_terminal(tmp_path: Path, backend: BackendProcess) -> None:
+    """tqdm bars as huggingface_hub draws them, on a terminal (a pty); the same calls with
+    standard error on a pipe print nothing (test_top_level_module_and_hf_hub_cache_...)."""
+    script = f"""
+from modelmanager_client import DownloadInfo, modelmanager_download, snapshot_download
+modelmanager_download(DownloadInfo(repo_id={REPO!r}, filename="vocab.txt", host={backend.url!r}))
+snapshot_download(DownloadInfo(repo_id={REPO!r}, host={backend.url!r}), allow_patterns=["*.json"])
+"""
+    env = child_env({**os.environ, "HF_HUB_CACHE": str(tmp_path / "hubcache"), "HF_HUB_DISABLE_TELEMETRY": "1"})
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    leader, follower = pty.openpty()
+    # A terminal of 120 columns (a fresh pty has none, and tqdm draws a bar as wide as that).
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", script], stderr=follower, stdout=subprocess.DEVNULL, env=env)
+        os.close(follower)
+        seen = bytearray()
+        while True:
+            try:
+                piece = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not piece:
+                break
+            seen += piece
+        assert proc.wait(timeout=60) == 0, seen.decode(errors="replace")
+    finally:
+        os.close(leader)
+    shown = seen.decode(errors="replace")
+    assert "vocab.txt: 100%|" in shown and "Fetching" in shown

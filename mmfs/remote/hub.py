@@ -3,7 +3,9 @@
 Uses the Hub's public download API only: ``/api/models/<repo>/revision/<rev>?blobs=true``
 for resolution and listing (one request gives the commit, every file, its size and its
 LFS sha256 or git blob id), and ranged ``GET /<repo>/resolve/<commit>/<path>`` for bytes,
-following the Hub's redirect to its LFS storage.
+following the Hub's redirect to its LFS storage. Datasets (provider
+``huggingface-datasets``) take the same routes under ``/api/datasets/`` and
+``/datasets/<repo>/resolve/`` (:func:`hub_path`, :func:`api_path`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,22 @@ def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", PUBLIC_HUB).rstrip("/")
 
 
+def hub_path(repo: RepoRef) -> str:
+    """The repo's path on the Hub's web routes: ``org/name`` for a model,
+    ``datasets/org/name`` for a dataset (``<endpoint>/<hub_path>/resolve/...``). Unique
+    per repo across types, so it also keys per-repo state a model and a dataset of the
+    same id must not share."""
+    kind = repo.hub_repo_type
+    if kind is None:
+        raise InvalidName(f"{repo} is not a Hub repo")
+    return repo.repo_id if kind == "model" else f"{kind}s/{repo.repo_id}"
+
+
+def api_path(repo: RepoRef) -> str:
+    """The repo's path on the Hub's API routes: ``models/org/name``, ``datasets/org/name``."""
+    return f"{repo.hub_repo_type}s/{repo.repo_id}"
+
+
 class HubRemote(Remote):
     def __init__(self, endpoint: str | None = None, token: str | None = None, *,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, policy: RetryPolicy = RetryPolicy()) -> None:
@@ -46,7 +64,7 @@ class HubRemote(Remote):
         return headers
 
     async def _revision_info(self, repo: RepoRef, revision: str, auth: str | None, blobs: bool) -> dict:
-        url = f"{self.url}/api/models/{repo.repo_id}/revision/{quote(revision, safe='')}"
+        url = f"{self.url}/api/{api_path(repo)}/revision/{quote(revision, safe='')}"
         if blobs:
             url += "?blobs=true"
         response = await request(self._client, self._policy, "GET", url, headers=self._headers(auth))
@@ -89,7 +107,7 @@ class HubRemote(Remote):
 
     async def fetch_chunk(self, source: FileSource, index: int, *, auth: str | None = None) -> FetchedChunk:
         start, end = source.entry.chunk_span(index)
-        url = f"{self.url}/{source.repo.repo_id}/resolve/{source.commit}/{quote(source.entry.path)}"
+        url = f"{self.url}/{hub_path(source.repo)}/resolve/{source.commit}/{quote(source.entry.path)}"
         headers = self._headers(auth, {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"})
         response = await request(self._client, self._policy, "GET", url, headers=headers,
                                  expect_length=end - start)

@@ -1,7 +1,10 @@
 """A Hub-compatible HTTP server over a folder of model repos, for tests, benchmarks and the demo.
 
-Layout: every ``ROOT/<org>/<name>/`` is a model repo. Names starting with ``.hub`` and
-``.git`` folders are not repo content (``.gitattributes`` is). Optional control files:
+Layout: every ``ROOT/<org>/<name>/`` is a model repo, every ``ROOT/datasets/<org>/<name>/``
+a dataset repo (``datasets`` is no user or org name on the Hub either), served at the Hub's
+dataset routes (``/api/datasets/...``, ``/datasets/<org>/<name>/resolve/...``). Names
+starting with ``.hub`` and ``.git`` folders are not repo content (``.gitattributes`` is).
+Optional control files:
 
 - ``ROOT/<org>/<name>/.hub/gated``: the repo is gated; the file holds the one token that
   may download it. As on the Hub, metadata (model info, tree) stays public; ``resolve``
@@ -10,6 +13,14 @@ Layout: every ``ROOT/<org>/<name>/`` is a model repo. Names starting with ``.hub
   with a token, as the Hub does.
 - ``ROOT/<org>/<name>/.hub/refs.json``: a JSON list of extra branch/tag names (``"v1.0"``,
   ``"refs/pr/1"``) that, like ``main``, resolve to the current commit.
+- ``ROOT/.hub/users.json``: ``{"<token>": "<user name>"}``, the tokens ``/api/whoami-v2``
+  knows (any other token, or none, is 401 as on the Hub).
+
+**Read routes besides downloads**, shaped as the Hub's: ``POST .../paths-info/<rev>``
+(form fields ``paths`` and ``expand``), ``GET .../commits/<rev>`` (the one commit the hub
+keeps), ``GET /api/whoami-v2``, and ``tree`` with ``recursive`` and ``expand`` (which adds
+``lastCommit``), paginated as the Hub does: :data:`TREE_PAGE` entries a page
+(:data:`TREE_PAGE_EXPANDED` with ``expand``) and a ``Link: <...>; rel="next"`` header.
 
 **Commits.** A repo's commit is ``sha1`` over its sorted ``"<path>\\0<git blob id>\\n"``
 lines, the blob id being git's (of the LFS pointer for LFS files). The listing is
@@ -76,6 +87,11 @@ CORRUPT_STRIDE = 4096
 #: Bytes read per block when hashing or corrupting, and per ``sendfile`` when uncapped.
 _BLOCK = 1 << 20
 _UNCAPPED_SLICE = 64 << 20
+#: Entries per page of a tree listing, as the Hub pages them (fewer when ``expand``).
+TREE_PAGE = 1000
+TREE_PAGE_EXPANDED = 50
+#: The Hub's repo types with the path prefix their web routes take.
+REPO_TYPES = {"model": "", "dataset": "datasets/"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,6 +130,13 @@ class RepoSnapshot:
     last_modified: float
     gated_token: str | None
     refs: tuple[str, ...]
+    repo_type: str = "model"
+
+    @property
+    def hub_path(self) -> str:
+        """``org/name`` for a model, ``datasets/org/name`` for a dataset: the repo's web
+        route, and how counters and fault selectors name it."""
+        return REPO_TYPES[self.repo_type] + self.repo_id
 
     @property
     def directories(self) -> list[str]:
@@ -170,9 +193,11 @@ class Faults:
 class HubStats:
     """What the hub has served since it started or was last reset.
 
-    ``requests_by_kind`` keys: ``model_info``, ``tree``, ``resolve_head``, ``resolve_get``,
+    ``requests_by_kind`` keys: ``model_info``, ``dataset_info``, ``tree``, ``paths_info``,
+    ``commits``, ``whoami``, ``resolve_head``, ``resolve_get``,
     ``lfs_head``, ``lfs_get``, ``other``. ``bytes_served`` counts file bytes actually sent
-    (bodies of resolve and LFS GETs), ``bytes_by_path`` per ``"<org>/<name>/<path>"``,
+    (bodies of resolve and LFS GETs), ``bytes_by_path`` per ``"<org>/<name>/<path>"`` (datasets:
+    ``"datasets/<org>/<name>/<path>"``),
     ``bytes_by_hash`` per sha256 (LFS) or blob id. ``faults`` counts injected
     ``failed``, ``reset`` and ``corrupted`` responses.
     """
@@ -350,34 +375,48 @@ class Hub:
 
     # -- repos
 
-    def snapshot(self, org: str, name: str) -> RepoSnapshot:
-        """The repo ``org/name`` at its current commit; :class:`RepoNotFound` if absent."""
+    def snapshot(self, org: str, name: str, repo_type: str = "model") -> RepoSnapshot:
+        """The repo ``org/name`` of ``repo_type`` at its current commit; :class:`RepoNotFound` if absent."""
         check_repo_part(org, "organisation")
         check_repo_part(name)
         repo_id = f"{org}/{name}"
-        repo_dir = self.root / org / name
-        if not repo_dir.is_dir():
+        hub_path = REPO_TYPES[repo_type] + repo_id
+        repo_dir = self.root / hub_path
+        if not repo_dir.is_dir() or (repo_type == "model" and org == "datasets"):
             raise RepoNotFound(f"Repository {repo_id} not found")
         with self._lock:
-            repo_lock = self._repo_locks.setdefault(repo_id, threading.Lock())
+            repo_lock = self._repo_locks.setdefault(hub_path, threading.Lock())
         with repo_lock:
             listing = self._scan(repo_dir)
             key = tuple((rel, st.st_size, st.st_mtime_ns, st.st_ino) for rel, _, st in listing)
             key += tuple(self._control_file(repo_dir / ".hub" / name) for name in ("gated", "refs.json"))
-            cached = self._snapshots.get(repo_id)
+            cached = self._snapshots.get(hub_path)
             if cached and cached[0] == key:
                 return cached[1]
-            snap = self._build(repo_id, repo_dir, listing)
-            self._snapshots[repo_id] = (key, snap)
+            snap = replace(self._build(repo_id, repo_dir, listing), repo_type=repo_type)
+            self._snapshots[hub_path] = (key, snap)
         with self._lock:
             for entry in snap.files.values():
                 if entry.sha256:
                     self._lfs_by_sha[entry.sha256] = entry
         return snap
 
-    def commit(self, repo_id: str) -> str:
+    def commit(self, repo_id: str, repo_type: str = "model") -> str:
         org, _, name = repo_id.partition("/")
-        return self.snapshot(org, name).commit
+        return self.snapshot(org, name, repo_type).commit
+
+    def user(self, authorization: str | None) -> str | None:
+        """The user a ``Bearer`` token belongs to (``ROOT/.hub/users.json``), else ``None``."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return None
+        try:
+            users = json.loads((self.root / ".hub" / "users.json").read_text())
+        except FileNotFoundError:
+            return None
+        known = [name for known_token, name in users.items()
+                 if hmac.compare_digest(known_token.encode(), token.encode("latin-1", "replace"))]
+        return known[0] if known else None
 
     def resolve(self, snap: RepoSnapshot, revision: str) -> str:
         """The commit ``revision`` names in ``snap``; :class:`RevisionNotFound` otherwise."""
@@ -463,7 +502,7 @@ def _iso(ts: float) -> str:
 
 
 def model_info_json(snap: RepoSnapshot, blobs: bool) -> dict[str, Any]:
-    """``GET /api/models/<repo>[/revision/<rev>]`` as the Hub shapes it."""
+    """``GET /api/{models,datasets}/<repo>[/revision/<rev>]`` as the Hub shapes it."""
     siblings = []
     for entry in snap.files.values():
         sibling: dict[str, Any] = {"rfilename": entry.path}
@@ -473,10 +512,12 @@ def model_info_json(snap: RepoSnapshot, blobs: bool) -> dict[str, Any]:
                 sibling["lfs"] = {"sha256": entry.sha256, "size": entry.size, "pointerSize": entry.pointer_size}
         siblings.append(sibling)
     org = snap.repo_id.split("/")[0]
+    model_only: dict[str, Any] = {"modelId": snap.repo_id, "library_name": None, "spaces": []} \
+        if snap.repo_type == "model" else {"cardData": {}}
     return {
-        "_id": hashlib.sha1(snap.repo_id.encode()).hexdigest()[:24],
+        "_id": hashlib.sha1(snap.hub_path.encode()).hexdigest()[:24],
         "id": snap.repo_id,
-        "modelId": snap.repo_id,
+        **model_only,
         "author": org,
         "sha": snap.commit,
         "lastModified": _iso(snap.last_modified),
@@ -487,15 +528,13 @@ def model_info_json(snap: RepoSnapshot, blobs: bool) -> dict[str, Any]:
         "downloads": 0,
         "likes": 0,
         "tags": [],
-        "library_name": None,
         "siblings": siblings,
-        "spaces": [],
         "usedStorage": sum(f.size for f in snap.files.values()),
     }
 
 
-def tree_json(snap: RepoSnapshot, path: str, recursive: bool) -> list[dict[str, Any]]:
-    """``GET /api/models/<repo>/tree/<rev>[/<path>]``: every entry at once, no pagination."""
+def tree_json(snap: RepoSnapshot, path: str, recursive: bool, expand: bool = False) -> list[dict[str, Any]]:
+    """``GET /api/{models,datasets}/<repo>/tree/<rev>[/<path>]``: every entry (the handler pages them)."""
     prefix = f"{path}/" if path else ""
     if path and path not in snap.directories:
         raise EntryNotFound(f"{path} does not exist on {snap.commit}" if path not in snap.files
@@ -504,20 +543,38 @@ def tree_json(snap: RepoSnapshot, path: str, recursive: bool) -> list[dict[str, 
     def wanted(p: str) -> bool:
         return p.startswith(prefix) and (recursive or "/" not in p[len(prefix):])
 
+    paths = [d for d in snap.directories if wanted(d)] + [p for p in snap.files if wanted(p)]
+    return sorted(path_entries(snap, paths, expand), key=lambda e: e["path"])
+
+
+def path_entries(snap: RepoSnapshot, paths: list[str], expand: bool) -> list[dict[str, Any]]:
+    """The tree entries of ``paths`` (files and folders; unknown paths are left out, as
+    ``paths-info`` does), with ``lastCommit`` when ``expand``."""
+    directories = set(snap.directories)
     entries: list[dict[str, Any]] = []
-    for directory in snap.directories:
-        if wanted(directory):
-            inside = sorted(f.blob_id for p, f in snap.files.items() if p.startswith(directory + "/"))
-            oid = hashlib.sha1(f"{directory}\0{''.join(inside)}".encode()).hexdigest()
-            entries.append({"type": "directory", "oid": oid, "size": 0, "path": directory})
-    for entry in snap.files.values():
-        if wanted(entry.path):
+    for path in dict.fromkeys(paths):
+        entry = snap.files.get(path)
+        if entry is not None:
             item: dict[str, Any] = {"type": "file", "oid": entry.blob_id, "size": entry.size, "path": entry.path}
             if entry.sha256:
                 item["lfs"] = {"oid": entry.sha256, "size": entry.size, "pointerSize": entry.pointer_size}
-            entries.append(item)
-    entries.sort(key=lambda e: e["path"])
+        elif path in directories:
+            inside = sorted(f.blob_id for p, f in snap.files.items() if p.startswith(path + "/"))
+            oid = hashlib.sha1(f"{path}\0{''.join(inside)}".encode()).hexdigest()
+            item = {"type": "directory", "oid": oid, "size": 0, "path": path}
+        else:
+            continue
+        if expand:
+            item["lastCommit"] = commit_json(snap, full=False)
+        entries.append(item)
     return entries
+
+
+def commit_json(snap: RepoSnapshot, full: bool = True) -> dict[str, Any]:
+    """The repo's one commit, as ``/commits/<rev>`` lists it (``full=False``: as a tree's
+    ``lastCommit``)."""
+    short = {"id": snap.commit, "title": f"Upload {len(snap.files)} files", "date": _iso(snap.last_modified)}
+    return {**short, "authors": [{"user": snap.repo_id.split("/")[0]}], "message": ""} if full else short
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
@@ -660,13 +717,21 @@ class _Handler(BaseHTTPRequestHandler):
             latency = hub.faults.latency_s
             if latency:
                 time.sleep(latency)
-            if self.command == "POST" or kind == "other":
+            if kind == "other" or (self.command == "POST") != (kind == "paths_info"):
                 raise NotFound(f"no route for {self.command} {url.path}")
             if kind in ("lfs_head", "lfs_get"):
                 return self._lfs(segments[1], query)
-            if kind in ("model_info", "tree"):
-                return self._api(segments[2], segments[3], segments[4:], query)
-            return self._resolve(segments[0], segments[1], segments[3], "/".join(segments[4:]))
+            if kind == "whoami":
+                return self._whoami()
+            if segments[0] == "api":
+                repo_type = segments[1][:-1]
+                if kind == "paths_info":  # a form: paths=a&paths=b&expand=false
+                    form = parse_qs(body.decode("latin-1"))
+                    query = {"expand": form.get("expand", ["false"])[-1], "paths": form.get("paths", [])}
+                return self._api(repo_type, segments[2], segments[3], segments[4:], query)
+            repo_type = "dataset" if segments[0] == "datasets" else "model"
+            web = segments[1:] if repo_type == "dataset" else segments
+            return self._resolve(repo_type, web[0], web[1], web[3], "/".join(web[4:]))
         except MmfsError as err:
             self._error(err)
         except (ConnectionError, _Reset):
@@ -676,12 +741,16 @@ class _Handler(BaseHTTPRequestHandler):
         verb = "head" if self.command == "HEAD" else "get"
         if self.server.role == "cdn":
             return f"lfs_{verb}" if len(segments) == 2 and segments[0] == "lfs" else "other"
-        if len(segments) >= 4 and segments[:2] == ["api", "models"]:
+        if segments == ["api", "whoami-v2"]:
+            return "whoami"
+        if len(segments) >= 4 and segments[0] == "api" and segments[1] in ("models", "datasets"):
             rest = segments[4:]
             if not rest or (rest[0] == "revision" and len(rest) >= 2):
-                return "model_info"
-            return "tree" if rest[0] == "tree" and len(rest) >= 2 else "other"
-        if len(segments) >= 5 and segments[2] == "resolve":
+                return f"{segments[1][:-1]}_info"
+            kinds = {"tree": "tree", "paths-info": "paths_info", "commits": "commits"}
+            return kinds.get(rest[0], "other") if len(rest) >= 2 else "other"
+        web = segments[1:] if segments[:1] == ["datasets"] else segments
+        if len(web) >= 5 and web[2] == "resolve":
             return f"resolve_{verb}"
         return "other"
 
@@ -716,23 +785,51 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- the Hub API
 
-    def _api(self, org: str, name: str, rest: list[str], query: Mapping[str, str]) -> None:
+    def _api(self, repo_type: str, org: str, name: str, rest: list[str], query: Mapping[str, Any]) -> None:
         hub = self.server.hub
-        snap = hub.snapshot(org, name)
+        snap = hub.snapshot(org, name, repo_type)
         if not rest:
             return self._json(200, model_info_json(snap, query.get("blobs") == "true"))
         if rest[0] == "revision":
             hub.resolve(snap, "/".join(rest[1:]))
             return self._json(200, model_info_json(snap, query.get("blobs") == "true"))
-        hub.resolve(snap, rest[1])
+        hub.resolve(snap, "/".join(rest[1:]) if rest[0] != "tree" else rest[1])
+        expand = str(query.get("expand", "false")).lower() in ("true", "1")
+        if rest[0] == "commits":
+            return self._json(200, [commit_json(snap)])
+        if rest[0] == "paths-info":
+            return self._json(200, path_entries(snap, [p.strip("/") for p in query.get("paths", [])], expand))
         path = "/".join(rest[2:]).strip("/")
         if path:
             check_path(path)
-        self._json(200, tree_json(snap, path, query.get("recursive", "false").lower() in ("true", "1")))
+        entries = tree_json(snap, path, str(query.get("recursive", "false")).lower() in ("true", "1"), expand)
+        self._paged(entries, TREE_PAGE_EXPANDED if expand else TREE_PAGE, query)
 
-    def _resolve(self, org: str, name: str, revision: str, path: str) -> None:
+    def _paged(self, entries: list[dict[str, Any]], size: int, query: Mapping[str, Any]) -> None:
+        """One page of ``entries`` from ``?cursor=`` (an offset here; opaque to clients),
+        with a ``Link`` to the next page as the Hub sends it."""
+        cursor = str(query.get("cursor", "0"))
+        start = int(cursor) if cursor.isdigit() else 0
+        headers: dict[str, str | int] = {}
+        if start + size < len(entries):
+            url = urlsplit(self.path)
+            params = {k: v for k, v in parse_qs(url.query).items() if k != "cursor"}
+            params["cursor"] = [str(start + size)]
+            host = self.headers.get("Host") or "%s:%d" % self.server.server_address[:2]
+            headers["Link"] = f'<http://{host}{url.path}?{urlencode(params, doseq=True)}>; rel="next"'
+        self._json(200, entries[start:start + size], headers)
+
+    def _whoami(self) -> None:
+        user = self.server.hub.user(self.headers.get("Authorization"))
+        if user is None:
+            return self._json(401, {"error": "Invalid credentials in Authorization header"})
+        self._json(200, {"type": "user", "id": hashlib.sha1(user.encode()).hexdigest()[:24], "name": user,
+                         "fullname": user, "orgs": [], "auth": {"type": "access_token",
+                                                               "accessToken": {"displayName": "test", "role": "read"}}})
+
+    def _resolve(self, repo_type: str, org: str, name: str, revision: str, path: str) -> None:
         hub = self.server.hub
-        snap = hub.snapshot(org, name)
+        snap = hub.snapshot(org, name, repo_type)
         self._check_gate(snap)
         commit = hub.resolve(snap, revision)
         check_path(path)
@@ -744,22 +841,22 @@ class _Handler(BaseHTTPRequestHandler):
             host = (self.headers.get("Host") or "").rpartition(":")[0] or self.server.server_address[0]
             cdn = self.server.cdn_origin.replace("{host}", host)
             target = f"{cdn}/lfs/{entry.sha256}?" + urlencode(
-                {"repo": snap.repo_id, "path": entry.path, "sig": hub.sign(entry.sha256)})
+                {"repo": snap.hub_path, "path": entry.path, "sig": hub.sign(entry.sha256)})
             headers.update({"Location": target, "ETag": f'"{entry.sha256}"', "X-Linked-Etag": f'"{entry.sha256}"',
                             "X-Linked-Size": entry.size, "Content-Length": 0})
             return self._head(302, headers)
         headers["ETag"] = f'"{entry.blob_id}"'
-        self._serve_file(snap.repo_id, entry, headers)
+        self._serve_file(snap.hub_path, entry, headers)
 
     def _check_gate(self, snap: RepoSnapshot) -> None:
         if snap.gated_token is None:
             return
         auth = self.headers.get("Authorization")
         if auth is None:
-            raise _NotLoggedIn(f"Access to model {snap.repo_id} is restricted. You must have access to it and be "
+            raise _NotLoggedIn(f"Access to {snap.repo_type} {snap.repo_id} is restricted. You must have access to it and be "
                                "authenticated to access it. Please log in.")
         if not hmac.compare_digest(auth.encode(), f"Bearer {snap.gated_token}".encode()):
-            raise AccessDenied(f"Access to model {snap.repo_id} is restricted and you are not in the authorized list.")
+            raise AccessDenied(f"Access to {snap.repo_type} {snap.repo_id} is restricted and you are not in the authorized list.")
 
     def _lfs(self, sha256: str, query: Mapping[str, str]) -> None:
         hub = self.server.hub
@@ -937,9 +1034,9 @@ class TestHub(_Control):
                  tb: TracebackType | None) -> None:
         self.stop()
 
-    def commit(self, repo_id: str) -> str:
+    def commit(self, repo_id: str, repo_type: str = "model") -> str:
         """The current commit of ``repo_id`` (what ``main`` resolves to)."""
-        return self.hub.commit(repo_id)
+        return self.hub.commit(repo_id, repo_type)
 
     def stats(self) -> HubStats:
         return self.hub.counters.snapshot()
