@@ -4,7 +4,7 @@ The namespace, looked up lazily::
 
     /                                   root
     ├── .mmfs/status.json               daemon state as JSON, regenerated on each open
-    └── huggingface/                    provider
+    └── huggingface/                    provider (and huggingface-datasets/: mmfs.names.PROVIDERS)
         └── <org>/                      any valid org name (listing: what is known locally)
             └── <name>/                 a repo: exists once the remote (or the DB) knows it
                 ├── main -> <commit>    branch or tag: a relative symlink, short timeouts

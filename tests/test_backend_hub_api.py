@@ -14,6 +14,7 @@ import pytest
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
+    GatedRepoError,
     HfHubHTTPError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.timeout(120)
 
 DATASET = "org/data"
 MODEL = "org/web"
+LOCKED = "org/locked"
 #: More small files than one page of an expanded listing holds, so pagination shows.
 NOTES = TREE_PAGE_EXPANDED + 5
 
@@ -43,6 +45,11 @@ def hub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (data / "notes" / f"n{i:03}.txt").write_text(f"note {i}\n")
     # The same id as a model: a dataset must never be answered with a model's files.
     make_synthetic_model(root / DATASET, 1 << 20, n_shards=1, seed=3)
+    # A gated dataset beside a public model of the same id: access is per repo, not per id.
+    make_synthetic_model(root / "datasets" / LOCKED, 1 << 20, n_shards=1, seed=4)
+    (root / "datasets" / LOCKED / ".hub").mkdir()
+    (root / "datasets" / LOCKED / ".hub" / "gated").write_text("hf_alice\n")
+    make_synthetic_model(root / LOCKED, 1 << 20, n_shards=1, seed=5)
     (root / ".hub").mkdir()
     (root / ".hub" / "users.json").write_text(json.dumps({"hf_alice": "alice", "hf_backend": "backend-bot"}))
     return root
@@ -147,6 +154,24 @@ def test_missing_datasets_and_files_are_the_hub_exceptions(tmp_path: Path, backe
                         cache_dir=tmp_path)
     with pytest.raises(RepositoryNotFoundError):  # "datasets" is no org: datasets are no models
         api.model_info("datasets/org")
+
+
+def test_a_gated_dataset_needs_a_token_whatever_the_model_of_its_id(tmp_path: Path, hub_root: Path,
+                                                                   backend: BackendProcess) -> None:
+    weights = "model-00001-of-00001.safetensors"
+    public = hf_hub_download(LOCKED, weights, endpoint=backend.url, cache_dir=tmp_path / "model")
+    assert Path(public).read_bytes() == (hub_root / LOCKED / weights).read_bytes()
+    for token in (False, "hf_wrong"):
+        with pytest.raises(GatedRepoError):
+            hf_hub_download(LOCKED, weights, repo_type="dataset", endpoint=backend.url, token=token,
+                            cache_dir=tmp_path / "anonymous")
+    got = hf_hub_download(LOCKED, weights, repo_type="dataset", endpoint=backend.url, token="hf_alice",
+                          cache_dir=tmp_path / "alice")
+    assert Path(got).read_bytes() == (hub_root / "datasets" / LOCKED / weights).read_bytes()
+    for token in (False, "hf_wrong"):  # cached now, and still refused without the right token
+        with pytest.raises(GatedRepoError):
+            hf_hub_download(LOCKED, weights, repo_type="dataset", endpoint=backend.url, token=token,
+                            cache_dir=tmp_path / "again")
 
 
 def test_passed_through_answers_lose_xet_hints() -> None:

@@ -18,6 +18,7 @@ from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
+    HfHubHTTPError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -103,6 +104,37 @@ def test_model_info_and_tree_shapes(hub: TestHub) -> None:
     assert [e.path for e in api.list_repo_tree(REPO, path_in_repo="1_Pooling")] == ["1_Pooling/config.json"]
     lfs = next(e for e in api.list_repo_tree(REPO, recursive=True) if e.path == LFS_FILE).lfs
     assert lfs.sha256 == hashlib.sha256(weights).hexdigest() and lfs.pointer_size > 100
+
+
+def test_datasets_and_the_read_routes_as_the_hub_shapes_them(hub: TestHub, hub_root: Path, tmp_path: Path) -> None:
+    """Datasets at the Hub's dataset routes, ``get_paths_info``, ``list_repo_commits``,
+    ``whoami`` and paginated expanded trees, read by huggingface_hub's own client."""
+    data = hub_root / "datasets" / "org" / "data"
+    make_synthetic_model(data, 2 << 20, n_shards=1, seed=2)
+    for i in range(60):
+        (data / "notes").mkdir(exist_ok=True)
+        (data / "notes" / f"n{i:02}.txt").write_text(str(i))
+    (hub_root / ".hub").mkdir()
+    (hub_root / ".hub" / "users.json").write_text(json.dumps({"hf_alice": "alice"}))
+    api = HfApi(endpoint=hub.url)
+    commit = hub.commit("org/data", "dataset")
+    assert api.dataset_info("org/data").sha == commit
+    with pytest.raises(RepositoryNotFoundError):
+        api.model_info("org/data")  # a dataset is no model
+    folder = Path(snapshot_download("org/data", repo_type="dataset", endpoint=hub.url, cache_dir=tmp_path))
+    assert {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == \
+        {p.relative_to(data).as_posix(): p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    assert all(k.startswith("datasets/org/data/") for k in hub.stats().bytes_by_path)
+    found = api.get_paths_info("org/data", ["notes", "config.json", "missing"], repo_type="dataset")
+    assert [(type(e).__name__, e.path) for e in found] == [("RepoFolder", "notes"), ("RepoFile", "config.json")]
+    assert [c.commit_id for c in api.list_repo_commits("org/data", repo_type="dataset")] == [commit]
+    assert api.whoami(token="hf_alice")["name"] == "alice"
+    with pytest.raises(HfHubHTTPError):
+        api.whoami(token="hf_nobody")
+    hub.reset_stats()
+    expanded = list(api.list_repo_tree("org/data", "notes", repo_type="dataset", expand=True))
+    assert len(expanded) == 60 and all(e.last_commit.oid == commit for e in expanded)
+    assert hub.stats().requests_by_kind["tree"] == 2  # 50 entries a page when expanded, as the Hub pages
 
 
 def test_error_codes_through_the_client(hub: TestHub, tmp_path: Path) -> None:
