@@ -46,7 +46,7 @@ import trio
 from mmfs.budget import ByteBudget
 from mmfs.engine import FetchEngine, Served
 from mmfs.errors import (AccessDenied, EntryNotFound, IntegrityError, InvalidName, MmfsError, NotFound,
-                         RepoNotFound, first_error)
+                         RepoNotFound, TransientError, first_error)
 from mmfs.manifest import ChunkKey, FileEntry, Manifest
 from mmfs.tiers.base import Chunk
 from mmfs.names import RepoRef, check_path, check_provider, check_repo_part, check_revision, hub_provider
@@ -418,8 +418,9 @@ class BackendApp:
         return Response.json(path_entries(manifest, paths), headers=[("X-Repo-Commit", manifest.commit)])
 
     async def hub_passthrough(self, request: Request, s: list[str]) -> Response:
-        if self.passthrough is None:
-            raise NotFound(f"/{'/'.join(s)} is answered by the upstream, and this backend has none configured")
+        if self.passthrough is None or self.engine.config.offline:
+            raise TransientError(f"/{'/'.join(s)[:200]} is answered by the upstream only, and this backend "
+                                 f"{'runs with HF_HUB_OFFLINE' if self.passthrough else 'has no upstream'}")
         return await self.passthrough.forward(request)
 
     async def hub_resolve(self, request: Request, s: list[str]) -> Response:

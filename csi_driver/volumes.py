@@ -3,7 +3,8 @@
 ==============  ========  ==============================================================
 key             default   meaning
 ==============  ========  ==============================================================
-``provider``    huggingface  the namespace under the mount root
+``provider``    huggingface  the namespace under the mount root (``huggingface-datasets``
+                             for a Hub dataset)
 ``repo``        (required)   ``org/name``
 ``revision``    ``main``     branch, tag or 40-hex commit; a branch or tag is pinned to
                              its commit at publish time

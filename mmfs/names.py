@@ -32,7 +32,8 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 @dataclass(frozen=True, slots=True)
 class RepoRef:
-    """A model repository: ``huggingface/<org>/<name>``."""
+    """A repository: ``<provider>/<org>/<name>`` (``huggingface/...`` for a Hub model,
+    ``huggingface-datasets/...`` for a Hub dataset)."""
 
     provider: str
     org: str

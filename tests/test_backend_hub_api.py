@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 from pathlib import Path
 from typing import Iterator
 
@@ -139,6 +140,11 @@ def test_the_backend_is_read_only_and_knows_its_routes(backend: BackendProcess) 
         assert "use GET" in answer.json()["error"]
     answer = httpx.get(f"{backend.url}/nothing/at/all")
     assert answer.status_code == 404 and "no such endpoint" in answer.json()["error"]
+    # Routes the backend has no answer of its own for are the upstream's to answer (this
+    # hub serves no spaces: its own "no route" comes back, not the backend's).
+    for path in ("/api/spaces/org/demo", "/spaces/org/demo/resolve/main/app.py", "/api/models-tags-by-type"):
+        answer = httpx.get(backend.url + path)
+        assert answer.status_code == 404 and "no route for GET" in answer.json()["error"], path
 
 
 def test_missing_datasets_and_files_are_the_hub_exceptions(tmp_path: Path, backend: BackendProcess) -> None:
@@ -172,6 +178,16 @@ def test_a_gated_dataset_needs_a_token_whatever_the_model_of_its_id(tmp_path: Pa
         with pytest.raises(GatedRepoError):
             hf_hub_download(LOCKED, weights, repo_type="dataset", endpoint=backend.url, token=token,
                             cache_dir=tmp_path / "again")
+
+
+def test_an_unreachable_upstream_is_a_clear_503(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
+    with BackendProcess(tmp_path / "backend", hub_url=dead) as lonely:
+        answer = httpx.get(f"{lonely.url}/api/models/{MODEL}/commits/main")
+        assert answer.status_code == 503 and answer.headers["X-Error-Code"] == "TransientError"
+        assert "cannot be reached" in answer.json()["error"]
 
 
 def test_passed_through_answers_lose_xet_hints() -> None:
