@@ -87,7 +87,8 @@ class Passthrough:
         if "json" in upstream.headers.get("content-type", "") and data:
             data = _without_xet(data)
         if request.method == "HEAD":
-            return Response(upstream.status_code, kept, content_length=int(upstream.headers.get("content-length", 0)))
+            length = upstream.headers.get("content-length", "0")
+            return Response(upstream.status_code, kept, content_length=int(length) if length.isdigit() else 0)
         return Response(upstream.status_code, kept, data)
 
     def _links(self, value: str, mine: str) -> str:

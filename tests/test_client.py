@@ -97,7 +97,16 @@ def test_backend_route_lands_in_the_hub_cache(tmp_path: Path, hub: TestHub, back
                                                  host=backend.url, revision=commit), cache_dir=cache)
     assert Path(pooling) == Path(path).parent / "1_Pooling" / "config.json"
     assert sha256(pooling) == source_sha256("1_Pooling/config.json")
-    # huggingface_hub finds both afterwards, with no network at all.
+    # huggingface_hub finds both afterwards: asked as usual for that commit, it sends no
+    # request at all (the backend counts none) ...
+    def hub_api_requests() -> float:
+        return sum(v for k, v in backend.metrics().items()
+                   if k.startswith("mmfs_backend_requests_total") and 'route="hub_' in k)
+
+    before = hub_api_requests()
+    assert hf_hub_download(REPO, WEIGHTS, cache_dir=cache, revision=commit, endpoint=backend.url) == path
+    assert hub_api_requests() == before
+    # ... and with no network at all.
     backend.stop()
     hub.stop()
     assert hf_hub_download(REPO, WEIGHTS, cache_dir=cache, local_files_only=True) == path
