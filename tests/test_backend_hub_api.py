@@ -12,7 +12,7 @@ from typing import Iterator
 
 import httpx
 import pytest
-from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub import HfApi, HfFileSystem, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -90,6 +90,12 @@ def test_dataset_snapshot_through_the_backend(tmp_path: Path, hub: TestHub, hub_
     api = HfApi(endpoint=backend.url)
     assert api.dataset_info(DATASET).sha == hub.commit(DATASET, "dataset")
     assert api.model_info(DATASET).sha == hub.commit(DATASET)  # the model of the same id, told apart
+    # HfFileSystem (what the datasets library reads with): listings, globs and reads.
+    fs = HfFileSystem(endpoint=backend.url)
+    assert len(fs.glob(f"datasets/{DATASET}/notes/*.txt")) == NOTES
+    assert fs.info(f"datasets/{DATASET}/notes/n003.txt")["size"] == len("note 3\n")
+    with fs.open(f"datasets/{DATASET}/model-00002-of-00002.safetensors", "rb") as f:
+        assert f.read() == (hub_root / "datasets" / DATASET / "model-00002-of-00002.safetensors").read_bytes()
 
 
 def test_paths_info_through_the_backend(hub: TestHub, backend: BackendProcess) -> None:
