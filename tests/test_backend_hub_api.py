@@ -88,7 +88,10 @@ def test_dataset_snapshot_through_the_backend(tmp_path: Path, hub: TestHub, hub_
                           cache_dir=tmp_path / "one")
     assert Path(one).read_text() == "note 7\n"
     api = HfApi(endpoint=backend.url)
-    assert api.dataset_info(DATASET).sha == hub.commit(DATASET, "dataset")
+    commit = hub.commit(DATASET, "dataset")
+    assert api.dataset_info(DATASET).sha == commit == api.dataset_info(DATASET, revision=commit).sha
+    assert {s.rfilename for s in api.dataset_info(DATASET, revision="main", files_metadata=True).siblings} == \
+        set(tree(hub_root / "datasets" / DATASET))
     assert api.model_info(DATASET).sha == hub.commit(DATASET)  # the model of the same id, told apart
     # HfFileSystem (what the datasets library reads with): listings, globs and reads.
     fs = HfFileSystem(endpoint=backend.url)
@@ -157,6 +160,8 @@ def test_missing_datasets_and_files_are_the_hub_exceptions(tmp_path: Path, backe
     api = HfApi(endpoint=backend.url)
     with pytest.raises(RepositoryNotFoundError):
         api.dataset_info("org/nothing")
+    with pytest.raises(RevisionNotFoundError):
+        api.dataset_info(DATASET, revision="no-such-branch")
     with pytest.raises(RepositoryNotFoundError):
         hf_hub_download("org/nothing", "x.json", repo_type="dataset", endpoint=backend.url, cache_dir=tmp_path)
     with pytest.raises(EntryNotFoundError):
