@@ -2,7 +2,7 @@
 
 Engine and tier counters are read from their ``statistics()`` snapshots at scrape time;
 the server adds what only it knows: requests by route and status, and bytes sent to
-clients by the tier that supplied them (``memory``, ``disk``, or ``upstream`` when the
+clients by the tier that supplied them (``memory``, ``disk``, ``shared``, or ``upstream`` when the
 chunk had to be fetched, by this request or one it joined).
 """
 
@@ -17,7 +17,7 @@ from mmfs.engine import EngineStatistics
 if TYPE_CHECKING:
     from .nixl_plane import PlaneStatistics
 
-TIERS_SERVED = ("memory", "disk", "upstream")
+TIERS_SERVED = ("memory", "disk", "shared", "upstream")
 #: Methods counted by name; any other (the client chooses it) counts as ``OTHER``, so
 #: clients cannot grow the number of series.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})

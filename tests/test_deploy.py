@@ -136,8 +136,8 @@ def check_fluid(doc: dict) -> None:
 
 def test_kustomization_renders_base_without_examples(rendered):
     kinds = {d["kind"] for d in rendered}
-    assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "Deployment", "Service",
-            "PersistentVolumeClaim", "DaemonSet", "CSIDriver"} <= kinds  # fmt: skip
+    assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "StatefulSet", "Service",
+            "PersistentVolumeClaim", "DaemonSet", "CSIDriver", "PodDisruptionBudget"} <= kinds  # fmt: skip
     assert not kinds & {"Pod", "PersistentVolume"}, "examples must stay out of the base"
     for d in rendered:
         if d["kind"] not in {"Namespace", "CSIDriver"}:
@@ -243,8 +243,8 @@ def test_backend_service_matches_the_daemons_backend_url(rendered):
     assert host[0] == "modelmanager-server" and svc["metadata"]["namespace"] == host[1]
     (port,) = [p for p in svc["spec"]["ports"] if p["port"] == url.port]
     assert url.port == 3000
-    deploy = one(rendered, "Deployment", "mmfs-backend")
-    pod = deploy["spec"]["template"]
+    backends = one(rendered, "StatefulSet", "mmfs-backend")
+    pod = backends["spec"]["template"]
     assert all(pod["metadata"]["labels"].get(k) == v for k, v in svc["spec"]["selector"].items())
     backend = container(pod["spec"], "backend")
     cports = {p["name"]: p["containerPort"] for p in backend["ports"]}
@@ -258,10 +258,41 @@ def test_backend_service_matches_the_daemons_backend_url(rendered):
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
     for probe in ("readinessProbe", "livenessProbe"):
         assert backend[probe]["httpGet"]["path"] == "/healthz" and cports.get(backend[probe]["httpGet"]["port"]) == 3000
-    (data,) = [m for m in backend["volumeMounts"] if m["mountPath"] == "/data"]
-    (vol,) = [v for v in pod["spec"]["volumes"] if v["name"] == data["name"]]
-    pvc = one(rendered, "PersistentVolumeClaim", vol["persistentVolumeClaim"]["claimName"])
+
+
+def test_backend_replicas_share_a_cold_tier_but_never_an_index(rendered):
+    """Several replicas; nodes and replicas find them all through one headless Service; the
+    cold tier is one RWX claim; each replica's index a volume only one pod can mount, so a
+    rolling update never runs two pods on one index; pods drain before they stop."""
+    backends = one(rendered, "StatefulSet", "mmfs-backend")
+    spec = backends["spec"]
+    assert spec["replicas"] >= 2
+    svc = one(rendered, "Service", spec["serviceName"])
+    assert svc["spec"]["clusterIP"] == "None"  # DNS answers every replica, not one virtual IP
+    pod = spec["template"]["spec"]
+    backend = container(pod, "backend")
+    b_argv = argv(backend)
+    replicas = urlparse(flag(b_argv, "--replicas"))
+    assert replicas.hostname.split(".")[0] == svc["metadata"]["name"] and replicas.port == 3000
+    assert flag(b_argv, "--cold-compression") in ("zstd", "none")
+    env = {e["name"]: e for e in backend["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"  # its id in the set
+    mounts = {m["mountPath"]: m["name"] for m in backend["volumeMounts"]}
+    templates = {t["metadata"]["name"]: t for t in spec["volumeClaimTemplates"]}
+    index = templates[mounts[flag(b_argv, "--data-dir")]]
+    assert index["spec"]["accessModes"] == ["ReadWriteOncePod"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    shared = volumes[mounts[flag(b_argv, "--shared-dir")]]
+    pvc = one(rendered, "PersistentVolumeClaim", shared["persistentVolumeClaim"]["claimName"])
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert spec["updateStrategy"]["type"] == "RollingUpdate"
+    assert spec["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 1
+    # Drain: the preStop wait and the server's own grace fit in the termination grace period.
+    wait = backend["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert wait > 0 and wait + float(flag(b_argv, "--grace")) < pod["terminationGracePeriodSeconds"]
+    pdb = one(rendered, "PodDisruptionBudget", "mmfs-backend")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
 
 
 def test_fluid_overlay_replaces_the_plain_pvc(rendered, rendered_fluid):
@@ -271,8 +302,8 @@ def test_fluid_overlay_replaces_the_plain_pvc(rendered, rendered_fluid):
     runtimes = [d for d in rendered_fluid if d["kind"].endswith("Runtime")]
     assert dataset["metadata"]["name"] == claim  # Fluid's PVC takes the Dataset's name
     assert [r["metadata"]["name"] for r in runtimes] == [claim]
-    deploy = one(rendered_fluid, "Deployment", "mmfs-backend")
-    claims = [v["persistentVolumeClaim"]["claimName"] for v in deploy["spec"]["template"]["spec"]["volumes"]]
+    backends = one(rendered_fluid, "StatefulSet", "mmfs-backend")
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in backends["spec"]["template"]["spec"]["volumes"]]
     assert claims == [claim]
 
 
@@ -303,7 +334,7 @@ def test_rbac_is_minimal(rendered):
             assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
             assert set(rule["verbs"]) <= {"get", "list", "watch"}
     accounts = {d["metadata"]["name"] for d in rendered if d["kind"] == "ServiceAccount"}
-    for kind in ("Deployment", "DaemonSet"):
+    for kind in ("StatefulSet", "DaemonSet"):
         assert one(rendered, kind)["spec"]["template"]["spec"]["serviceAccountName"] in accounts
     assert node_pod(rendered)["automountServiceAccountToken"] is False
 
