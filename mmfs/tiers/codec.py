@@ -20,6 +20,7 @@ import struct
 import threading
 from typing import Literal
 
+import numpy as np
 import zstandard
 
 HEADER = struct.Struct(">8sBB6xQ")
@@ -57,25 +58,26 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 def group(data: bytes | bytearray | memoryview, stride: int) -> bytes:
     """Byte ``i`` of every ``stride``-byte word together, plane after plane; a tail shorter
-    than a word stays at the end as it was."""
-    raw = bytes(data)
+    than a word stays at the end as it was. (numpy: a strided slice of ``bytes`` in Python
+    moved 60 MB/s here, slower than zstd itself.)"""
+    view = memoryview(data).cast("B")
     if stride == 1:
-        return raw
-    whole = len(raw) - len(raw) % stride
-    return b"".join(raw[i:whole:stride] for i in range(stride)) + raw[whole:]
+        return bytes(view)
+    whole = len(view) - len(view) % stride
+    planes = np.frombuffer(view[:whole], dtype=np.uint8).reshape(-1, stride).T
+    return planes.tobytes() + bytes(view[whole:])
 
 
-def ungroup(data: bytes, stride: int) -> bytearray:
+def ungroup(data: bytes, stride: int) -> bytes:
     """The inverse of :func:`group`."""
-    out = bytearray(data)
     if stride == 1:
-        return out
+        return bytes(data)
     plane = len(data) // stride
-    whole = plane * stride
-    for i in range(stride):
-        out[i:whole:stride] = data[i * plane:(i + 1) * plane]
-    out[whole:] = data[whole:]
-    return out
+    source = np.frombuffer(data, dtype=np.uint8, count=plane * stride)
+    words = np.empty((plane, stride), dtype=np.uint8)
+    for i in range(stride):  # column by column: measured faster here than a transposed copy
+        words[:, i] = source[i * plane:(i + 1) * plane]
+    return words.tobytes() + bytes(data[plane * stride:])
 
 
 def choose(data: bytes | bytearray | memoryview) -> int | None:
@@ -98,7 +100,7 @@ def encode(data: bytes | bytearray | memoryview, compression: Compression) -> by
     return HEADER.pack(MAGIC, ZSTD, stride, len(data)) + _compressor().compress(group(data, stride))
 
 
-def decode(blob: bytes) -> bytes | bytearray:
+def decode(blob: bytes) -> bytes:
     """The chunk's bytes from its stored form; :class:`CorruptObject` when it is not one."""
     if len(blob) < HEADER.size:
         raise CorruptObject("shorter than its header")
@@ -107,7 +109,7 @@ def decode(blob: bytes) -> bytes | bytearray:
         raise CorruptObject("not a chunk object (bad header)")
     payload = memoryview(blob)[HEADER.size:]
     if codec == RAW:
-        data: bytes | bytearray = bytes(payload)
+        data = bytes(payload)
     else:
         try:
             data = ungroup(_decompressor().decompress(payload, max_output_size=size), stride)
