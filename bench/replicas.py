@@ -60,8 +60,8 @@ def rollout(work: Path, *, nodes: int, replicas: int, size: int, hub_rate: float
     hub = TestHub(hub_root, rate=hub_rate).start()
     backends = [backend_testing.BackendProcess(work / f"replica{i}", hub_url=hub.url, listen=url[7:],
                                                memory_cache="512MiB",
-                                               extra_args=["--replicas", ",".join(urls), "--shared-dir",
-                                                           str(work / "rwx")])
+                                               extra_args=["--stream-memory", "128MiB", "--replicas", ",".join(urls),
+                                                           "--shared-dir", str(work / "rwx")])
                 for i, url in enumerate(urls)]
     mounts = [MountProcess(work / f"mnt{i}", work / f"cache{i}", backend=",".join(urls)) for i in range(nodes)]
     try:
@@ -198,7 +198,7 @@ def compression_scenario(work: Path) -> Scenario:
         for codec_label, got in compression(path).items():
             rows.append([label, codec_label, f"{got['ratio']:.3f}", f"{got['compress_cpu_s_per_gb']:.2f}",
                          f"{got['decompress_cpu_s_per_gb']:.2f}"])
-    s.tables.append({"title": "Stored / raw bytes and CPU (one thread, 4 MiB chunks, zstd level 3)",
+    s.tables.append({"title": f"Stored / raw bytes and CPU (one thread, 4 MiB chunks, zstd level {codec.LEVEL})",
                      "columns": ["file", "codec", "ratio", "compress CPU-s/GB", "decompress CPU-s/GB"],
                      "rows": rows})
     s.notes.append("The bf16 copy is the real model's fp32 weights rounded to bf16 here (no bf16 checkpoint of "

@@ -101,6 +101,8 @@ def machine_markdown(machine: dict[str, Any]) -> str:
 #: The figures summed up at the top of the report: (scenario id, figure key, label, baseline label).
 HEADLINES = [
     ("ingest", "tcp.gbps", "8. one cold node, warm backend, --transport tcp", "curl from the backend"),
+    ("replicas", "upstream_ratio", "9. N nodes through 2 backend replicas: upstream bytes / model", ""),
+    ("replicas", "all_done", "9. same: every node done, in units of model / hub rate", ""),
     ("ingest", "tcp.node_cpu", "8. same: node daemon CPU per GB", ""),
     ("ingest", "tcp.backend_cpu", "8. same: backend CPU per GB, serving from memory", ""),
     ("ingest", "nixl.gbps", "8. one cold node, warm backend, --transport nixl", "curl from the backend"),

@@ -99,8 +99,9 @@ class _Connection:
 
 
 class Unreachable(TransientError):
-    """No answer came: the connection could not be made, broke, or went silent. (An HTTP
-    error status is an answer: the server is there.) Replica failover tells the two apart."""
+    """The server is not there: the connection could not be made, or broke (reset, closed
+    mid-answer: a process that died). Not a slow answer, which an overloaded server gives
+    too, nor an HTTP error status: replica failover moves a chunk elsewhere only on this."""
 
 
 class WireClient:
@@ -129,7 +130,7 @@ class WireClient:
             with trio.fail_after(self._request_timeout):
                 return await self._follow(method, url, dict(headers or {}), max_body)
         except trio.TooSlowError:
-            raise Unreachable(f"{method} {url.split('?', 1)[0]} took over {self._request_timeout:g} s") from None
+            raise TransientError(f"{method} {url.split('?', 1)[0]} took over {self._request_timeout:g} s") from None
 
     async def _follow(self, method: str, url: str, headers: dict[str, str], max_body: int) -> Response:
         origin = _origin(url)
@@ -173,7 +174,7 @@ class WireClient:
                 raise UpstreamError(f"{key[1]}:{key[2]} {exc}") from None
             except trio.TooSlowError as exc:
                 await trio.aclose_forcefully(connection.stream)
-                raise Unreachable(f"no answer from {key[1]}:{key[2]} within {self._read_timeout:g} s") from exc
+                raise TransientError(f"no answer from {key[1]}:{key[2]} within {self._read_timeout:g} s") from exc
             except BaseException:
                 await trio.aclose_forcefully(connection.stream)
                 raise
