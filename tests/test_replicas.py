@@ -129,14 +129,16 @@ async def test_two_writers_share_verified_objects_and_adopt_each_others(tmp_path
     await b.sweep()  # b finds the map a published: its staged bad copy goes, never published
     assert (await b.get(keys[1])).data == chunks[1].data  # type: ignore[union-attr]
     assert not any(p.is_file() for p in (root / "staging").rglob("*")) and b.contains(keys[1])
-    # A damaged object (bit rot, a torn copy) is caught by the map, removed, and a miss.
-    path = next((root / "objects").rglob(f"*.{CHUNK}.2"))
-    blob = bytearray(path.read_bytes())
-    blob[-1] ^= 0xFF
-    path.write_bytes(bytes(blob))
+    # Wrong bytes in a well-formed object (a buggy or hostile writer) are caught by the map;
+    # a torn object by its codec. Either is removed and is a miss, never served.
+    wrong_object = next((root / "objects").rglob(f"*.{CHUNK}.2"))
+    wrong_object.write_bytes(codec.encode(chunks[1].data, "none"))
+    torn = next((root / "objects").rglob(f"*.{CHUNK}.0"))
+    torn.write_bytes(torn.read_bytes()[:-100])
     c = SharedTier(root, 1 << 30)
-    assert await c.get(keys[2]) is None and not path.exists()
-    assert c.statistics().errors == 1
+    assert await c.get(keys[2]) is None and not wrong_object.exists()
+    assert await c.get(keys[0]) is None and not torn.exists()
+    assert c.statistics().errors == 2
     for tier in (a, b, c):
         await tier.aclose()
     assert list((root / "staging").iterdir()) == []
@@ -275,6 +277,31 @@ def test_killing_a_replica_mid_read_every_reader_completes(tmp_path: Path, hub_r
         finally:
             for mount in mounts:
                 mount.stop()
+
+
+def test_hub_clients_at_any_replica_and_a_new_replica_adopts_the_shared_tier(tmp_path: Path, hub_root: Path) -> None:
+    make_synthetic_model(hub_root / "org" / "api", 3 << 20, n_shards=2, seed=8)
+    files = _model_files(hub_root / "org" / "api")
+    chunks = sum(-(-path.stat().st_size // CHUNK) for path in files.values())
+    with TestHub(hub_root) as hub, _Replicas(tmp_path, hub.url) as replicas:
+        first, second = replicas.processes
+        for name, path in files.items():  # a Hub client pointed at one replica (HF_ENDPOINT)
+            assert second.get(f"/org/api/resolve/main/{name}") == path.read_bytes(), name
+        assert hub.stats().requests_by_kind["resolve_get"] == chunks  # the owners fetched, once each
+        # The first replica is replaced by a pod with a fresh local index (another node):
+        # it adopts what the shared cold tier holds, checked against the published maps.
+        first.stop()
+        replacement = backend_testing.BackendProcess(
+            tmp_path / "replica0-new", hub_url=hub.url, listen=replicas.urls[0][7:], chunk_size="256KiB",
+            extra_args=["--replicas", ",".join(replicas.urls), "--shared-dir", str(tmp_path / "rwx")]).start()
+        replicas.processes[0] = replacement
+        hub.reset_stats()
+        for name, path in files.items():
+            assert replacement.get(f"/v1/file/huggingface/org/api/main/{name}") == path.read_bytes(), name
+        assert hub.stats().requests_by_kind.get("resolve_get", 0) == 0
+        metrics = replacement.metrics()
+        assert metrics['mmfs_backend_tier_hits_total{tier="shared"}'] > 0
+        assert metrics["mmfs_backend_upstream_bytes_total"] == 0
 
 
 # -- a rolling update: two processes on one data directory ---------------------------------
