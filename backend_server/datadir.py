@@ -27,9 +27,39 @@ LOCK_NAME = ".lock"
 POLL = 0.2
 
 
+#: File system types where LMDB's locking and mmap are not reliable (LMDB's documentation
+#: warns against remote file systems); a data directory there gets a warning at start.
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "ceph", "glusterfs", "9p", "fuse")
+
+
+def filesystem_of(path: Path, mountinfo: str | None = None) -> str:
+    """The type of the file system ``path`` is on (``/proc/self/mountinfo``'s longest match)."""
+    if mountinfo is None:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    target = os.path.realpath(path)
+    best, kind = "", ""
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        mountpoint = fields[4].replace("\\040", " ")
+        if (target == mountpoint or target.startswith(mountpoint.rstrip("/") + "/")) and len(mountpoint) > len(best):
+            best, kind = mountpoint, line.split(" - ", 1)[1].split()[0]
+    return kind
+
+
+def is_network_filesystem(kind: str) -> bool:
+    return kind.split(".", 1)[0] in NETWORK_FILESYSTEMS
+
+
 @contextmanager
 def hold_data_dir(data_dir: Path) -> Iterator[None]:
     """Hold ``data_dir`` for this process, waiting as long as another one holds it."""
+    kind = filesystem_of(data_dir)
+    if is_network_filesystem(kind):
+        log.warning("--data-dir %s is on %s, a network file system: LMDB (the index) must not be there, and "
+                    "the lock that keeps a second process out is not reliable there; use local storage (the "
+                    "shared volume is for --shared-dir)", data_dir, kind)
     fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         waited = False

@@ -170,13 +170,13 @@ def run(ctx: Any) -> list[Scenario]:
 def replicas_scenario(got: dict[str, Any]) -> Scenario:
     s = Scenario("replicas", f"9. {got['nodes']} nodes read a model through {got['replicas']} backend replicas")
     model = got["model_bytes"]
-    fig = Figure("upstream_ratio", "upstream bytes / model bytes", "×", target_value=1.0,
+    fig = Figure("upstream_ratio", "upstream bytes / model bytes", "x", target_value=1.0,
                  note="each byte leaves the upstream once for the cluster (target 1.00)")
     fig.add(got["upstream_bytes"] / model)
     s.figures.append(fig)
     if got["hub_rate"]:
         limit = model / got["hub_rate"]
-        done = Figure("all_done", "every node read the model, × link limit (model / hub rate)", "×")
+        done = Figure("all_done", "every node read the model, × link limit (model / hub rate)", "x")
         done.add(max(got["node_seconds"]) / limit)
         s.figures.append(done)
     s.tables.append({"title": "Replicas' shares", "columns": ["replica", "upstream MB", "egress to nodes MB"],

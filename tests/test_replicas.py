@@ -19,9 +19,10 @@ import pytest
 import trio
 
 import backend_server.testing as backend_testing
+from backend_server.datadir import filesystem_of, is_network_filesystem
 from mmfs.chunkmap import ChunkMap, block_digests
 from mmfs.manifest import ChunkKey
-from mmfs.remote.replicas import Replica, ReplicaSet, parse_replica_urls, rank
+from mmfs.remote.replicas import Replica, ReplicaSet, expand, parse_replica_urls, rank
 from mmfs.errors import InvalidName
 from mmfs.testing.hub import TestHub
 from mmfs.testing.models import make_synthetic_model
@@ -66,6 +67,14 @@ def test_a_replica_that_does_not_answer_goes_last_until_it_is_back() -> None:
     assert replicas.order(key) == [second, first]
     replicas.mark_up(first)
     assert replicas.order(key) == [first, second]
+
+
+def test_a_name_is_one_replica_per_address_and_dual_stack_is_one_server() -> None:
+    assert expand("http://127.0.0.2:3000") == [Replica("127.0.0.2:3000", "http://127.0.0.2:3000")]
+    assert [r.id for r in expand("http://localhost:3000")] == ["127.0.0.1:3000"]
+    assert [r.id for r in expand("http://[::1]:3000")] == ["[::1]:3000"]
+    both = ReplicaSet(["http://127.0.0.2:3000", "http://127.0.0.3:3000", "http://127.0.0.2:3000"])
+    assert [r.id for r in both.members] == ["127.0.0.2:3000", "127.0.0.3:3000"]
 
 
 def test_replica_urls_are_checked() -> None:
@@ -305,6 +314,18 @@ def test_hub_clients_at_any_replica_and_a_new_replica_adopts_the_shared_tier(tmp
 
 
 # -- a rolling update: two processes on one data directory ---------------------------------
+
+
+def test_a_data_dir_on_a_network_filesystem_is_recognised(tmp_path: Path) -> None:
+    mountinfo = ("22 1 0:21 / / rw - ext4 /dev/sda1 rw\n"
+                 "40 22 0:40 / /mnt/rwx rw,relatime - nfs4 server:/export rw\n"
+                 "41 22 0:41 / /mnt/rwx-cache rw - fuse.juicefs JuiceFS:x rw\n")
+    assert filesystem_of(Path("/mnt/rwx/index"), mountinfo) == "nfs4"
+    assert filesystem_of(Path("/mnt/rwx-cache"), mountinfo) == "fuse.juicefs"
+    assert filesystem_of(Path("/var/lib/x"), mountinfo) == "ext4"
+    assert is_network_filesystem("nfs4") and is_network_filesystem("fuse.juicefs")
+    assert not is_network_filesystem("ext4")
+    assert filesystem_of(tmp_path) and not is_network_filesystem(filesystem_of(tmp_path))  # the real mountinfo
 
 
 def test_rolling_update_second_process_waits_and_loses_nothing(tmp_path: Path, hub_root: Path) -> None:

@@ -82,7 +82,10 @@ def parse_replica_urls(text: str) -> list[str]:
 
 
 def expand(url: str) -> list[Replica]:
-    """The replicas one URL names: one per address its host resolves to (blocking)."""
+    """The replicas one URL names: one per address its host resolves to (blocking).
+
+    IPv4 addresses only where there are any: a dual-stack name (``localhost``, a pod with
+    an A and an AAAA record) is one server, not two replicas."""
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     host = parts.hostname or ""
@@ -90,6 +93,8 @@ def expand(url: str) -> list[Replica]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise UpstreamError(f"cannot resolve replica host {host!r}: {exc.strerror or exc}") from exc
+    if any(family == socket.AF_INET for family, *_ in infos):
+        infos = [info for info in infos if info[0] == socket.AF_INET]
     found: dict[str, Replica] = {}
     for _, _, _, _, address in infos:
         ip = address[0]
