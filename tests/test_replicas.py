@@ -311,6 +311,7 @@ def test_hub_clients_at_any_replica_and_a_new_replica_adopts_the_shared_tier(tmp
         metrics = replacement.metrics()
         assert metrics['mmfs_backend_tier_hits_total{tier="shared"}'] > 0
         assert metrics["mmfs_backend_upstream_bytes_total"] == 0
+        assert metrics["mmfs_backend_files_verified"] == 0  # it took the maps the others published
 
 
 # -- a rolling update: two processes on one data directory ---------------------------------

@@ -86,6 +86,12 @@ class ChunkTier(ABC):
         """Check every provisional chunk held of the map's content and chunk size against it:
         mark the matching ones verified, drop the others; return the dropped indices."""
 
+    def find_map(self, content_id: str, chunk_size: int) -> ChunkMap | None:
+        """A chunk map another process published in this tier (a tier shared by backend
+        replicas), so this one need not verify the file again; blocking (call it from a
+        worker thread). Tiers private to one process hold none."""
+        return None
+
     def peek(self, key: ChunkKey) -> Chunk | None:
         """The chunk if the tier can answer without I/O, not counted as a hit; else ``None``."""
         return None
