@@ -36,6 +36,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
+from typing import Awaitable, Callable, TypeVar
 from urllib.parse import urlsplit
 
 import trio
@@ -50,6 +51,7 @@ from .base import FetchedChunk, FileSource, Remote
 from .wire import Unreachable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Seconds a replica that did not answer is passed over before it is asked again.
 DOWN_FOR = 5.0
@@ -219,13 +221,14 @@ class ReplicaRemote(Remote):
             remote = self._remotes[replica.id] = BackendRemote(replica.url, policy=self._policy, auth=self._auth)
         return remote
 
-    async def _route(self, key: str, call, local_call=None):  # type: ignore[no-untyped-def]
+    async def _route(self, key: str, call: Callable[[BackendRemote], Awaitable[T]],
+                     local_call: Callable[[], Awaitable[T]] | None = None) -> T:
         """``call(remote)`` on the first replica in ``key``'s order that answers; on this
         replica itself, ``local_call()`` instead."""
         await self.replicas.refresh()
         last: Unreachable | None = None
         for replica in self.replicas.order(key):
-            if replica.id == self.self_id:
+            if replica.id == self.self_id and local_call is not None:
                 self.answered[replica.id] = self.answered.get(replica.id, 0) + 1
                 return await local_call()
             try:
@@ -251,6 +254,7 @@ class ReplicaRemote(Remote):
 
     async def fetch_chunk(self, source: FileSource, index: int, *, auth: str | None = None) -> FetchedChunk:
         local = self.local
+        assert local is not None or self.self_id is None
 
         async def from_replica(remote: BackendRemote) -> FetchedChunk:
             fetched = await remote.fetch_chunk(source, index, auth=auth)
@@ -259,7 +263,7 @@ class ReplicaRemote(Remote):
             return fetched
 
         return await self._route(chunk_owner_key(source, index), from_replica,
-                                 lambda: local.fetch_chunk(source, index, auth=auth))  # type: ignore[union-attr]
+                                 (lambda: local.fetch_chunk(source, index, auth=auth)) if local else None)
 
     async def fetch_map(self, source: FileSource, *, wait: float = 0.0, auth: str | None = None) -> ChunkMap | int:
         """From the owner of the file's last chunk: it verifies the file (it must, to serve

@@ -295,10 +295,13 @@ class SharedTier(ChunkTier):
             try:
                 if key.index < chunk_map.chunk_count and chunk_map.matches(key.index, digests):
                     target = self._object_path(key)
-                    target.parent.mkdir(exist_ok=True)
-                    stored = path.stat().st_size
-                    os.rename(path, target)
-                    self._added(key, stored, _chunk_length(chunk_map, key.index))
+                    if target.exists():  # another replica published it first
+                        path.unlink()
+                    else:
+                        target.parent.mkdir(exist_ok=True)
+                        stored = path.stat().st_size
+                        os.rename(path, target)
+                        self._added(key, stored, _chunk_length(chunk_map, key.index))
                 else:
                     path.unlink(missing_ok=True)
                     dropped.append(key.index)
