@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import logging
 import time
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Awaitable, Callable
-from urllib.parse import parse_qs, unquote
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from urllib.parse import parse_qs, quote, unquote
 
 import trio
 
@@ -50,11 +51,12 @@ from mmfs.errors import (AccessDenied, EntryNotFound, IntegrityError, InvalidNam
 from mmfs.manifest import ChunkKey, FileEntry, Manifest
 from mmfs.tiers.base import Chunk
 from mmfs.names import RepoRef, check_path, check_provider, check_repo_part, check_revision, hub_provider
-from mmfs.remote.backend import VERIFIED_HEADER
+from mmfs.remote.backend import NODE_HEADER, PEER_HEADER, PEERS_HEADER, VERIFIED_HEADER
 from mmfs.remote.base import FileSource
 from mmfs.remote.replicas import ReplicaRemote
 
 from .access import AccessControl
+from .holders import HolderTable
 from .http import Request, Response, Send
 from .metrics import Metrics
 from .passthrough import READ_POSTS, Passthrough
@@ -98,8 +100,10 @@ class BackendApp:
     def __init__(self, engine: FetchEngine, access: AccessControl, metrics: Metrics, *,
                  upstream: str = "", data_dir: str = "", readahead_bytes: int = READAHEAD_BYTES,
                  stream_memory: int = STREAM_MEMORY, stream_wait: float = STREAM_WAIT,
-                 stats: Callable[[], dict[str, int]] | None = None, nixl: NixlPlane | None = None) -> None:
+                 stats: Callable[[], dict[str, int]] | None = None, nixl: NixlPlane | None = None,
+                 holders: HolderTable | None = None) -> None:
         self.engine = engine
+        self.holders = holders or HolderTable()
         self.nixl = nixl
         self.access = access
         self.metrics = metrics
@@ -146,6 +150,13 @@ class BackendApp:
             kind = s[1] if len(s) > 1 else ""
             if kind == "files" and len(s) == 2:
                 return allow("files", self.files, "GET")
+            if kind == "peers" and len(s) <= 3:
+                if len(s) == 2:
+                    return allow("peers", self.peers, "GET")
+                if s[2] == "heartbeat":
+                    return allow("peers_heartbeat", self.peers_heartbeat, "POST")
+                if s[2] == "report":
+                    return allow("peers_report", self.peers_report, "POST")
             if kind in ("resolve", "manifest", "prefetch") and len(s) >= 6:
                 handler = {"resolve": self.v1_resolve, "manifest": self.v1_manifest,
                            "prefetch": self.v1_prefetch}[kind]
@@ -209,7 +220,8 @@ class BackendApp:
         text = self.metrics.render(self.engine.statistics(), connections=server["connections"],
                                    active_requests=server["active_requests"],
                                    nixl=self.nixl.statistics() if self.nixl else None,
-                                   replica_fetches=replicas[0], replica_bytes=replicas[1])
+                                   replica_fetches=replicas[0], replica_bytes=replicas[1],
+                                   holders=self.holders.statistics())
         return Response.text(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def files(self, request: Request, s: list[str]) -> Response:
@@ -239,6 +251,9 @@ class BackendApp:
                         manifest.dumps())
 
     async def v1_chunk(self, request: Request, s: list[str]) -> Response:
+        redirect = await self._peer_for(request, s[2:])
+        if redirect is not None:
+            return redirect
         held: list[int] = []  # this response's share of --stream-memory, until it is sent
         try:
             source, index, data, verified = await self._chunk(request, s[2:], held)
@@ -251,6 +266,41 @@ class BackendApp:
                               ("X-Mmfs-Chunk-Size", str(source.entry.chunk_size)),
                               *([(VERIFIED_HEADER, "1")] if verified else [])], data,
                         on_close=lambda: self._give_back(held))
+
+    async def _peer_for(self, request: Request, s: list[str]) -> Response | None:
+        """For a node that shares (``X-Mmfs-Node``): a ``307`` to a peer holding the chunk,
+        where :class:`~.holders.HolderTable` finds one worth it; ``None``: serve it here.
+        Only for verified files, whose map the node then checks the peer's bytes against."""
+        node = request.header(NODE_HEADER)
+        if not node:
+            return None
+        source, _ = await self._file_of(request, s)  # access is checked before any redirect
+        raw_index = request.query_value("index") or ""
+        if not raw_index.isdigit() or int(raw_index) >= source.entry.chunk_count:
+            return None  # _chunk answers the error
+        key = source.entry.chunk_key(int(raw_index))
+        may_redirect = request.header(PEERS_HEADER) == "ok" and self.engine.is_verified(source.entry)
+        peer = self.holders.choose(node, key, may_redirect=may_redirect)
+        if peer is None:
+            return None
+        location = (f"{peer}/v1/peer/chunk?content={quote(key.content_id, safe='')}&chunk_size={key.chunk_size}"
+                    f"&index={key.index}")
+        return Response(307, [("Location", location), (PEER_HEADER, peer), ("Content-Type", "application/json")],
+                        b'{"peer": true}')
+
+    async def peers(self, request: Request, s: list[str]) -> Response:
+        return Response.json(self.holders.describe())
+
+    async def peers_heartbeat(self, request: Request, s: list[str]) -> Response:
+        self.holders.heartbeat(_json_body(request))
+        return Response.json({"ttl": self.holders.ttl})
+
+    async def peers_report(self, request: Request, s: list[str]) -> Response:
+        payload = _json_body(request)
+        self.holders.report(payload)
+        log.warning("node %s reported peer %s: %s", str(payload.get("reporter"))[:200], payload.get("peer"),
+                    payload.get("problem"))
+        return Response.json({"forgotten": payload.get("peer")})
 
     def _give_back(self, held: list[int]) -> None:
         while held:
@@ -646,6 +696,13 @@ def _repo(provider: str, org: str, name: str) -> RepoRef:
 def _api_repo(s: list[str]) -> RepoRef:
     """The repo of ``/api/{models,datasets}/<org>/<name>/...``."""
     return _repo(hub_provider(s[1][:-1]), s[2], s[3])
+
+
+def _json_body(request: Request) -> Any:
+    try:
+        return json.loads(request.body)
+    except ValueError:
+        raise InvalidName("the body must be JSON") from None
 
 
 def error_response(err: MmfsError, headers: list[tuple[str, str]] | None = None) -> Response:

@@ -4,6 +4,7 @@
         [--memory-cache 8GiB] [--memory-ttl 600] [--chunk-size 4MiB] \\
         [--max-upstream-fetches 16] [--disk-cache 500GiB] [--stream-memory 32MiB] \\
         [--max-connections 1024] [--send-timeout 30] \\
+        [--peer-ttl 10] [--peer-max-load 4] \\
         [--nixl [--nixl-pool 256MiB] [--nixl-lease-timeout 10]] \\
         [--replicas URL[,URL…] [--advertise HOST:PORT]] [--shared-dir DIR [--cold-compression zstd|none]]
 
@@ -53,6 +54,7 @@ from mmfs.tiers.shared import SharedTier
 from .access import AccessControl
 from .app import STREAM_MEMORY, BackendApp
 from .datadir import hold_data_dir
+from .holders import HolderTable
 from .http import MAX_CONNECTIONS, SEND_TIMEOUT, HTTPServer
 from .metrics import Metrics
 
@@ -102,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--send-timeout", type=options.seconds, default=SEND_TIMEOUT, metavar="SECONDS",
                        help="drop a client that takes no MiB of a response for this long (default 30); "
                             "streams wait up to twice this for --stream-memory")
+    serve.add_argument("--peer-ttl", type=options.seconds, default=10.0, metavar="SECONDS",
+                       help="forget a sharing node (mmfs mount --peer-listen) not heard from for this long (default 10)")
+    serve.add_argument("--peer-max-load", type=options.positive_int, default=4, metavar="N",
+                       help="chunks a sharing node is sent at once before the backend serves them itself (default 4)")
     serve.add_argument("--grace", type=options.seconds, default=5.0, metavar="SECONDS",
                        help="on SIGTERM, how long requests in progress may take to finish (default 5)")
     serve.add_argument("--replicas", type=_replica_urls, default=None, metavar="URL[,URL…]",
@@ -187,6 +193,7 @@ async def serve(args: argparse.Namespace) -> int:
         server: HTTPServer
         app = BackendApp(engine, access, metrics, upstream=hub.url, data_dir=str(data_dir),
                          stream_memory=args.stream_memory, stream_wait=2 * args.send_timeout, nixl=nixl,
+                         holders=HolderTable(ttl=args.peer_ttl, max_load=args.peer_max_load),
                          stats=lambda: {"connections": server.connections, "active_requests": server.active_requests})
         server = HTTPServer(app.handle, observer=lambda req, resp, sent, secs, done:
                             metrics.observe(resp.route, req.method, resp.status, sent, done),

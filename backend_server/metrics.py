@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Iterable
 from mmfs.engine import EngineStatistics
 
 if TYPE_CHECKING:
+    from .holders import HolderStatistics
     from .nixl_plane import PlaneStatistics
 
 TIERS_SERVED = ("memory", "disk", "shared", "upstream")
@@ -39,7 +40,8 @@ class Metrics:
             self.aborted_responses += 1
 
     def render(self, engine: EngineStatistics, *, connections: int, active_requests: int,
-               nixl: PlaneStatistics | None = None, replica_fetches: int = 0, replica_bytes: int = 0) -> str:
+               nixl: PlaneStatistics | None = None, replica_fetches: int = 0, replica_bytes: int = 0,
+               holders: HolderStatistics | None = None) -> str:
         """``replica_*``: the part of the engine's remote fetches that came from other replicas."""
         out = _Writer()
         out.metric("mmfs_backend_upstream_bytes_total", "counter", "Bytes fetched from the upstream (the Hub).",
@@ -112,6 +114,20 @@ class Metrics:
                    [({}, nixl.slots if nixl else 0)])
         out.metric("mmfs_nixl_slots_leased", "gauge", "NIXL slots leased to nodes now.",
                    [({}, nixl.leased if nixl else 0)])
+        out.metric("mmfs_backend_peer_nodes", "gauge", "Sharing nodes heard from within --peer-ttl.",
+                   [({}, holders.nodes if holders else 0)])
+        out.metric("mmfs_backend_peer_redirects_total", "counter",
+                   "Chunk requests sent to a peer instead of answered here (307).",
+                   [({}, holders.redirects if holders else 0)])
+        out.metric("mmfs_backend_peer_served_here_total", "counter",
+                   "Chunk requests from sharing nodes answered with bytes here.",
+                   [({}, holders.served_here if holders else 0)])
+        out.metric("mmfs_backend_peer_reports_total", "counter",
+                   "Peers reported by nodes, by problem (corrupt: bytes failed the chunk map; unreachable).",
+                   [({"problem": "corrupt"}, holders.reports_corrupt if holders else 0),
+                    ({"problem": "unreachable"}, holders.reports_unreachable if holders else 0)])
+        out.metric("mmfs_backend_peer_banned", "gauge", "Peers never chosen now (reported for corrupt bytes).",
+                   [({}, holders.banned if holders else 0)])
         out.metric("mmfs_backend_open_connections", "gauge", "Client connections open.", [({}, connections)])
         out.metric("mmfs_backend_active_requests", "gauge", "Requests being answered.", [({}, active_requests)])
         out.metric("mmfs_backend_start_time_seconds", "gauge", "Unix time the server started.",

@@ -54,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="FUSE passthrough for files complete in the disk cache (default: auto, where the "
                             "kernel, libfuse and privileges allow it; on: like auto, but the mount fails to "
                             "start where it cannot be used)")
+    mount.add_argument("--peer-listen", metavar="HOST:PORT", type=options.listen_address,
+                       help="share this node's verified chunks with other nodes on HOST:PORT, and read chunks "
+                       "from them where the backend says so (needs --backend)")
+    mount.add_argument("--peer-advertise", metavar="URL", type=options.http_url, default="",
+                       help="the URL other nodes reach --peer-listen at (default: http://HOST:PORT)")
+    mount.add_argument("--peer-labels", metavar="KEY=VALUE,...", type=_labels, default={},
+                       help="topology labels such as zone=a,rack=3: peers sharing them are preferred")
     mount.add_argument("--debug", action="store_true", help="debug logging (and FUSE debug output)")
 
     unmount = commands.add_parser("unmount", aliases=["umount"], help="unmount a running mmfs mount")
@@ -97,6 +104,15 @@ def _backend_urls(text: str) -> str:
     return text
 
 
+def _labels(text: str) -> dict[str, str]:
+    from .peer_server import parse_labels
+
+    try:
+        return parse_labels(text)
+    except ValueError as exc:
+        raise options.OptionError(str(exc)) from None
+
+
 def _setup_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -108,16 +124,29 @@ def _setup_logging(debug: bool) -> None:
 
 def _mount(args: argparse.Namespace) -> int:
     from .daemon import DEFAULT_CACHE_DIR, MountOptions, run
+    from .peer_server import PeerOptions
 
     if args.transport == "nixl" and not args.backend:
         return options.usage_error("mmfs mount", "--transport nixl needs --backend (NIXL carries chunks from a "
                                    "backend; embedded mode reads the Hub over HTTP)")
     _setup_logging(args.debug)
+    peers = None
+    if args.peer_listen is not None:
+        if not args.backend:
+            return options.usage_error("mmfs mount", "--peer-listen needs --backend (nodes share what they read "
+                                       "through a backend)")
+        if args.peer_listen[1] == 0:
+            return options.usage_error("mmfs mount", "--peer-listen needs a fixed port: other nodes are sent there")
+        peers = PeerOptions(host=args.peer_listen[0], port=args.peer_listen[1], advertise=args.peer_advertise,
+                            labels=args.peer_labels)
+    elif args.peer_advertise or args.peer_labels:
+        return options.usage_error("mmfs mount", "--peer-advertise and --peer-labels need --peer-listen")
     mount_options = MountOptions(
         mountpoint=args.mountpoint, backend=args.backend, transport=args.transport,
         cache_dir=args.cache_dir or DEFAULT_CACHE_DIR, cache_size=args.cache_size, memory_cache=args.memory_cache,
         chunk_size=args.chunk_size, read_ahead=args.read_ahead, remote_timeout=args.remote_timeout,
-        max_tasks=args.max_tasks, debug=args.debug, passthrough=args.passthrough, nonempty=args.nonempty)
+        max_tasks=args.max_tasks, debug=args.debug, passthrough=args.passthrough, nonempty=args.nonempty,
+        peers=peers)
     return run(mount_options)
 
 
@@ -198,6 +227,13 @@ def format_status(status: dict[str, Any]) -> str:
     remote = status.get("remote", {})
     lines.append(f"remote: {remote.get('url')}: {format_size(remote.get('bytes', 0))} in {remote.get('fetches', 0)} "
                  f"chunk fetches ({remote.get('coalesced', 0)} coalesced, {remote.get('inflight', 0)} in flight)")
+    peers = status.get("peers")
+    if peers:
+        lines.append(f"peers: node {peers.get('node')}: from peers {format_size(peers.get('bytes_from_peers', 0))} in "
+                     f"{peers.get('chunks_from_peers', 0)} chunks, from the backend "
+                     f"{format_size(peers.get('bytes_from_backend', 0))} in {peers.get('chunks_from_backend', 0)}; "
+                     f"served to peers {format_size(peers.get('bytes_served', 0))} in {peers.get('chunks_served', 0)}; "
+                     f"{peers.get('fallbacks', 0)} fallbacks, {peers.get('bad_peers', 0)} bad peers")
     integrity = status.get("integrity", {})
     lines.append(f"integrity: {integrity.get('failures', 0)} failures, {integrity.get('files_verified', 0)} files "
                  "verified")

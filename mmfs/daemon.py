@@ -4,7 +4,8 @@
     remote = BackendRemote(--backend)  or, embedded, HubRemote(HF_ENDPOINT, HF_TOKEN)
              (ReplicaRemote where --backend names several replicas: each chunk from its owner)
              (NixlBackendRemote with --transport nixl, or with auto where NIXL can win:
-             see choose_transport)
+             see choose_transport; wrapped in PeeringRemote with --peer-listen, which
+             also runs a PeerServer: node-to-node sharing, mmfs/remote/peer.py)
 
 Life cycle: open the caches (a cache dir that cannot be opened is logged and the daemon
 runs with the memory tier only: status shows the disk tier missing), clear a dead
@@ -34,12 +35,14 @@ from .errors import CacheError, MmfsError
 from .fuse_ops import Operations
 from .manifest import DEFAULT_CHUNK_SIZE
 from .metadata import MetadataStore
+from .peer_server import PeerOptions, PeerServer
 from .prefetch import ReadAheadConfig
 from .remote._http import RetryPolicy
 from .remote.backend import BackendRemote
 from .remote.base import Remote
 from .remote.hub import HubRemote
 from .remote.replicas import ReplicaRemote, ReplicaSet, expand, parse_replica_urls
+from .remote.peer import PeeringRemote
 from .tiers.base import ChunkTier
 from .tiers.disk import DiskTier
 from .tiers.memory import MemoryTier
@@ -81,6 +84,9 @@ class MountOptions:
     passthrough: str = "auto"
     #: Mount over a directory that holds files (they are hidden while mounted).
     nonempty: bool = False
+    #: Node-to-node sharing (``--peer-listen``, ``--peer-advertise``, ``--peer-labels``);
+    #: ``None``: this node neither serves nor asks peers.
+    peers: PeerOptions | None = None
     debug: bool = False
 
 
@@ -163,8 +169,16 @@ def make_remote(options: MountOptions, transport: TransportChoice | None = None)
 
             return NixlBackendRemote(options.backend, policy=policy, auto=transport.requested == "auto",
                                      reason=transport.reason)
-        return BackendRemote(options.backend, policy=policy)
+        backend = BackendRemote(options.backend, policy=policy)
+        if options.peers is not None:
+            return PeeringRemote(backend, peer_url(options.peers))
+        return backend
     return HubRemote(chunk_size=options.chunk_size, policy=policy)
+
+
+def peer_url(peers: PeerOptions) -> str:
+    """The URL other nodes reach this one at: ``--peer-advertise``, else the listen address."""
+    return peers.advertise.rstrip("/") or f"http://{peers.host}:{peers.port}"
 
 
 def transport_status(remote: Remote, transport: TransportChoice) -> dict[str, Any]:
@@ -200,7 +214,10 @@ def make_engine(options: MountOptions, problems: list[str] | None = None,
     config = EngineConfig.from_env(max_concurrent_fetches=options.max_fetches,
                                    map_wait=max(0.5, min(10.0, options.remote_timeout / 4)),
                                    stall_timeout=options.remote_timeout)
-    return FetchEngine(tiers, make_remote(options, transport), metadata, config)
+    engine = FetchEngine(tiers, make_remote(options, transport), metadata, config)
+    if isinstance(engine.remote, PeeringRemote):
+        engine.remote.attach(engine.known_map, engine.chunk_map)
+    return engine
 
 
 def mode_text(options: MountOptions, transport: TransportChoice | None = None) -> str:
@@ -246,6 +263,8 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
                         transport_reason=now["reason"])
             if "nixl" in now:
                 info["nixl"] = now["nixl"]
+        if peer_server is not None:
+            info["peers"] = peer_server.status()
         try:
             import psutil
 
@@ -254,7 +273,20 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
             pass
         return info
 
+    peer_server: PeerServer | None = None
+    peer_listeners: list[trio.SocketListener] = []
+    if options.peers is not None:
+        if not isinstance(engine.remote, PeeringRemote):
+            raise MmfsError("--peer-listen needs --backend (nodes share what they read through a backend)")
+        peer_server = PeerServer(engine, engine.remote, options.peers)
+        try:
+            peer_listeners = await trio.open_tcp_listeners(options.peers.port, host=options.peers.host)
+        except OSError as exc:
+            raise MmfsError(f"cannot listen on --peer-listen {options.peers.host}:{options.peers.port}: "
+                            f"{exc.strerror or exc}") from exc
     async with engine:
+        if peer_server is not None:
+            await engine.nursery.start(peer_server.run, peer_listeners)
         vfs = Vfs(engine, config, describe=describe)
         operations = Operations(vfs, passthrough=options.passthrough != "off")
         if options.passthrough == "on" and operations.passthrough_why_not is not None:

@@ -408,6 +408,26 @@ class FetchEngine:
             self._want_map(source)
         return chunk
 
+    async def held_chunk(self, key: ChunkKey, wait: float) -> Chunk | None:
+        """A verified copy of a chunk held here, for a peer (:mod:`mmfs.peer_server`): from
+        the tiers, or from a load already in flight (waited for up to ``wait`` seconds).
+        Never starts a load: a node serves what it has, it does not fetch for others."""
+        with trio.move_on_after(wait):
+            await self._chunk_flights.join(key)
+        chunk_map = self._maps.get(map_key(key.content_id, key.chunk_size))
+        for tier in self.tiers:
+            chunk = tier.peek(key) or (await tier.get(key) if tier.contains(key) else None)
+            if chunk is None:
+                continue
+            if chunk.verified or (chunk_map is not None and chunk_map.matches(key.index, chunk.digests)):
+                return chunk
+            return None
+        return None
+
+    def held_keys(self) -> set[ChunkKey]:
+        """The verified chunks the tiers hold now (no I/O): what this node can share."""
+        return set().union(*(tier.verified_keys() for tier in self.tiers))
+
     def prefetch(self, source: FileSource, indices: range, *, auth: str | None = None) -> None:
         """Start fetching chunks in the background; errors surface when they are read."""
         for index in indices:
@@ -479,7 +499,7 @@ class FetchEngine:
                 self._fetch_budget.release(taken)
         if len(fetched.data) != end - start:
             raise IntegrityError(f"{entry.path}: chunk {index} has {len(fetched.data)} bytes, expected {end - start}")
-        digests = await trio.to_thread.run_sync(block_digests, fetched.data)
+        digests = fetched.digests or await trio.to_thread.run_sync(block_digests, fetched.data)
         chunk_map = self.known_map(entry)
         if chunk_map is not None and not chunk_map.matches(index, digests):
             self._integrity_failures += 1

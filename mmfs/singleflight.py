@@ -51,6 +51,13 @@ class SingleFlight(Generic[K, V]):
             raise flight.error
         return flight.value  # type: ignore[return-value]
 
+    async def join(self, key: K) -> None:
+        """Wait for the operation for ``key`` to end, if one is running (its result is
+        for its callers; joiners look where it put it)."""
+        flight = self._flights.get(key)
+        if flight is not None:
+            await flight.done.wait()
+
     def start(self, key: K, work: Callable[[], Awaitable[V]], nursery: trio.Nursery) -> _Flight[V]:
         """Start ``work`` for ``key`` in the background unless it is already running."""
         flight = self._flights.get(key)

@@ -64,8 +64,10 @@ def error_from_response(response: _AnyResponse) -> MmfsError:
 
 
 async def request(client: WireClient, policy: RetryPolicy, method: str, url: str, *,
-                  headers: dict[str, str] | None = None, expect_length: int | None = None) -> Response:
-    """Send a request, retrying transient failures with backoff; return a 2xx response.
+                  headers: dict[str, str] | None = None, expect_length: int | None = None,
+                  payload: bytes = b"", answer_redirects: bool = False) -> Response:
+    """Send a request, retrying transient failures with backoff; return a 2xx response
+    (or, with ``answer_redirects``, a redirect, which is then not followed).
 
     Transient failures are timeouts, connection errors and resets (also mid-body), 5xx
     and 429, and a body shorter than ``expect_length``. When the attempts run out the
@@ -74,7 +76,10 @@ async def request(client: WireClient, policy: RetryPolicy, method: str, url: str
     delay = policy.backoff
     for attempt in range(1, policy.attempts + 1):
         try:
-            response = await client.request(method, url, headers, max_body=expect_length or _MAX_CONTROL_BODY)
+            response = await client.request(method, url, headers, max_body=expect_length or _MAX_CONTROL_BODY,
+                                            payload=payload, follow_redirects=not answer_redirects)
+            if answer_redirects and 300 <= response.status_code < 400:
+                return response
             if response.is_success:
                 if expect_length is not None and len(response.content) != expect_length:
                     raise TransientError(f"short body: {len(response.content)} of {expect_length} bytes")

@@ -7,6 +7,10 @@ The node-facing protocol (also documented in the README):
 * ``GET /v1/chunk/<provider>/<org>/<name>/<commit>/<path>?index=N`` -> the chunk's bytes;
   ``X-Mmfs-Verified: 1`` when the backend has the file's chunk map. A file's last chunk is
   only served once the whole file matched its upstream hash.
+  A node with ``--peer-listen`` that holds the file's map may be answered ``307`` instead:
+  ``Location`` names a peer's copy (``X-Mmfs-Peer``: that node); see :mod:`mmfs.remote.peer`.
+* ``POST /v1/peers/heartbeat`` and ``POST /v1/peers/report``: what a node holds, and a peer
+  that served bad bytes or could not be reached (docs/protocol.md, "Node-to-node sharing").
 * ``GET /v1/map/<provider>/<org>/<name>/<commit>/<path>?wait=SECONDS`` -> the file's chunk
   map (the raw block digests), or ``202`` with ``{"verified_bytes": n, "progress": p}``
   (``p`` grows while the backend receives bytes) while the backend is still verifying it (with ``wait``, the backend verifies the file, waiting up to that
@@ -18,6 +22,9 @@ JSON ``{"error": message}`` body, so the node raises the same error the backend 
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 from ..chunkmap import ChunkMap
@@ -28,6 +35,20 @@ from ._http import RetryPolicy, make_client, request
 from .base import FetchedChunk, FileSource, Remote
 
 VERIFIED_HEADER = "X-Mmfs-Verified"
+#: Sent with chunk requests by nodes that share with peers: who asks (its peer URL) ...
+NODE_HEADER = "X-Mmfs-Node"
+#: ... and ``ok`` when it may be sent to a peer for this chunk (it holds the file's map).
+PEERS_HEADER = "X-Mmfs-Peers"
+#: On a ``307``: the node id of the peer ``Location`` points at.
+PEER_HEADER = "X-Mmfs-Peer"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRedirect:
+    """The backend's answer "get this chunk from that peer" (a ``307``)."""
+
+    peer: str  # the peer's node id (its peer URL)
+    url: str  # the chunk at the peer
 
 
 class BackendRemote(Remote):
@@ -67,12 +88,34 @@ class BackendRemote(Remote):
         return manifest
 
     async def fetch_chunk(self, source: FileSource, index: int, *, auth: str | None = None) -> FetchedChunk:
+        answer = await self.fetch_chunk_or_redirect(source, index, auth=auth)
+        assert isinstance(answer, FetchedChunk)  # no redirects without PEERS_HEADER
+        return answer
+
+    async def fetch_chunk_or_redirect(self, source: FileSource, index: int, *, auth: str | None = None,
+                                      peering: dict[str, str] | None = None) -> FetchedChunk | PeerRedirect:
+        """The chunk, or (with ``peering`` headers that allow it) where a peer has it."""
         start, end = source.entry.chunk_span(index)
         url = f"{self.url}/v1/chunk/{source.repo}/{source.commit}/{quote(source.entry.path)}?index={index}"
-        response = await request(self._client, self._policy, "GET", url, headers=self._headers(auth),
-                                 expect_length=end - start)
+        response = await request(self._client, self._policy, "GET", url, headers={**self._headers(auth),
+                                 **(peering or {})}, expect_length=end - start, answer_redirects=bool(peering))
+        if response.status_code == 307:
+            peer, location = response.headers.get(PEER_HEADER), response.headers.get("location")
+            if not peer or not location:
+                raise UpstreamError(f"backend {self.url} redirected chunk {index} of {source.entry.path} "
+                                    "without naming a peer")
+            return PeerRedirect(peer, location)
+        if not response.is_success:
+            raise UpstreamError(f"backend {self.url} answered HTTP {response.status_code} for chunk {index}")
         return FetchedChunk(data=response.content, file_verified=response.headers.get(VERIFIED_HEADER) == "1",
                             source_url=url)
+
+    async def post_json(self, path: str, payload: dict[str, Any]) -> Any:
+        """``POST`` a small JSON document to ``/v1/<path>`` (peer heartbeats and reports)."""
+        response = await request(self._client, self._policy, "POST", f"{self.url}/v1/{path}",
+                                 headers={**self._headers(None), "Content-Type": "application/json"},
+                                 payload=json.dumps(payload, separators=(",", ":")).encode())
+        return response.json()
 
     async def fetch_map(self, source: FileSource, *, wait: float = 0.0, auth: str | None = None) -> ChunkMap | int:
         entry = source.entry

@@ -33,6 +33,9 @@ class FetchedChunk:
     #: asking for it, so that this and later chunks are verified on arrival.
     file_verified: bool = False
     source_url: str = ""
+    #: Block digests where the remote already hashed the bytes (a peer's chunk, checked
+    #: against the map on arrival): the engine then does not hash them again.
+    digests: bytes | None = None
     etag: str = ""
     last_modified: str = ""
 

@@ -120,22 +120,26 @@ class WireClient:
         self._tls: ssl.SSLContext | None = None
 
     async def request(self, method: str, url: str, headers: dict[str, str] | None = None, *,
-                      max_body: int = 64 << 20) -> Response:
-        """Send ``method`` (GET or HEAD) to ``url``, following redirects.
+                      max_body: int = 64 << 20, payload: bytes = b"", follow_redirects: bool = True) -> Response:
+        """Send ``method`` (GET, HEAD, or POST with a small ``payload``) to ``url``, following
+        redirects unless told not to (a redirect is then answered like any response).
 
         A body over ``max_body`` bytes is refused before it is read (a server ignoring
         ``Range`` must not make us buffer a whole file), and the whole exchange, redirects
         included, must end within ``request_timeout`` however slowly bytes trickle in."""
         try:
             with trio.fail_after(self._request_timeout):
-                return await self._follow(method, url, dict(headers or {}), max_body)
+                if not follow_redirects:
+                    return await self._send(method, url, dict(headers or {}), max_body, payload)
+                return await self._follow(method, url, dict(headers or {}), max_body, payload)
         except trio.TooSlowError:
             raise TransientError(f"{method} {url.split('?', 1)[0]} took over {self._request_timeout:g} s") from None
 
-    async def _follow(self, method: str, url: str, headers: dict[str, str], max_body: int) -> Response:
+    async def _follow(self, method: str, url: str, headers: dict[str, str], max_body: int,
+                      payload: bytes) -> Response:
         origin = _origin(url)
         for _ in range(_MAX_REDIRECTS + 1):
-            response = await self._send(method, url, headers, max_body)
+            response = await self._send(method, url, headers, max_body, payload)
             location = response.headers.get("location")
             if response.status_code not in _REDIRECTS or not location:
                 return response
@@ -147,14 +151,17 @@ class WireClient:
     async def get(self, url: str, headers: dict[str, str] | None = None, *, max_body: int = 64 << 20) -> Response:
         return await self.request("GET", url, headers, max_body=max_body)
 
-    async def _send(self, method: str, url: str, headers: dict[str, str], max_body: int) -> Response:
+    async def _send(self, method: str, url: str, headers: dict[str, str], max_body: int,
+                    payload: bytes = b"") -> Response:
         parts = urlsplit(url)
         key = _origin(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         host = parts.netloc.rsplit("@", 1)[-1]
         lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Accept-Encoding: identity"]
         lines += [f"{name}: {value}" for name, value in headers.items() if name.lower() != "host"]
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if payload or method == "POST":
+            lines.append(f"Content-Length: {len(payload)}")
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
         while True:
             connection = await self._checkout(key)
             answered = False

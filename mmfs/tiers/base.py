@@ -100,6 +100,10 @@ class ChunkTier(ABC):
         """Whether the tier holds the chunk now (no I/O, not counted)."""
         return self.peek(key) is not None
 
+    def verified_keys(self) -> set[ChunkKey]:
+        """The verified chunks held now (no I/O): what a node offers its peers."""
+        return set()
+
     @abstractmethod
     def statistics(self) -> TierStatistics:
         """Counters and occupancy, cheap enough to call on every ``/metrics`` scrape."""

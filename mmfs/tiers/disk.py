@@ -745,6 +745,9 @@ class DiskTier(ChunkTier):
     def contains(self, key: ChunkKey) -> bool:
         return key in self._index
 
+    def verified_keys(self) -> set[ChunkKey]:
+        return {key for key, entry in self._index.items() if entry.verified}
+
     def statistics(self) -> TierStatistics:
         return TierStatistics(self.name, self._hits, self._misses, self._hit_bytes, self._used,
                               self._limit, len(self._index), self._evictions, self._errors)

@@ -50,6 +50,9 @@ class MemoryTier(ChunkTier):
         entry = self._entries.get(key)
         return entry[0] if entry is not None else None
 
+    def verified_keys(self) -> set[ChunkKey]:
+        return {key for key, (chunk, _) in self._entries.items() if chunk.verified}
+
     async def put(self, key: ChunkKey, chunk: Chunk) -> None:
         if len(chunk.data) > self._limit:
             return

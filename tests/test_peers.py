@@ -1,0 +1,144 @@
+"""Node-to-node sharing with real processes on loopback addresses: one test hub, one
+backend, nodes started with ``--peer-listen`` on 127.0.0.x (docs/protocol.md,
+"Node-to-node sharing")."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+import backend_server.testing as backend_testing
+from backend_server.testing import parse_metrics
+from mmfs.testing.hub import TestHub
+from mmfs.testing.models import make_synthetic_model
+from mmfs.testing.mount import MountProcess
+from mmfs.testing.net import free_port
+
+pytestmark = [pytest.mark.fuse, pytest.mark.timeout(240)]
+
+REPO = "org/shared"
+SHARD = "model-00001-of-00001.safetensors"
+#: Small chunks: many chunks per file, so "most chunks" and "mid-transfer" mean something.
+CHUNK = "256KiB"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, hub_root: Path):
+    """A warm backend (the model verified there, so chunk maps exist) and a node factory."""
+    make_synthetic_model(hub_root / REPO, 12 << 20, n_shards=1, seed=5)
+    with ExitStack() as stack:
+        hub = stack.enter_context(TestHub(hub_root))
+        backend = stack.enter_context(backend_testing.BackendProcess(tmp_path / "backend", hub_url=hub.url,
+                                                                     chunk_size=CHUNK))
+        warm = subprocess.run([sys.executable, "-m", "mmfs", "prefetch", f"huggingface/{REPO}",
+                               "--backend", backend.url], capture_output=True, text=True, timeout=120)
+        assert warm.returncode == 0, warm.stderr
+        expected = (hub_root / REPO / SHARD).read_bytes()
+        nodes: list[MountProcess] = []
+
+        def node(n: int, *, wrapper: str | None = None, labels: str = "") -> MountProcess:
+            address = f"127.0.0.{n + 10}"
+            args = ["--peer-listen", f"{address}:{free_port(address)}", "--transport", "tcp"]
+            mount = MountProcess(tmp_path / f"mnt{n}", tmp_path / f"cache{n}", backend=backend.url,
+                                 args=args + (["--peer-labels", labels] if labels else []))
+            if wrapper:
+                mount.argv[1:3] = ["-m", wrapper]
+            nodes.append(stack.enter_context(mount))
+            wait_until_known(backend, mount)
+            return mount
+
+        yield backend, node, expected
+
+
+def peer_url(mount: MountProcess) -> str:
+    return mount.argv[mount.argv.index("--peer-listen") + 1]
+
+
+def wait_until_known(backend: backend_testing.BackendProcess, mount: MountProcess) -> None:
+    """Until the node's first heartbeat reached the backend (it is sent at start)."""
+    url = f"http://{peer_url(mount)}"
+    for _ in range(100):
+        if url in [n["node"] for n in json.loads(backend.get("/v1/peers"))["nodes"]]:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{url} never heartbeated:\n{mount.log_text()[-2000:]}")
+
+
+def read(mount: MountProcess) -> bytes:
+    return (mount.repo(REPO) / SHARD).read_bytes()
+
+
+def peers(mount: MountProcess) -> dict:
+    return mount.status()["peers"]
+
+
+def node_metrics(mount: MountProcess) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{peer_url(mount)}/metrics", timeout=10) as response:
+        return parse_metrics(response.read().decode())
+
+
+def test_later_nodes_read_mostly_from_earlier_ones(cluster) -> None:
+    backend, node, expected = cluster
+    chunks = -(-len(expected) // (256 << 10))
+    first = node(1)
+    assert read(first) == expected
+    assert peers(first)["chunks_from_peers"] == 0  # nobody had it before
+    later = [node(n) for n in (2, 3, 4)]
+    for mount in later:
+        assert read(mount) == expected
+    for mount in later:
+        counters = peers(mount)
+        assert counters["chunks_from_peers"] > counters["chunks_from_backend"], counters
+        assert counters["bad_peers"] == 0
+        assert node_metrics(mount)["mmfs_peer_chunks_received_total"] == counters["chunks_from_peers"]
+    served = sum(peers(m)["chunks_served"] for m in [first, *later])
+    assert served == sum(peers(m)["chunks_from_peers"] for m in later)
+    assert peers(first)["chunks_served"] > 0
+    metrics = backend.metrics()
+    assert metrics["mmfs_backend_peer_redirects_total"] >= served
+    # The backend sent far fewer than the four copies it would have without sharing.
+    assert sum(peers(m)["chunks_from_backend"] for m in [first, *later]) < 2 * chunks
+
+
+def test_a_peer_killed_mid_transfer_costs_readers_nothing(cluster) -> None:
+    backend, node, expected = cluster
+    holder = node(1)
+    assert read(holder) == expected
+    reader = node(2)
+    path = reader.repo(REPO) / SHARD
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)  # the first chunks come from the holder ...
+        assert peers(reader)["chunks_from_peers"] > 0
+        holder.kill()  # ... which dies with the file open and half read here
+        rest = f.read()
+    assert head + rest == expected
+    counters = peers(reader)
+    assert counters["fallbacks"] > 0 and counters["bad_peers"] == 0, counters
+    assert backend.metrics()['mmfs_backend_peer_reports_total{problem="unreachable"}'] >= 1
+
+
+def test_a_peer_serving_corrupt_bytes_is_caught_reported_and_avoided(cluster) -> None:
+    backend, node, expected = cluster
+    liar = node(1, wrapper="mmfs.testing.corrupt_peer")  # flips a byte of every chunk it sends
+    assert read(liar) == expected  # its own reads are fine: it reads from the backend
+    victim = node(2)
+    assert read(victim) == expected  # caught by the chunk map: the reader never sees the bad bytes
+    counters = peers(victim)
+    assert counters["bad_peers"] >= 1 and counters["chunks_from_peers"] == 0, counters
+    assert node_metrics(victim)["mmfs_peer_bad_peers_total"] == counters["bad_peers"]
+    metrics = backend.metrics()
+    assert metrics['mmfs_backend_peer_reports_total{problem="corrupt"}'] >= 1
+    assert metrics["mmfs_backend_peer_banned"] == 1
+    assert f"http://{peer_url(liar)}" not in [n["node"] for n in json.loads(backend.get("/v1/peers"))["nodes"]]
+    # A third node is sent to the honest one only.
+    third = node(3)
+    assert read(third) == expected
+    assert peers(third)["bad_peers"] == 0 and peers(third)["chunks_from_peers"] > 0
+    assert peers(liar)["chunks_served"] <= counters["bad_peers"]
