@@ -11,7 +11,9 @@ first asker of a chunk is always served here; later askers are sent down the tre
         choose(N, chunk): holders and holders-to-be of the chunk
             minus N itself, nodes gone quiet (no heartbeat for --peer-ttl), banned nodes,
             and nodes at --peer-max-load chunks assigned now
-            best first: most topology labels shared with N (zone, rack, …), then least loaded
+            best first: most topology labels shared with N (zone, rack, …), then the
+            fewest hops from a full copy (holders 0, a node served here 1, one sent to
+            it 2, …: a shallow tree, not a chain), then least loaded
         ─▶ 307 to the best one, or (none left) the bytes from here
 
 A redirect counts as load on its peer for the time a chunk takes at ``PEER_RATE``; the
@@ -80,7 +82,8 @@ class HolderTable:
         self.max_load = max_load
         self._clock = clock
         self._nodes: dict[str, _Node] = {}
-        self._expected: dict[ChunkKey, dict[str, float]] = {}  # chunk -> holder-to-be -> until
+        # chunk -> holder-to-be -> (until when, hops from a full copy)
+        self._expected: dict[ChunkKey, dict[str, tuple[float, int]]] = {}
         self._banned: dict[str, float] = {}
         self._redirects = self._served_here = self._corrupt = self._unreachable = 0
 
@@ -139,35 +142,37 @@ class HolderTable:
         me = self._live(asker, now)
         if me is None:
             return None  # not a sharing node (no heartbeat yet): nobody will be sent to it
-        chosen = self._best(asker, me, key, now) if may_redirect else None
-        self._expected.setdefault(key, {})[asker] = now + EXPECT_SECONDS
-        if chosen is None:
+        best = self._best(asker, me, key, now) if may_redirect else None
+        if best is None:
+            self._expected.setdefault(key, {})[asker] = (now + EXPECT_SECONDS, 1)
             self._served_here += 1
             return None
+        chosen, hops = best
+        self._expected.setdefault(key, {})[asker] = (now + EXPECT_SECONDS, hops + 1)
         chosen.busy_until.append(now + key.chunk_size / PEER_RATE)
         self._redirects += 1
         return chosen.url
 
-    def _best(self, asker: str, me: _Node, key: ChunkKey, now: float) -> _Node | None:
+    def _best(self, asker: str, me: _Node, key: ChunkKey, now: float) -> tuple[_Node, int] | None:
+        """The peer to send ``asker`` to and its hops from a full copy, or ``None``."""
         name = f"{key.content_id}:{key.chunk_size}"
-        candidates = set(self._expected.get(key, {}))
-        candidates.update(n for n, node in self._nodes.items() if node.holds(name, key.index))
-        candidates.discard(asker)
-        best: tuple[tuple[int, int, float], _Node] | None = None
-        for node_id in candidates:
+        expected = self._expected.get(key, {})
+        hops = {n: h for n, (until, h) in expected.items() if until > now}
+        hops.update((n, 0) for n, node in self._nodes.items() if node.holds(name, key.index))
+        hops.pop(asker, None)
+        best: tuple[tuple[int, int, int, float], _Node, int] | None = None
+        for node_id, distance in hops.items():
             node = self._live(node_id, now)
-            if node is None or node_id in self._banned and self._banned[node_id] > now:
-                continue
-            if not (node.holds(name, key.index) or self._expected.get(key, {}).get(node_id, 0.0) > now):
+            if node is None or self._banned.get(node_id, 0.0) > now:
                 continue
             load = node.load(now)
             if load >= self.max_load:
                 continue
             shared = sum(1 for k, v in me.labels.items() if node.labels.get(k) == v)
-            rank = (-shared, load, random.random())
+            rank = (-shared, distance, load, random.random())
             if best is None or rank < best[0]:
-                best = (rank, node)
-        return best[1] if best is not None else None
+                best = (rank, node, distance)
+        return (best[1], best[2]) if best is not None else None
 
     def _live(self, node_id: str, now: float) -> _Node | None:
         node = self._nodes.get(node_id)
@@ -183,7 +188,7 @@ class HolderTable:
         for node_id in [n for n, node in self._nodes.items() if now - node.last_seen > self.ttl]:
             self._forget(node_id)
         for key in list(self._expected):
-            holders = {n: t for n, t in self._expected[key].items() if t > now}
+            holders = {n: t for n, t in self._expected[key].items() if t[0] > now}
             if holders:
                 self._expected[key] = holders
             else:
