@@ -1,5 +1,7 @@
 """``python -m bench [--quick] [--out DIR] [--only GROUP]``: run the scenarios, write results and plots.
 
+``python -m bench simulate [...]``: the cluster simulator alone (:mod:`bench.simulate`).
+
 Starts real processes on loopback: the test hub (rate-capped, standing in for the
 internet), the mmfs backend and N mmfs mounts (standing in for N nodes), plus the
 baselines (``snapshot_download`` processes, the download-then-read recipe, native and
@@ -34,7 +36,7 @@ from .results import Scenario
 
 BENCH_DIR = Path(__file__).resolve().parent
 #: Scenario groups in the order they run; each is a module of this package with ``run(ctx)``.
-SCENARIOS = ("ingest", "cold_start", "first_tensor", "reads", "scale", "replicas")
+SCENARIOS = ("ingest", "cold_start", "first_tensor", "reads", "sharing", "scale", "replicas")
 
 
 def _git_commit() -> str:
@@ -70,6 +72,11 @@ def _run_scenario(name: str, ctx: Context) -> list[Scenario]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["simulate"]:
+        from .simulate import main as simulate
+
+        return simulate(args_in[1:])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, 1 repeat (CI smoke, < 2 min)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "out", help="where results go (default bench/out)")

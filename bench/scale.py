@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from . import simulate
 from .context import Context
 from .results import Scenario
 
@@ -105,4 +106,46 @@ def run(ctx: Context) -> list[Scenario]:
             "(scenario 1, cluster restart with a warm backend). On this 2-core machine the backend and all "
             "node daemons share the same cores, so the 'measured' rows are a pessimistic floor; the "
             "'NIC-bound' rows assume both daemons keep up with their NICs.")
+    _simulated(ctx, s)
     return [s]
+
+
+#: Issue 12's simulated target: 1000 nodes with node sharing all ready within this × one node alone.
+SIM_TARGET = 1.3
+SIM_NODES = (10, 100, 1000)
+SIM_REPLICAS = 8
+
+
+def _simulated(ctx: Context, s: Scenario) -> None:
+    """The discrete-event simulator (bench/simulate.py) for 10, 100 and 1000 nodes: one backend,
+    replicas, node sharing; 10 Gbit/s upstream, 100 Gbit/s NICs, CPU costs measured in this run."""
+    hw = simulate.Hardware()
+    receive = _median(ctx, "memory", "synthetic.restart.node_cpu")  # CPU s per GB, this run
+    send = _median(ctx, "memory", "synthetic.restart.backend_cpu")
+    if receive and send:
+        hw = simulate.Hardware(receive_cpu=receive / 1e9, send_cpu=send / 1e9)
+    pieces = 56 if ctx.cfg.quick else 280
+    rows = simulate.table(SIM_NODES, MODEL, hw, replicas=SIM_REPLICAS, pieces=pieces)
+    single = simulate.alone(MODEL, hw, pieces)
+    names = {"backend": "one backend", "replicas": f"{SIM_REPLICAS} replicas", "sharing": "one backend + node sharing"}
+    s.tables.append({
+        "title": "Simulated (python -m bench simulate): a 140 GB model, 10 Gbit/s upstream, 100 Gbit/s NICs",
+        "columns": ["nodes", "setup", "all ready s", "× one node alone", "upstream × model",
+                    "backend egress × model", "per replica × model", "node to node × model",
+                    "cross-rack × model", "most one node sent × model"],
+        "rows": [[r["nodes"], names[r["mode"]], f"{r['all_ready_s']:.0f}", f"{r['x_alone']:.2f}",
+                  f"{r['upstream_x_model']:.2f}", f"{r['backend_egress_x_model']:.1f}",
+                  f"{r['per_replica_egress_x_model']:.1f}", f"{r['peer_x_model']:.1f}",
+                  f"{r['cross_rack_x_model']:.1f}", f"{r['max_node_sent_x_model']:.2f}"] for r in rows]})
+    top = next(r for r in rows if r["nodes"] == max(SIM_NODES) and r["mode"] == "sharing")
+    s.figure("sim.sharing.alone", "simulated: one node alone", "s").add(single)
+    s.figure("sim.sharing.all", f"simulated: {top['nodes']} nodes with node sharing, all ready", "s",
+             baseline="sim.sharing.alone", target_ratio=SIM_TARGET).add(top["all_ready_s"])
+    s.figure("sim.sharing.upstream", f"simulated: {top['nodes']} nodes with node sharing, upstream / model", "x",
+             target_value=1.0).add(top["upstream_x_model"])
+    s.notes.append(
+        f"Simulated rows: {pieces} pieces of the model, {simulate.Hardware.nodes_per_rack} nodes per rack, "
+        f"nodes give mmfs {hw.node_cores:g} cores at {hw.receive_cpu * 1e9:.2f} CPU-s per GB received and "
+        f"{hw.send_cpu * 1e9:.2f} per GB sent ({'measured in this run, scenario 6' if receive and send else 'bench/ANALYSIS.md'}"
+        f"), disks write {hw.node_disk / 1e9:g} GB/s, backend replicas have {hw.backend_cores:g} cores; the model, its "
+        "assumptions and how it maps to the protocol are in bench/simulate.py. Validated against real runs in scenario 9.")

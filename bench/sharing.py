@@ -1,0 +1,158 @@
+"""Scenario 9: node-to-node sharing, measured here and predicted by the simulator.
+
+N node daemons read the synthetic model at the same instant from a warm backend (the
+model verified there, so chunk maps exist), twice: plain (every chunk from the backend)
+and with ``--peer-listen`` on 127.0.0.x (docs/protocol.md, "Node-to-node sharing").
+Reported: time until every node is done, backend egress against N × model (issue 12's
+target with sharing: ≤ 0.5 ×), bytes between peers, CPU.
+
+Side by side, what :mod:`bench.simulate` predicts for the same runs in its ``host`` mode:
+all daemons and readers share this machine's cores, at the CPU-seconds per byte measured
+in the plain run (backend: sending; everything else: receiving and reading). The plain
+run calibrates the model; the sharing run is predicted from it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from typing import Any
+
+from mmfs.testing.net import free_port
+
+from .context import Context
+from .harness import CpuMeter, MountHandle, http_json, prometheus, rmtree
+from .results import Scenario
+from .simulate import Hardware, Setup, simulate
+
+#: Issue 12: with node sharing, backend egress at most this × (nodes × model).
+EGRESS_TARGET = 0.5
+#: The chunk size the backend cuts files into (its default): the simulator's pieces.
+CHUNK = 4 << 20
+VARIANTS = {"plain": "every chunk from the backend", "sharing": "--peer-listen: chunks from peers where sent"}
+
+
+def _served(metrics: dict[str, float]) -> float:
+    return sum(v for k, v in metrics.items() if k.startswith("mmfs_backend_served_bytes_total"))
+
+
+def _peer_flags(i: int) -> tuple[list[str], str]:
+    address = f"127.0.0.{10 + i}"
+    listen = f"{address}:{free_port(address)}"
+    return ["--transport", "tcp", "--peer-listen", listen], listen
+
+
+def _wait_known(backend_url: str, count: int, timeout: float = 30.0) -> None:
+    """Until every node's first heartbeat reached the backend (each sends one at start)."""
+    deadline = time.monotonic() + timeout
+    while len(http_json(f"{backend_url}/v1/peers")["nodes"]) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"fewer than {count} nodes heartbeated to the backend within {timeout:g} s")
+        time.sleep(0.05)
+
+
+def _read_at_once(ctx: Context, backend: Any, repo: str, sharing: bool) -> dict[str, Any]:
+    h = ctx.harness
+    n = ctx.cfg.nodes
+    mounts: list[MountHandle] = []
+    listens: list[str] = []
+    try:
+        for i in range(n):
+            base = ctx.scratch(f"s9-node{i}")
+            extra, listen = _peer_flags(i) if sharing else (["--transport", "tcp"], "")
+            listens.append(listen)
+            mounts.append(h.start_mount(base / "mnt", base / "cache", cache_size=ctx.cfg.node_cache,
+                                        memory_cache=ctx.cfg.node_memory, backend=backend.url, hub_url=ctx.hub.url,
+                                        name=f"s9-node{i}", extra=extra))
+        for mount in mounts:
+            h.wait_mounted(mount)
+        if sharing:
+            _wait_known(backend.url, n)
+        before = _served(backend.metrics())
+        argvs = [["read", str(m.model_dir(repo)), "--threads", str(ctx.cfg.reader_threads)] for m in mounts]
+        pids = {"backend": backend.pid, **{f"node{i}": m.pid for i, m in enumerate(mounts)}}
+        with CpuMeter(pids) as meter:
+            t0, res = h.workers("s9-read", argvs)
+            meter.settle()
+        times = [r["end"] - t0 for r in res]
+        peer_bytes = sum(prometheus(f"http://{listen}/metrics").get("mmfs_peer_bytes_received_total", 0.0)
+                         for listen in listens if listen)
+        return {"times": times, "egress": _served(backend.metrics()) - before, "peer_bytes": peer_bytes,
+                "backend_cpu": meter.cpu.get("backend", 0.0),
+                "node_cpu": sum(v for k, v in meter.cpu.items() if k.startswith("node")),
+                "reader_cpu": sum(r.get("cpu", 0.0) for r in res), "bytes": sorted({r["bytes"] for r in res})}
+    finally:
+        h.unmount_many(mounts)
+        for mount in mounts:
+            rmtree(mount.cache_dir.parent)
+
+
+def run(ctx: Context) -> list[Scenario]:
+    cfg = ctx.cfg
+    n = cfg.nodes
+    repo = ctx.models.synthetic
+    size = ctx.models.sizes[repo]
+    total = n * size
+    s = Scenario("sharing", f"9. Node-to-node sharing: {n} nodes read a {size / 1e6:.0f} MB model at once "
+                            "from a warm backend")
+    backend = ctx.backend("s9-backend")
+    runs: dict[str, list[dict[str, Any]]] = {"plain": [], "sharing": []}
+    try:
+        ctx.hub.set_rate(None)
+        http_json(f"{backend.url}/v1/prefetch/huggingface/{repo}/main", method="POST", timeout=600)
+        for rep in range(cfg.repeats):
+            for variant in (("plain", "sharing") if rep % 2 == 0 else ("sharing", "plain")):
+                ctx.log(f"s9 repeat {rep + 1}/{cfg.repeats}: {variant}")
+                out = _read_at_once(ctx, backend, repo, variant == "sharing")
+                if any(b != size for b in out["bytes"]):
+                    s.notes.append(f"WARNING: {variant} repeat {rep + 1}: nodes read {out['bytes']} bytes, "
+                                   f"the model has {size}.")
+                runs[variant].append(out)
+                label = VARIANTS[variant]
+                s.figure(f"{variant}.all", f"{label}: all {n} nodes done", "s").add(max(out["times"]))
+                s.figure(f"{variant}.egress", f"{label}: backend egress / ({n} nodes × model)", "x",
+                         target_value=EGRESS_TARGET if variant == "sharing" else None).add(out["egress"] / total)
+                s.figure(f"{variant}.peers", f"{label}: bytes between peers / ({n} nodes × model)", "x").add(
+                    out["peer_bytes"] / total)
+                cpu = out["backend_cpu"] + out["node_cpu"] + out["reader_cpu"]
+                s.figure(f"{variant}.cpu", f"{label}: CPU s per GB delivered, all processes", "CPU s/GB").add(
+                    cpu / (total / 1e9))
+    finally:
+        ctx.harness.stop(backend.child)
+        rmtree(backend.data_dir)
+    s.tables.append(_prediction(runs, n, size))
+    s.notes.append(
+        f"{n} node daemons, their readers ({cfg.reader_threads} files at once, 16 MiB reads) and the backend share "
+        f"this machine's {os.cpu_count()} cores: the runs are CPU-bound, so sharing changes where bytes come from "
+        "(backend egress), not how fast they arrive. The simulator's host mode models exactly that: one CPU queue "
+        "at the CPU-s per byte of the plain run. Its sharing prediction assumes peers cost what the backend costs "
+        "to send a byte.")
+    return [s]
+
+
+def _prediction(runs: dict[str, list[dict[str, Any]]], n: int, size: int) -> dict[str, Any]:
+    """Measured against predicted, per variant (medians of the repeats)."""
+    plain = runs["plain"]
+    total = n * size
+    send = _median([r["backend_cpu"] / total for r in plain])
+    receive = _median([(r["node_cpu"] + r["reader_cpu"]) / total for r in plain])
+    hw = Hardware(host_cores=float(os.cpu_count() or 1), receive_cpu=receive, send_cpu=send, upstream=math.inf)
+    pieces = max(1, size // CHUNK)
+    rows = []
+    for variant, mode in (("plain", "backend"), ("sharing", "sharing")):
+        got = simulate(Setup(n, float(size), mode, pieces=pieces), hw)
+        measured = runs[variant]
+        rows.append([VARIANTS[variant], f"{_median([max(r['times']) for r in measured]):.1f}", f"{got.all_ready:.1f}",
+                     f"{_median([r['egress'] / total for r in measured]):.2f}",
+                     f"{sum(got.backend_bytes) / total:.2f}"])
+    return {"title": f"Measured here and predicted by `python -m bench simulate` (host mode: {os.cpu_count()} cores, "
+                     f"{receive * 1e9:.2f} CPU-s/GB receiving, {send * 1e9:.2f} sending, from the plain run)",
+            "columns": ["variant", "all done s (measured)", "all done s (predicted)",
+                        "backend egress × (nodes × model), measured", "predicted"],
+            "rows": rows}
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
