@@ -1,15 +1,16 @@
 """Scenario 9: node-to-node sharing, measured here and predicted by the simulator.
 
-N node daemons read the synthetic model at the same instant from a warm backend (the
-model verified there, so chunk maps exist), twice: plain (every chunk from the backend)
-and with ``--peer-listen`` on 127.0.0.x (docs/protocol.md, "Node-to-node sharing").
-Reported: time until every node is done, backend egress against N × model (issue 12's
-target with sharing: ≤ 0.5 ×), bytes between peers, CPU.
+N/2 and then N node daemons read the synthetic model at the same instant from a warm
+backend (the model verified there, so chunk maps exist), each twice: plain (every chunk
+from the backend) and with ``--peer-listen`` on 127.0.0.x (docs/protocol.md,
+"Node-to-node sharing"). Reported: time until every node is done, backend egress against
+nodes × model (issue 12's target with sharing: ≤ 0.5 ×), bytes between peers, CPU.
 
 Side by side, what :mod:`bench.simulate` predicts for the same runs in its ``host`` mode:
 all daemons and readers share this machine's cores, at the CPU-seconds per byte measured
-in the plain run (backend: sending; everything else: receiving and reading). The plain
-run calibrates the model; the sharing run is predicted from it.
+in the plain run with N nodes (backend: sending; everything else: receiving and reading),
+with the cores that run got (its CPU-seconds over its wall time: other work on the
+machine takes the rest). The other three runs are predictions from that one.
 """
 
 from __future__ import annotations
@@ -53,9 +54,8 @@ def _wait_known(backend_url: str, count: int, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def _read_at_once(ctx: Context, backend: Any, repo: str, sharing: bool) -> dict[str, Any]:
+def _read_at_once(ctx: Context, backend: Any, repo: str, n: int, sharing: bool) -> dict[str, Any]:
     h = ctx.harness
-    n = ctx.cfg.nodes
     mounts: list[MountHandle] = []
     listens: list[str] = []
     try:
@@ -81,8 +81,8 @@ def _read_at_once(ctx: Context, backend: Any, repo: str, sharing: bool) -> dict[
                          for listen in listens if listen)
         return {"times": times, "egress": _served(backend.metrics()) - before, "peer_bytes": peer_bytes,
                 "backend_cpu": meter.cpu.get("backend", 0.0),
-                "node_cpu": sum(v for k, v in meter.cpu.items() if k.startswith("node")),
-                "reader_cpu": sum(r.get("cpu", 0.0) for r in res), "bytes": sorted({r["bytes"] for r in res})}
+                "cpu": sum(meter.cpu.values()) + sum(r.get("cpu", 0.0) for r in res),
+                "bytes": sorted({r["bytes"] for r in res})}
     finally:
         h.unmount_many(mounts)
         for mount in mounts:
@@ -91,65 +91,69 @@ def _read_at_once(ctx: Context, backend: Any, repo: str, sharing: bool) -> dict[
 
 def run(ctx: Context) -> list[Scenario]:
     cfg = ctx.cfg
-    n = cfg.nodes
     repo = ctx.models.synthetic
     size = ctx.models.sizes[repo]
-    total = n * size
-    s = Scenario("sharing", f"9. Node-to-node sharing: {n} nodes read a {size / 1e6:.0f} MB model at once "
-                            "from a warm backend")
+    counts = (max(2, cfg.nodes // 2), cfg.nodes)
+    s = Scenario("sharing", f"9. Node-to-node sharing: {counts[0]} and {counts[1]} nodes read a {size / 1e6:.0f} MB "
+                            "model at once from a warm backend")
     backend = ctx.backend("s9-backend")
-    runs: dict[str, list[dict[str, Any]]] = {"plain": [], "sharing": []}
+    runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
     try:
         ctx.hub.set_rate(None)
         http_json(f"{backend.url}/v1/prefetch/huggingface/{repo}/main", method="POST", timeout=600)
-        for rep in range(cfg.repeats):
-            for variant in (("plain", "sharing") if rep % 2 == 0 else ("sharing", "plain")):
-                ctx.log(f"s9 repeat {rep + 1}/{cfg.repeats}: {variant}")
-                out = _read_at_once(ctx, backend, repo, variant == "sharing")
-                if any(b != size for b in out["bytes"]):
-                    s.notes.append(f"WARNING: {variant} repeat {rep + 1}: nodes read {out['bytes']} bytes, "
-                                   f"the model has {size}.")
-                runs[variant].append(out)
-                label = VARIANTS[variant]
-                s.figure(f"{variant}.all", f"{label}: all {n} nodes done", "s").add(max(out["times"]))
-                s.figure(f"{variant}.egress", f"{label}: backend egress / ({n} nodes × model)", "x",
-                         target_value=EGRESS_TARGET if variant == "sharing" else None).add(out["egress"] / total)
-                s.figure(f"{variant}.peers", f"{label}: bytes between peers / ({n} nodes × model)", "x").add(
-                    out["peer_bytes"] / total)
-                cpu = out["backend_cpu"] + out["node_cpu"] + out["reader_cpu"]
-                s.figure(f"{variant}.cpu", f"{label}: CPU s per GB delivered, all processes", "CPU s/GB").add(
-                    cpu / (total / 1e9))
+        for n in counts:
+            total = n * size
+            for rep in range(cfg.repeats):
+                for variant in (("plain", "sharing") if rep % 2 == 0 else ("sharing", "plain")):
+                    ctx.log(f"s9 {n} nodes, repeat {rep + 1}/{cfg.repeats}: {variant}")
+                    out = _read_at_once(ctx, backend, repo, n, variant == "sharing")
+                    if any(b != size for b in out["bytes"]):
+                        s.notes.append(f"WARNING: {n} nodes {variant} repeat {rep + 1}: nodes read {out['bytes']} "
+                                       f"bytes, the model has {size}.")
+                    runs.setdefault((n, variant), []).append(out)
+                    label = f"{n} nodes, {VARIANTS[variant]}"
+                    s.figure(f"{n}.{variant}.all", f"{label}: all done", "s").add(max(out["times"]))
+                    s.figure(f"{n}.{variant}.egress", f"{label}: backend egress / (nodes × model)", "x",
+                             target_value=EGRESS_TARGET if variant == "sharing" else None).add(out["egress"] / total)
+                    s.figure(f"{n}.{variant}.peers", f"{label}: bytes between peers / (nodes × model)", "x").add(
+                        out["peer_bytes"] / total)
+                    s.figure(f"{n}.{variant}.cpu", f"{label}: CPU s per GB delivered, all processes",
+                             "CPU s/GB").add(out["cpu"] / (total / 1e9))
     finally:
         ctx.harness.stop(backend.child)
         rmtree(backend.data_dir)
-    s.tables.append(_prediction(runs, n, size))
+    s.tables.append(_prediction(runs, counts, size))
     s.notes.append(
-        f"{n} node daemons, their readers ({cfg.reader_threads} files at once, 16 MiB reads) and the backend share "
-        f"this machine's {os.cpu_count()} cores: the runs are CPU-bound, so sharing changes where bytes come from "
-        "(backend egress), not how fast they arrive. The simulator's host mode models exactly that: one CPU queue "
-        "at the CPU-s per byte of the plain run. Its sharing prediction assumes peers cost what the backend costs "
-        "to send a byte.")
+        f"The node daemons, their readers ({cfg.reader_threads} files at once, 16 MiB reads) and the backend share "
+        f"this machine's {os.cpu_count()} cores (and other work running meanwhile): the runs are CPU-bound, so "
+        "sharing changes where bytes come from (backend egress), not how fast they arrive. The simulator's host "
+        "mode models exactly that: one CPU queue. Its sharing rows assume a peer costs what the backend costs to "
+        "send a byte.")
     return [s]
 
 
-def _prediction(runs: dict[str, list[dict[str, Any]]], n: int, size: int) -> dict[str, Any]:
-    """Measured against predicted, per variant (medians of the repeats)."""
-    plain = runs["plain"]
-    total = n * size
-    send = _median([r["backend_cpu"] / total for r in plain])
-    receive = _median([(r["node_cpu"] + r["reader_cpu"]) / total for r in plain])
-    hw = Hardware(host_cores=float(os.cpu_count() or 1), receive_cpu=receive, send_cpu=send, upstream=math.inf)
+def _prediction(runs: dict[tuple[int, str], list[dict[str, Any]]], counts: tuple[int, int],
+                size: int) -> dict[str, Any]:
+    """Measured against predicted (medians of the repeats); calibrated on the N-node plain run."""
+    base = runs[(counts[1], "plain")]
+    total = counts[1] * size
+    send = _median([r["backend_cpu"] / total for r in base])
+    receive = _median([(r["cpu"] - r["backend_cpu"]) / total for r in base])
+    cores = _median([r["cpu"] / max(r["times"]) for r in base])
+    hw = Hardware(host_cores=cores, receive_cpu=receive, send_cpu=send, upstream=math.inf)
     pieces = max(1, size // CHUNK)
     rows = []
-    for variant, mode in (("plain", "backend"), ("sharing", "sharing")):
-        got = simulate(Setup(n, float(size), mode, pieces=pieces), hw)
-        measured = runs[variant]
-        rows.append([VARIANTS[variant], f"{_median([max(r['times']) for r in measured]):.1f}", f"{got.all_ready:.1f}",
-                     f"{_median([r['egress'] / total for r in measured]):.2f}",
-                     f"{sum(got.backend_bytes) / total:.2f}"])
-    return {"title": f"Measured here and predicted by `python -m bench simulate` (host mode: {os.cpu_count()} cores, "
-                     f"{receive * 1e9:.2f} CPU-s/GB receiving, {send * 1e9:.2f} sending, from the plain run)",
-            "columns": ["variant", "all done s (measured)", "all done s (predicted)",
+    for n in counts:
+        for variant, mode in (("plain", "backend"), ("sharing", "sharing")):
+            got = simulate(Setup(n, float(size), mode, pieces=pieces), hw)
+            measured = runs[(n, variant)]
+            rows.append([n, VARIANTS[variant], f"{_median([max(r['times']) for r in measured]):.1f}",
+                         f"{got.all_ready:.1f}", f"{_median([r['egress'] / (n * size) for r in measured]):.3f}",
+                         f"{sum(got.backend_bytes) / (n * size):.3f}"])
+    return {"title": f"Measured here and predicted by the simulator (host mode calibrated on the {counts[1]}-node "
+                     f"plain run: {cores:.2f} cores busy, {receive * 1e9:.2f} CPU-s/GB receiving and reading, "
+                     f"{send * 1e9:.2f} sending)",
+            "columns": ["nodes", "variant", "all done s, measured", "predicted",
                         "backend egress × (nodes × model), measured", "predicted"],
             "rows": rows}
 

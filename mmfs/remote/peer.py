@@ -121,17 +121,20 @@ class PeeringRemote(Remote):
         chunk_map = self._known_map(source.entry)
         if chunk_map is None and self._ask_map is not None:
             chunk_map = await self._map_now(source)
-        if chunk_map is not None:
-            answer = await self.backend.fetch_chunk_or_redirect(
-                source, index, auth=auth, peering={NODE_HEADER: self.node_id, PEERS_HEADER: "ok"})
-            if isinstance(answer, FetchedChunk):
-                return self._from_backend(answer)
-            self.counters.redirects += 1
-            if answer.peer not in self._bad:
-                got = await self._from_peer(answer, source, index, chunk_map)
-                if got is not None:
-                    return got
-            self.counters.fallbacks += 1
+        if chunk_map is None:
+            # Not verifiable here yet: from the backend, and not offered to others (this
+            # node's copy will be provisional, which its peer server does not serve).
+            return self._from_backend(await self.backend.fetch_chunk(source, index, auth=auth))
+        answer = await self.backend.fetch_chunk_or_redirect(
+            source, index, auth=auth, peering={NODE_HEADER: self.node_id, PEERS_HEADER: "ok"})
+        if isinstance(answer, FetchedChunk):
+            return self._from_backend(answer)
+        self.counters.redirects += 1
+        if answer.peer not in self._bad:
+            got = await self._from_peer(answer, source, index, chunk_map)
+            if got is not None:
+                return got
+        self.counters.fallbacks += 1
         answer = await self.backend.fetch_chunk_or_redirect(
             source, index, auth=auth, peering={NODE_HEADER: self.node_id, PEERS_HEADER: "no"})
         assert isinstance(answer, FetchedChunk)  # "no": the backend serves
