@@ -292,8 +292,8 @@ class BackendApp:
         return Response.json(self.holders.describe())
 
     async def peers_heartbeat(self, request: Request, s: list[str]) -> Response:
-        self.holders.heartbeat(_json_body(request))
-        return Response.json({"ttl": self.holders.ttl})
+        accepted = self.holders.heartbeat(_json_body(request))
+        return Response.json({"ttl": self.holders.ttl, "banned": not accepted})
 
     async def peers_report(self, request: Request, s: list[str]) -> Response:
         payload = _json_body(request)

@@ -89,8 +89,9 @@ class HolderTable:
 
     # -- what nodes tell -------------------------------------------------------------------
 
-    def heartbeat(self, payload: Any) -> None:
-        """Replace what a node holds with what its heartbeat says; :class:`InvalidName` if malformed."""
+    def heartbeat(self, payload: Any) -> bool:
+        """Replace what a node holds with what its heartbeat says (``False``: the node is
+        banned, the heartbeat ignored); :class:`InvalidName` if malformed."""
         if not isinstance(payload, dict):
             raise InvalidName("a heartbeat is a JSON object")
         node_id = _name(payload.get("node"), "node")
@@ -112,11 +113,14 @@ class HolderTable:
                 raise InvalidName(f"heartbeat ranges of {name[:80]!r} must be non-empty and non-negative")
             held[name] = pairs
         now = self._clock()
+        if self._banned.get(node_id, 0.0) > now:
+            return False  # served bytes that failed a chunk map: not a holder until the ban ends
         node = self._nodes.get(node_id)
         if node is None:
             node = self._nodes[node_id] = _Node(node_id, labels, now)
         node.labels, node.last_seen, node.held = labels, now, held
         self._sweep(now)
+        return True
 
     def report(self, payload: Any) -> None:
         """A node says a peer sent bytes that did not match the map, or could not be reached."""

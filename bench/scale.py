@@ -144,7 +144,7 @@ def _simulated(ctx: Context, s: Scenario) -> None:
     s.figure("sim.sharing.upstream", f"simulated: {top['nodes']} nodes with node sharing, upstream / model", "x",
              target_value=1.0).add(top["upstream_x_model"])
     s.notes.append(
-        f"Simulated rows: {pieces} pieces of the model, {simulate.Hardware.nodes_per_rack} nodes per rack, "
+        f"Simulated rows: {pieces} pieces of the model, {hw.nodes_per_rack} nodes per rack, "
         f"nodes give mmfs {hw.node_cores:g} cores at {hw.receive_cpu * 1e9:.2f} CPU-s per GB received and "
         f"{hw.send_cpu * 1e9:.2f} per GB sent ({'measured in this run, scenario 6' if receive and send else 'bench/ANALYSIS.md'}"
         f"), disks write {hw.node_disk / 1e9:g} GB/s, backend replicas have {hw.backend_cores:g} cores; the model, its "
