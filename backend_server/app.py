@@ -270,7 +270,7 @@ class BackendApp:
     async def _peer_for(self, request: Request, s: list[str]) -> Response | None:
         """For a node that shares (``X-Mmfs-Node``): a ``307`` to a peer holding the chunk,
         where :class:`~.holders.HolderTable` finds one worth it; ``None``: serve it here.
-        Only for verified files, whose map the node then checks the peer's bytes against."""
+        Only for nodes that hold the file's map, which they check the peer's bytes against."""
         node = request.header(NODE_HEADER)
         if not node:
             return None
@@ -279,7 +279,9 @@ class BackendApp:
         if not raw_index.isdigit() or int(raw_index) >= source.entry.chunk_count:
             return None  # _chunk answers the error
         key = source.entry.chunk_key(int(raw_index))
-        may_redirect = request.header(PEERS_HEADER) == "ok" and self.engine.is_verified(source.entry)
+        # "ok": the node holds the file's map (from whichever replica verified the file) and
+        # checks the peer's bytes against it; this replica need not know the map itself.
+        may_redirect = request.header(PEERS_HEADER) == "ok"
         peer = self.holders.choose(node, key, may_redirect=may_redirect)
         if peer is None:
             return None

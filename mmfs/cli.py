@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--peer-listen", metavar="HOST:PORT", type=options.listen_address,
                        help="share this node's verified chunks with other nodes on HOST:PORT, and read chunks "
                        "from them where the backend says so (needs --backend)")
-    mount.add_argument("--peer-advertise", metavar="URL", type=options.http_url, default="",
+    mount.add_argument("--peer-advertise", metavar="URL", type=options.http_url, default=None,
                        help="the URL other nodes reach --peer-listen at (default: http://HOST:PORT)")
     mount.add_argument("--peer-labels", metavar="KEY=VALUE,...", type=_labels, default={},
                        help="topology labels such as zone=a,rack=3: peers sharing them are preferred")
@@ -137,7 +137,7 @@ def _mount(args: argparse.Namespace) -> int:
                                        "through a backend)")
         if args.peer_listen[1] == 0:
             return options.usage_error("mmfs mount", "--peer-listen needs a fixed port: other nodes are sent there")
-        peers = PeerOptions(host=args.peer_listen[0], port=args.peer_listen[1], advertise=args.peer_advertise,
+        peers = PeerOptions(host=args.peer_listen[0], port=args.peer_listen[1], advertise=args.peer_advertise or "",
                             labels=args.peer_labels)
     elif args.peer_advertise or args.peer_labels:
         return options.usage_error("mmfs mount", "--peer-advertise and --peer-labels need --peer-listen")

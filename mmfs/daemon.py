@@ -163,7 +163,8 @@ def make_remote(options: MountOptions, transport: TransportChoice | None = None)
             if transport.kind == "nixl":
                 log.warning("NIXL reads from one backend only: chunks come over TCP from the replicas %s",
                             ", ".join(r.id for r in replicas.members))
-            return ReplicaRemote(replicas, policy=policy)
+            remote = ReplicaRemote(replicas, policy=policy)
+            return PeeringRemote(remote, peer_url(options.peers)) if options.peers is not None else remote
         if transport.kind == "nixl":
             from .remote.nixl import NixlBackendRemote
 
@@ -255,8 +256,9 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
                                 "cache_dir": os.path.abspath(options.cache_dir), "pid": os.getpid(),
                                 "offline": engine.config.offline, "daemon_started_at": started,
                                 "cache_problems": cache_problems, "passthrough_option": options.passthrough}
-        if isinstance(engine.remote, ReplicaRemote):
-            info["replicas"] = engine.remote.status()
+        replicas = engine.remote.backend if isinstance(engine.remote, PeeringRemote) else engine.remote
+        if isinstance(replicas, ReplicaRemote):
+            info["replicas"] = replicas.status()
         if transport is not None:
             now = transport_status(engine.remote, transport)
             info.update(transport=now["in_use"], transport_requested=now["requested"],

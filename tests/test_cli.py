@@ -44,6 +44,10 @@ def test_format_status() -> None:
     assert "hit rate 75.0%" in text and "2 failures" in text
     status["cache_problems"] = ["cannot open chunk cache at /c/chunks: [Errno 20] Not a directory"]
     assert "unavailable: cannot open chunk cache at /c/chunks" in cli.format_status(status)
+    status["peers"] = {"node": "http://10.0.0.2:3001", "chunks_from_peers": 3, "bytes_from_peers": 3 << 20,
+                       "chunks_from_backend": 1, "bytes_from_backend": 1 << 20, "chunks_served": 2,
+                       "bytes_served": 2 << 20, "fallbacks": 1, "bad_peers": 1}
+    assert "peers: node http://10.0.0.2:3001: from peers 3.0 MiB in 3 chunks" in cli.format_status(status)
 
 
 def test_usage_errors() -> None:
@@ -66,6 +70,14 @@ def test_usage_errors() -> None:
     (["mount", "/tmp/m", "--remote-timeout", "nan"], "--remote-timeout: seconds must be a positive number"),
     (["mount", "/tmp/m", "--max-tasks", "0"], "--max-tasks: 0 is out of range"),
     (["mount", "/tmp/m", "--transport", "nixl"], "--transport nixl needs --backend"),
+    (["mount", "/tmp/m", "--peer-listen", "127.0.0.1:3001"], "--peer-listen needs --backend"),
+    (["mount", "/tmp/m", "--backend", "http://b:1", "--peer-listen", "127.0.0.1:0"], "--peer-listen needs a fixed port"),
+    (["mount", "/tmp/m", "--backend", "http://b:1", "--peer-listen", "3001"], "--peer-listen: invalid address '3001'"),
+    (["mount", "/tmp/m", "--backend", "http://b:1", "--peer-listen", "h:1", "--peer-labels", "zone"],
+     "--peer-labels: peer label 'zone' is not KEY=VALUE"),
+    (["mount", "/tmp/m", "--backend", "http://b:1", "--peer-listen", "h:1", "--peer-advertise", "h:1"],
+     "--peer-advertise: invalid URL 'h:1'"),
+    (["mount", "/tmp/m", "--backend", "http://b:1", "--peer-labels", "zone=a"], "need --peer-listen"),
     (["prefetch", "org/name", "--jobs", "0"], "--jobs/-j: 0 is out of range: must be from 1 to 1024"),
     (["prefetch", "org/name", "--jobs", "²"], "--jobs/-j: invalid whole number '²'"),
     (["prefetch", "org/name", "--backend", "localhost:3000"], "--backend: invalid URL 'localhost:3000'"),

@@ -142,3 +142,33 @@ def test_a_peer_serving_corrupt_bytes_is_caught_reported_and_avoided(cluster) ->
     assert read(third) == expected
     assert peers(third)["bad_peers"] == 0 and peers(third)["chunks_from_peers"] > 0
     assert peers(liar)["chunks_served"] <= counters["bad_peers"]
+
+
+def test_sharing_through_two_replicas(tmp_path: Path, hub_root: Path) -> None:
+    """Each chunk's owner replica decides who a node gets it from; heartbeats reach both."""
+    from test_replicas import _Replicas
+
+    make_synthetic_model(hub_root / REPO, 12 << 20, n_shards=1, seed=5)
+    expected = (hub_root / REPO / SHARD).read_bytes()
+    with TestHub(hub_root) as hub, _Replicas(tmp_path, hub.url) as replicas, ExitStack() as stack:
+        def node(n: int) -> MountProcess:
+            address = f"127.0.0.{n + 10}"
+            mount = MountProcess(tmp_path / f"mnt{n}", tmp_path / f"cache{n}", backend=",".join(replicas.urls),
+                                 args=["--peer-listen", f"{address}:{free_port(address)}"])
+            stack.enter_context(mount)
+            for process in replicas.processes:
+                wait_until_known(process, mount)
+            return mount
+
+        first = node(1)
+        assert read(first) == expected
+        upstream = hub.stats().bytes_served
+        later = [node(n) for n in (2, 3, 4)]
+        for mount in later:
+            assert read(mount) == expected
+        assert hub.stats().bytes_served == upstream  # the later nodes cost the upstream nothing
+        for mount in later:
+            counters = peers(mount)
+            assert counters["chunks_from_peers"] > counters["chunks_from_backend"], counters
+        redirects = [p.metrics()["mmfs_backend_peer_redirects_total"] for p in replicas.processes]
+        assert all(r > 0 for r in redirects), redirects  # both owners sent nodes to peers

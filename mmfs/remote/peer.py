@@ -35,6 +35,7 @@ from ..manifest import FileEntry, Manifest
 from ..names import RepoRef
 from .backend import NODE_HEADER, PEERS_HEADER, BackendRemote, PeerRedirect
 from .base import FetchedChunk, FileSource, Remote
+from .replicas import ReplicaRemote
 from .wire import WireClient
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,14 @@ class PeerCounters:
 
 
 class PeeringRemote(Remote):
-    """The backend remote, with chunks of verified files fetched from peers where the
-    backend says so. Everything but chunks goes to the backend unchanged."""
+    """The backend remote (one backend, or replicas: then each chunk's owner decides and
+    heartbeats go to every replica), with chunks of verified files fetched from peers where
+    the backend says so. Everything but chunks goes to the backend unchanged."""
 
     verifies_files = True
 
-    def __init__(self, backend: BackendRemote, node_id: str, *, timeouts: PeerTimeouts = PeerTimeouts()) -> None:
+    def __init__(self, backend: BackendRemote | ReplicaRemote, node_id: str, *,
+                 timeouts: PeerTimeouts = PeerTimeouts()) -> None:
         self.backend = backend
         self.url = backend.url
         self.node_id = node_id

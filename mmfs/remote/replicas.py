@@ -36,7 +36,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import urlsplit
 
 import trio
@@ -46,7 +46,7 @@ from ..errors import InvalidName, MmfsError, UpstreamError
 from ..manifest import Manifest
 from ..names import RepoRef
 from ._http import RetryPolicy
-from .backend import BackendRemote
+from .backend import BackendRemote, PeerRedirect
 from .base import FetchedChunk, FileSource, Remote
 from .wire import Unreachable
 
@@ -270,6 +270,27 @@ class ReplicaRemote(Remote):
         that chunk), so asking it keeps one verification per file in the cluster."""
         last = max(source.entry.chunk_count - 1, 0)
         return await self._route(chunk_owner_key(source, last), lambda r: r.fetch_map(source, wait=wait, auth=auth))
+
+    async def fetch_chunk_or_redirect(self, source: FileSource, index: int, *, auth: str | None = None,
+                                      peering: dict[str, str] | None = None) -> FetchedChunk | PeerRedirect:
+        """Node-to-node sharing (:mod:`mmfs.remote.peer`): the chunk's owner answers, with
+        the bytes or a peer, from its own holder table."""
+        return await self._route(chunk_owner_key(source, index),
+                                 lambda r: r.fetch_chunk_or_redirect(source, index, auth=auth, peering=peering))
+
+    async def post_json(self, path: str, payload: dict[str, Any]) -> Any:
+        """To every replica (each keeps the holder table for the chunks it owns); the
+        first answer. :class:`UpstreamError` only when no replica took it."""
+        await self.replicas.refresh()
+        answers, errors = [], []
+        for replica in self.replicas.members:
+            try:
+                answers.append(await self._remote(replica).post_json(path, payload))
+            except MmfsError as exc:
+                errors.append(f"{replica.id}: {exc}")
+        if not answers:
+            raise UpstreamError(f"no replica of {self.url} took /v1/{path}: {'; '.join(errors)}")
+        return answers[0]
 
     @property
     def received_bytes(self) -> int:
