@@ -148,4 +148,4 @@ def _simulated(ctx: Context, s: Scenario) -> None:
         f"nodes give mmfs {hw.node_cores:g} cores at {hw.receive_cpu * 1e9:.2f} CPU-s per GB received and "
         f"{hw.send_cpu * 1e9:.2f} per GB sent ({'measured in this run, scenario 6' if receive and send else 'bench/ANALYSIS.md'}"
         f"), disks write {hw.node_disk / 1e9:g} GB/s, backend replicas have {hw.backend_cores:g} cores; the model, its "
-        "assumptions and how it maps to the protocol are in bench/simulate.py. Validated against real runs in scenario 9.")
+        "assumptions and how it maps to the protocol are in bench/simulate.py. Validated against real runs in scenario 10.")

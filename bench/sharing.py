@@ -1,4 +1,4 @@
-"""Scenario 9: node-to-node sharing, measured here and predicted by the simulator.
+"""Scenario 10: node-to-node sharing, measured here and predicted by the simulator.
 
 N/2 and then N node daemons read the synthetic model at the same instant from a warm
 backend (the model verified there, so chunk maps exist), each twice: plain (every chunk
@@ -94,7 +94,7 @@ def run(ctx: Context) -> list[Scenario]:
     repo = ctx.models.synthetic
     size = ctx.models.sizes[repo]
     counts = (max(2, cfg.nodes // 2), cfg.nodes)
-    s = Scenario("sharing", f"9. Node-to-node sharing: {counts[0]} and {counts[1]} nodes read a {size / 1e6:.0f} MB "
+    s = Scenario("sharing", f"10. Node-to-node sharing: {counts[0]} and {counts[1]} nodes read a {size / 1e6:.0f} MB "
                             "model at once from a warm backend")
     backend = ctx.backend("s9-backend")
     runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
