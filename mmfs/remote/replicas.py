@@ -35,7 +35,7 @@ import hashlib
 import logging
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import urlsplit
 
@@ -206,8 +206,7 @@ class ReplicaRemote(Remote):
         self.local = local
         self.verifies_files = local is None or local.verifies_files
         self.url = ",".join(replicas.urls)
-        self._policy = RetryPolicy(**{**{f: getattr(policy, f) for f in policy.__dataclass_fields__},
-                                      "fail_over": True})
+        self._policy = replace(policy, fail_over=True)
         self._auth = auth
         self._remotes: dict[str, BackendRemote] = {}
         #: Requests answered per replica id (``mmfs status``, tests).
@@ -254,7 +253,6 @@ class ReplicaRemote(Remote):
 
     async def fetch_chunk(self, source: FileSource, index: int, *, auth: str | None = None) -> FetchedChunk:
         local = self.local
-        assert local is not None or self.self_id is None
 
         async def from_replica(remote: BackendRemote) -> FetchedChunk:
             fetched = await remote.fetch_chunk(source, index, auth=auth)
