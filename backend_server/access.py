@@ -39,6 +39,7 @@ from mmfs.errors import AccessDenied, MmfsError, TransientError, UpstreamError
 from mmfs.names import RepoRef
 from mmfs.remote._http import error_from_response
 from mmfs.remote.hub import hub_path
+from mmfs.remote.wire import proxy_url
 from mmfs.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ class AccessControl:
         self._state_file = Path(state_file)
         self.own_ttl = own_ttl
         self.caller_ttl = caller_ttl
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False, trust_env=False)
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False, trust_env=False,
+                                         proxy=proxy_url(self.endpoint))
         self._own: dict[str, tuple[bool, float]] = {}  # hub_path -> (restricted, checked at)
         self._callers: dict[tuple[str, str], tuple[bool, float]] = {}  # (hub_path, token hash) -> (allowed, at)
         self._fingerprint = hashlib.sha256(f"mmfs-access\0{token or ''}".encode()).hexdigest()[:16]

@@ -202,6 +202,7 @@ async def _prefetch_backend(url: str, target: Target, include: Sequence[str], jo
     from .remote._http import error_from_response
     from .remote.backend import BackendRemote
     from .remote.base import FileSource
+    from .remote.wire import proxy_url
 
     started = time.monotonic()
     remote = BackendRemote(url)
@@ -214,7 +215,8 @@ async def _prefetch_backend(url: str, target: Target, include: Sequence[str], jo
         total = sum(e.size for e in entries)
         # Ask the backend to warm itself, if it offers that (it answers when done: no read
         # timeout, the caller's overall bound applies).
-        async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT), trust_env=False) as client:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT), trust_env=False,
+                                     proxy=proxy_url(url)) as client:
             try:
                 response = await client.post(f"{url.rstrip('/')}/v1/prefetch/{target.repo}/{commit}",
                                              params=[("include", p) for p in include])

@@ -139,3 +139,76 @@ async def test_oversized_and_trickling_answers_are_refused(nursery):
     with trio.fail_after(10):
         with pytest.raises(TransientError, match="took over"):
             await WireClient(read_timeout=1, request_timeout=0.5).get(f"http://127.0.0.1:{port}/")
+
+
+async def test_interim_1xx_answers_are_not_final(nursery):
+    async def answer(head, stream):
+        await stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n"
+                              b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Final: yes\r\n\r\nhello")
+        return True
+
+    port, _ = await serve(nursery, answer)
+    client = WireClient()
+    for _ in range(2):  # and the connection stays usable
+        response = await client.get(f"http://127.0.0.1:{port}/")
+        assert (response.status_code, bytes(response.content), response.headers.get("x-final")) == (200, b"hello", "yes")
+    await client.aclose()
+
+    async def endless(head, stream):
+        await stream.send_all(b"HTTP/1.1 103 Early Hints\r\n\r\n" * 100)
+        return True
+
+    port, _ = await serve(nursery, endless)
+    with pytest.raises(UpstreamError, match="interim"):
+        await WireClient().get(f"http://127.0.0.1:{port}/")
+
+
+@pytest.mark.parametrize("body,match", [
+    (b"1" * 100_000, "line over 4096 bytes"),  # a size line that never ends
+    (b"0x10\r\n" + b"a" * 16 + b"\r\n0\r\n\r\n", "malformed chunk size"),
+    (b"-1\r\nx\r\n0\r\n\r\n", "malformed chunk size"),
+    (b"1_0\r\n" + b"a" * 16 + b"\r\n0\r\n\r\n", "malformed chunk size"),
+    (b"5\r\nhello\r\n0\r\n" + b"X-Trailer: y\r\n" * 10_000, "line over"),  # trailers without end
+])
+async def test_chunked_bodies_are_bounded_and_strict(nursery, body, match):
+    async def answer(head, stream):
+        await stream.send_all(b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+        return True
+
+    port, _ = await serve(nursery, answer)
+    with pytest.raises(TransientError, match=match):
+        await WireClient().get(f"http://127.0.0.1:{port}/")
+
+
+async def test_requests_go_through_the_proxy_the_environment_names(nursery, monkeypatch):
+    async def proxy(head, stream):
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nproxied")
+        return True
+
+    async def origin(head, stream):
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\ndirect")
+        return True
+
+    proxy_port, proxied = await serve(nursery, proxy)
+    origin_port, direct = await serve(nursery, origin)
+    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://user:p%40ss@127.0.0.1:{proxy_port}")
+    monkeypatch.setenv("NO_PROXY", "skip.example,localhost")
+    response = await WireClient().get(f"http://127.0.0.1:{origin_port}/x?y=1")
+    assert bytes(response.content) == b"proxied" and not direct
+    assert proxied[0].startswith(f"GET http://127.0.0.1:{origin_port}/x?y=1 HTTP/1.1".encode())
+    assert b"Proxy-Authorization: Basic dXNlcjpwQHNz" in proxied[0]  # user:p@ss
+
+    response = await WireClient().get(f"http://localhost:{origin_port}/")  # NO_PROXY: straight there
+    assert bytes(response.content) == b"direct" and len(proxied) == 1
+
+    async def refuse(head, stream):
+        await stream.send_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+        return True
+
+    refusing_port, tunnels = await serve(nursery, refuse)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{refusing_port}")
+    with pytest.raises(TransientError, match=f"through the proxy 127.0.0.1:{refusing_port}.*407"):
+        await WireClient().get("https://hub.example:8443/")
+    assert tunnels[0].startswith(b"CONNECT hub.example:8443 HTTP/1.1")

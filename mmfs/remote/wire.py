@@ -9,18 +9,24 @@ so the cost is the kernel's copy. It keeps connections alive per origin, follows
 redirects (dropping ``Authorization`` when the origin changes, as the Hub's CDN needs),
 speaks TLS through ``trio.SSLStream`` and decodes chunked bodies (error pages).
 
-It does no proxies, compression, cookies or HTTP/2. Failures to connect, timeouts and
-broken connections raise :class:`~mmfs.errors.TransientError`; the caller retries.
+It goes through the proxy that ``HTTP_PROXY``/``HTTPS_PROXY`` name unless ``NO_PROXY``
+exempts the host, as curl and the Hub's own clients do (plain HTTP in absolute form,
+HTTPS through a ``CONNECT`` tunnel). It does no compression, cookies or HTTP/2.
+Failures to connect, timeouts and broken connections raise
+:class:`~mmfs.errors.TransientError`; the caller retries.
 """
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import json
+import re
 import ssl
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import trio
 
@@ -34,6 +40,10 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 _PAGE = 4096
 _ALIGN_FROM = 1 << 20
 _MAX_REDIRECTS = 5
+#: Interim (1xx) answers skipped before the final one, and the longest chunk-size line.
+_MAX_INTERIM = 16
+_CHUNK_LINE_LIMIT = 4 << 10
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 class Headers(dict[str, str]):
@@ -118,6 +128,7 @@ class WireClient:
         #: slow body is still arriving, for waiters that must tell "slow" from "stuck".
         self.received_bytes = 0
         self._tls: ssl.SSLContext | None = None
+        self._proxies: dict[tuple[str, str, int], Proxy | None] = {}  # per origin, from the environment once
 
     async def request(self, method: str, url: str, headers: dict[str, str] | None = None, *,
                       max_body: int = 64 << 20, payload: bytes = b"", follow_redirects: bool = True) -> Response:
@@ -157,6 +168,11 @@ class WireClient:
         key = _origin(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         host = parts.netloc.rsplit("@", 1)[-1]
+        proxy = self._proxy(key)
+        if proxy is not None and key[0] == "http":  # plain HTTP goes to the proxy in absolute form
+            target = f"http://{host}{target}"
+            if proxy.authorization:
+                headers = {**headers, "Proxy-Authorization": proxy.authorization}
         lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Accept-Encoding: identity"]
         lines += [f"{name}: {value}" for name, value in headers.items() if name.lower() != "host"]
         if payload or method == "POST":
@@ -168,7 +184,7 @@ class WireClient:
             try:
                 with trio.fail_after(self._read_timeout):
                     await connection.stream.send_all(request)
-                    status, response_headers, keep_alive = await self._read_head(connection)
+                    status, response_headers, keep_alive = await self._read_final_head(connection)
                 answered = True
                 body = await self._read_body(connection, method, status, response_headers, max_body)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, _ConnectionClosed) as exc:
@@ -204,18 +220,26 @@ class WireClient:
         head = connection.buffer[:end].decode("latin-1").split("\r\n")
         del connection.buffer[:end + 4]
         version, _, rest = head[0].partition(" ")
-        try:
-            status = int(rest[:3])
-        except ValueError:
-            raise UpstreamError(f"malformed status line {head[0][:80]!r}") from None
+        if not re.fullmatch(r"[0-9]{3}", rest[:3]) or not version.startswith("HTTP/"):
+            raise UpstreamError(f"malformed status line {head[0][:80]!r}")
+        status = int(rest[:3])
         headers = Headers()
         for line in head[1:]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
         keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        if status == 100:
-            return await self._read_head(connection)
         return status, headers, keep_alive
+
+    async def _read_final_head(self, connection: _Connection) -> tuple[int, Headers, bool]:
+        """The final answer's head: interim 1xx answers (``100 Continue``, ``103 Early
+        Hints``) are skipped, a bounded number of them."""
+        for _ in range(_MAX_INTERIM):
+            status, headers, keep_alive = await self._read_head(connection)
+            if status >= 200:
+                return status, headers, keep_alive
+            if status == 101:
+                raise UpstreamError("the server switched protocols (101), which was not asked for")
+        raise UpstreamError(f"more than {_MAX_INTERIM} interim (1xx) answers before the final one")
 
     async def _read_body(self, connection: _Connection, method: str, status: int, headers: Headers,
                          max_body: int) -> bytes:
@@ -248,16 +272,16 @@ class WireClient:
     async def _read_chunked(self, connection: _Connection, max_body: int) -> bytes:
         body = bytearray()
         while True:
-            size_line = await self._read_line(connection)
-            try:
-                size = int(size_line.split(b";", 1)[0], 16)
-            except ValueError:
-                raise _ConnectionClosed("malformed chunked body") from None
+            size_field = (await self._read_line(connection, _CHUNK_LINE_LIMIT)).split(b";", 1)[0].strip()
+            if not _CHUNK_SIZE.fullmatch(size_field):
+                raise _ConnectionClosed(f"malformed chunk size {size_field[:20]!r}")
+            size = int(size_field, 16)
             if len(body) + size > max_body:
                 raise _BodyTooLarge(f"chunked body over {max_body} bytes")
             if size == 0:
-                while await self._read_line(connection):
-                    pass  # trailers
+                trailers = 0
+                while line := await self._read_line(connection, _HEAD_LIMIT - trailers):
+                    trailers += len(line) + 2
                 return bytes(body)
             while len(connection.buffer) < size + 2:
                 data = await connection.stream.receive_some(_RECEIVE)
@@ -267,8 +291,12 @@ class WireClient:
             body += connection.buffer[:size]
             del connection.buffer[:size + 2]
 
-    async def _read_line(self, connection: _Connection) -> bytes:
+    async def _read_line(self, connection: _Connection, limit: int) -> bytes:
+        """One CRLF-terminated line of a chunked body; a line over ``limit`` bytes is refused
+        (nothing but a hex size and short extensions belongs there)."""
         while b"\r\n" not in connection.buffer:
+            if len(connection.buffer) > limit:
+                raise _ConnectionClosed(f"chunked body line over {limit} bytes")
             data = await connection.stream.receive_some(_RECEIVE)
             if not data:
                 raise _ConnectionClosed("chunked body cut short")
@@ -285,19 +313,45 @@ class WireClient:
             connection.reused = True
             return connection
         scheme, host, port = key
+        proxy = self._proxy(key)
+        via = f" through the proxy {proxy.host}:{proxy.port}" if proxy else ""
         try:
             with trio.fail_after(self._connect_timeout):
-                stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+                if proxy is None:
+                    stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+                else:
+                    stream = await trio.open_tcp_stream(proxy.host, proxy.port)
+                    if scheme == "https":
+                        await self._tunnel(stream, proxy, host, port)
                 if scheme == "https":
                     if self._tls is None:
                         self._tls = ssl.create_default_context()
                     stream = trio.SSLStream(stream, self._tls, server_hostname=host, https_compatible=True)
                     await stream.do_handshake()
         except trio.TooSlowError as exc:
-            raise Unreachable(f"cannot connect to {host}:{port} within {self._connect_timeout:g} s") from exc
-        except (OSError, trio.BrokenResourceError) as exc:
-            raise Unreachable(f"cannot connect to {host}:{port}: {exc}") from exc
+            raise Unreachable(f"cannot connect to {host}:{port}{via} within {self._connect_timeout:g} s") from exc
+        except (OSError, trio.BrokenResourceError, _ConnectionClosed) as exc:
+            raise Unreachable(f"cannot connect to {host}:{port}{via}: {exc}") from exc
         return _Connection(stream)
+
+    def _proxy(self, key: tuple[str, str, int]) -> Proxy | None:
+        if key not in self._proxies:
+            self._proxies[key] = proxy_for(key)
+        return self._proxies[key]
+
+    async def _tunnel(self, stream: trio.abc.Stream, proxy: Proxy, host: str, port: int) -> None:
+        """Ask ``proxy`` for a tunnel to ``host:port`` (``CONNECT``), for TLS end to end."""
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+        if proxy.authorization:
+            lines.append(f"Proxy-Authorization: {proxy.authorization}")
+        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        connection = _Connection(stream)
+        status, _, _ = await self._read_final_head(connection)
+        if status != 200:
+            raise _ConnectionClosed(f"the proxy refused the tunnel with {status}")
+        if connection.buffer:
+            raise _ConnectionClosed("the proxy sent bytes before the tunnel was up")
 
     def _checkin(self, key: tuple[str, str, int], connection: _Connection) -> None:
         idle = self._idle.setdefault(key, [])
@@ -331,6 +385,44 @@ def _body_buffer(length: int) -> bytearray | memoryview:
     address = ctypes.addressof(ctypes.c_char.from_buffer(raw))
     start = -address % _PAGE
     return memoryview(raw)[start:start + length]
+
+
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    host: str
+    port: int
+    #: ``Proxy-Authorization`` from the proxy URL's user and password, if it has them.
+    authorization: str | None = None
+
+
+def proxy_url(url: str) -> str | None:
+    """The proxy ``HTTP_PROXY``/``HTTPS_PROXY`` (or their lower-case forms) name for ``url``,
+    unless ``NO_PROXY`` exempts its host; ``None`` for a direct connection. (httpx clients
+    here take it as ``proxy=``: its ``trust_env`` would also read ``.netrc`` credentials.)"""
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass_environment(parts.hostname or "", proxies):
+        return None
+    proxy = proxy if "://" in proxy else f"http://{proxy}"
+    if urlsplit(proxy).scheme != "http" or not urlsplit(proxy).hostname:
+        raise UpstreamError(f"unsupported proxy {proxy.split('@')[-1]!r} for {parts.scheme}:// (an http:// proxy "
+                            "is expected)")
+    return proxy
+
+
+def proxy_for(origin: tuple[str, str, int]) -> Proxy | None:
+    """:func:`proxy_url` for an origin, parsed."""
+    scheme, host, port = origin
+    url = proxy_url(f"{scheme}://{host}:{port}/")
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    authorization = None
+    if parts.username is not None:
+        credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        authorization = "Basic " + base64.b64encode(credentials).decode()
+    return Proxy(parts.hostname, parts.port or 80, authorization)
 
 
 def _origin(url: str) -> tuple[str, str, int]:
