@@ -6,10 +6,12 @@ Errors end in a one-line message on stderr and a non-zero exit; ``--debug`` adds
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from . import options
@@ -24,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     options.add_version(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    mount = commands.add_parser("mount", help="mount the model namespace (foreground, until unmounted)",
+    mount = commands.add_parser("mount", help="mount the model namespace (until unmounted; --daemon: in the "
+                                "background)",
                                 description="Mount MOUNTPOINT/huggingface/<org>/<name>/<rev>/<path> read-only.")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", type=options.non_empty)
     mount.add_argument("--nonempty", action="store_true", help="mount even if MOUNTPOINT holds files (hidden "
@@ -61,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="the URL other nodes reach --peer-listen at (default: http://HOST:PORT)")
     mount.add_argument("--peer-labels", metavar="KEY=VALUE,...", type=_labels, default={},
                        help="topology labels such as zone=a,rack=3: peers sharing them are preferred")
+    mount.add_argument("--daemon", action="store_true", help="run in the background: return once mounted, "
+                       "logs in --log-file")
+    mount.add_argument("--log-file", metavar="FILE", help="write logs to FILE instead of stderr (default with "
+                       "--daemon: CACHE_DIR/mount.log)")
     mount.add_argument("--debug", action="store_true", help="debug logging (and FUSE debug output)")
 
     unmount = commands.add_parser("unmount", aliases=["umount"], help="unmount a running mmfs mount")
@@ -83,8 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     prefetch.add_argument("--debug", action="store_true")
 
     status = commands.add_parser("status", help="what a mount holds: repos, cache use, hit rates")
-    status.add_argument("--mount", metavar="MOUNTPOINT", type=options.non_empty, help="the mount (default: the only mmfs mount)")
-    status.add_argument("--json", action="store_true", help="raw JSON")
+    status.add_argument("--mount", metavar="MOUNTPOINT", type=options.non_empty, help="only this mount "
+                        "(default: every mmfs mount)")
+    status.add_argument("--json", action="store_true", help="raw JSON (a list when several mounts are shown)")
 
     verify = commands.add_parser("verify", help="scrub the node's disk cache for bit rot (daemon stopped)")
     verify.add_argument("--cache-dir", metavar="DIR", help="the cache dir (default: /var/cache/mmfs)")
@@ -113,9 +121,10 @@ def _labels(text: str) -> dict[str, str]:
         raise options.OptionError(str(exc)) from None
 
 
-def _setup_logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _setup_logging(debug: bool, log_file: str | None = None) -> None:
+    where: dict[str, Any] = {"filename": log_file} if log_file else {"stream": sys.stderr}
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", **where)
     if not debug:
         logging.getLogger("pyfuse3").setLevel(logging.WARNING)
         logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -129,7 +138,6 @@ def _mount(args: argparse.Namespace) -> int:
     if args.transport == "nixl" and not args.backend:
         return options.usage_error("mmfs mount", "--transport nixl needs --backend (NIXL carries chunks from a "
                                    "backend; embedded mode reads the Hub over HTTP)")
-    _setup_logging(args.debug)
     peers = None
     if args.peer_listen is not None:
         if not args.backend:
@@ -141,12 +149,22 @@ def _mount(args: argparse.Namespace) -> int:
                             labels=args.peer_labels)
     elif args.peer_advertise or args.peer_labels:
         return options.usage_error("mmfs mount", "--peer-advertise and --peer-labels need --peer-listen")
+    cache_dir = args.cache_dir or DEFAULT_CACHE_DIR
+    if args.daemon:
+        from .background import start
+
+        print(start(args.argv, Path(args.log_file or Path(cache_dir) / "mount.log")), flush=True)
+        return 0
+    try:
+        _setup_logging(args.debug, args.log_file)
+    except OSError as exc:
+        raise MmfsError(f"cannot write the log file {args.log_file}: {exc.strerror or exc}") from None
     mount_options = MountOptions(
         mountpoint=args.mountpoint, backend=args.backend, transport=args.transport,
-        cache_dir=args.cache_dir or DEFAULT_CACHE_DIR, cache_size=args.cache_size, memory_cache=args.memory_cache,
+        cache_dir=cache_dir, cache_size=args.cache_size, memory_cache=args.memory_cache,
         chunk_size=args.chunk_size, read_ahead=args.read_ahead, remote_timeout=args.remote_timeout,
         max_tasks=args.max_tasks, debug=args.debug, passthrough=args.passthrough, nonempty=args.nonempty,
-        peers=peers)
+        peers=peers, log_file=os.path.abspath(args.log_file) if args.log_file else None)
     return run(mount_options)
 
 
@@ -160,7 +178,9 @@ def _unmount(args: argparse.Namespace) -> int:
     try:
         mountutil.unmount(args.mountpoint, lazy=args.lazy or mountutil.is_dead(args.mountpoint))
     except OSError as exc:
-        print(f"mmfs unmount: {exc.strerror or exc}", file=sys.stderr)
+        hint = "; files are open there: close them, or detach it now with 'mmfs unmount --lazy' (it goes " \
+               "away once they are closed)" if exc.errno == errno.EBUSY and not args.lazy else ""
+        print(f"mmfs unmount: {exc.strerror or exc}{hint}", file=sys.stderr)
         return EXIT_ERROR
     return 0
 
@@ -198,6 +218,8 @@ def format_status(status: dict[str, Any]) -> str:
              f"up {status.get('uptime_s', 0):.0f} s" + (", offline" if status.get("offline") else "")]
     if status.get("rss_bytes"):
         lines[0] += f", RSS {format_size(status['rss_bytes'])}"
+    if status.get("log_file"):
+        lines.append(f"log: {status['log_file']}")
     lines.append("repos:")
     if not status.get("repos"):
         lines.append("  (none yet)")
@@ -250,14 +272,31 @@ def format_status(status: dict[str, Any]) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
+    """One mount's status (``--mount``), else every mmfs mount's (a JSON list with several)."""
+    from .mountutil import mmfs_mounts
     from .warm import find_mount
 
-    status = read_status(find_mount(args.mount))
-    if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
+    if args.mount:
+        mountpoints = [find_mount(args.mount)]
     else:
-        print(format_status(status))
-    return 0
+        mountpoints = [m.mountpoint for m in mmfs_mounts()]
+        if len(mountpoints) < 2:
+            mountpoints = [find_mount(None)]  # one, or the "no mmfs mount found" message
+    statuses, failures = [], []
+    for mountpoint in mountpoints:
+        try:
+            statuses.append(read_status(mountpoint))
+        except MmfsError as exc:
+            if len(mountpoints) == 1:
+                raise
+            failures.append(str(exc))  # a mount going away meanwhile: the others are still shown
+    if args.json:
+        print(json.dumps(statuses[0] if len(mountpoints) == 1 else statuses, indent=2, sort_keys=True))
+    else:
+        print("\n\n".join(format_status(status) for status in statuses))
+    for failure in failures:
+        print(f"mmfs status: {failure}", file=sys.stderr)
+    return EXIT_ERROR if failures else 0
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -281,6 +320,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for --daemon, which runs the same command
     handler = {"mount": _mount, "unmount": _unmount, "umount": _unmount, "prefetch": _prefetch,
                "status": _status, "verify": _verify}[args.command]
     try:

@@ -30,6 +30,7 @@ import pyfuse3
 import trio
 
 from . import mountutil
+from .background import READY_PREFIX
 from .engine import EngineConfig, FetchEngine
 from .errors import CacheError, MmfsError
 from .fuse_ops import Operations
@@ -87,6 +88,8 @@ class MountOptions:
     #: Node-to-node sharing (``--peer-listen``, ``--peer-advertise``, ``--peer-labels``);
     #: ``None``: this node neither serves nor asks peers.
     peers: PeerOptions | None = None
+    #: Where the logs go (``--log-file``, ``--daemon``); ``None``: stderr. Shown by ``mmfs status``.
+    log_file: str | None = None
     debug: bool = False
 
 
@@ -255,7 +258,8 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
                                 "transport": None, "transport_requested": None, "transport_reason": None,
                                 "cache_dir": os.path.abspath(options.cache_dir), "pid": os.getpid(),
                                 "offline": engine.config.offline, "daemon_started_at": started,
-                                "cache_problems": cache_problems, "passthrough_option": options.passthrough}
+                                "cache_problems": cache_problems, "passthrough_option": options.passthrough,
+                                "log_file": options.log_file}
         replicas = engine.remote.backend if isinstance(engine.remote, PeeringRemote) else engine.remote
         if isinstance(replicas, ReplicaRemote):
             info["replicas"] = replicas.status()
@@ -311,7 +315,7 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
                             return
                     await trio.sleep(0.05)
                     mountutil.set_read_ahead(mountpoint, options.read_ahead)
-                    print(f"mmfs: mounted {mountpoint} ({mode_text(options, transport)})", flush=True)
+                    print(f"{READY_PREFIX}{mountpoint} ({mode_text(options, transport)})", flush=True)
                     if ready is not None:
                         ready()
 

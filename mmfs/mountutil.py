@@ -94,8 +94,13 @@ def unmount(path: str | os.PathLike[str], *, lazy: bool = False) -> None:
         result = subprocess.run(argv, capture_output=True, text=True)
         if result.returncode == 0:
             return
-        errors.append(f"{argv[0]}: {result.stderr.strip() or result.returncode}")
-    raise OSError(errno.EBUSY, f"cannot unmount {target}: " + "; ".join(errors or ["no unmount tool found"]))
+        said = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
+        errors.append(said if said.startswith(f"{argv[0]}:") else f"{argv[0]}: {said}")
+    if not errors:
+        raise OSError(errno.ENOENT, f"cannot unmount {target}: no unmount tool found (fusermount3, umount)")
+    busy = any("busy" in e.lower() for e in errors)
+    # The first tool's words: the others are fallbacks that fail for the same reason.
+    raise OSError(errno.EBUSY if busy else errno.EIO, f"cannot unmount {target}: {errors[0]}")
 
 
 def clear_stale(path: str | os.PathLike[str]) -> bool:

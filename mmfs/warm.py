@@ -14,20 +14,20 @@ itself; a backend without that endpoint gets every chunk fetched (and discarded)
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import trio
 
-from .errors import InvalidName, MmfsError, NotFound, RepoNotFound, RevisionNotFound, UpstreamError
-from .names import RepoRef, check_provider, check_revision, parse_repo_id
+from .errors import AccessDenied, InvalidName, MmfsError, NotFound, RepoNotFound, RevisionNotFound, UpstreamError
+from .names import PROVIDERS, RepoRef, check_provider, check_revision, parse_repo_id
 from .sizes import format_size
 
 SLICE = 64 << 20
@@ -53,7 +53,7 @@ def parse_target(text: str) -> Target:
     if at and not revision:
         raise InvalidName(f"invalid model {text!r}: empty revision after '@'")
     parts = spec.strip("/").split("/")
-    if len(parts) == 2:
+    if len(parts) == 2 and parts[0] not in PROVIDERS:
         parts = ["huggingface", *parts]
     if len(parts) != 3:
         raise InvalidName(f"invalid model {text!r}: expected huggingface/<org>/<name>[@<revision>]")
@@ -120,11 +120,11 @@ class Progress:
 # -- through a mount -------------------------------------------------------------------
 
 
-def _read_slice(path: Path, start: int, end: int, last: bool, progress: Progress) -> None:
+def _read_slice(path: Path, start: int, end: int, last: bool, progress: Progress, stop: threading.Event) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         offset = start
-        while offset < end:
+        while offset < end and not stop.is_set():
             n = min(READ_BLOCK, end - offset)
             data = os.pread(fd, n, offset)
             if not data:
@@ -150,13 +150,13 @@ def prefetch_mount(mountpoint: str, target: Target, include: Sequence[str] = (),
     except FileNotFoundError:
         raise RepoNotFound(f"unknown repo {target.repo} (not found through {mountpoint})") from None
     except OSError as exc:
-        raise MmfsError(f"{target.repo}: {exc.strerror} (is {mountpoint} an mmfs mount?)") from None
+        raise _through_mount_error(str(target.repo), mountpoint, exc) from None
     try:
         os.stat(revision_dir)
     except FileNotFoundError:
         raise RevisionNotFound(f"unknown revision {target.revision!r} of {target.repo}") from None
     except OSError as exc:
-        raise MmfsError(f"{target}: {exc.strerror}") from None
+        raise _through_mount_error(str(target), mountpoint, exc) from None
     files: list[tuple[Path, int]] = []
     for folder, _, names in os.walk(revision_dir):
         for name in names:
@@ -177,19 +177,50 @@ def prefetch_mount(mountpoint: str, target: Target, include: Sequence[str] = (),
     progress = Progress(sum(size for _, size in files), len(files))
     started = time.monotonic()
     try:
-        with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
-            futures = [pool.submit(_read_slice, *item, progress) for item in work]
-            for future in futures:
-                try:
-                    future.result()
-                except OSError as exc:
-                    for other in futures:
-                        other.cancel()
-                    raise MmfsError(f"{target}: reading {getattr(exc, 'filename', None) or 'a file'} failed: "
-                                    f"{exc.strerror or exc}") from None
+        _read_all(work, jobs, progress, target, mountpoint)
     finally:
         progress.close()
     return Summary(len(files), progress.done, time.monotonic() - started)
+
+
+def _read_all(work: list[tuple[Path, int, int, bool]], jobs: int, progress: Progress, target: Target,
+              mountpoint: str) -> None:
+    """Read the slices with ``jobs`` threads; the first failure stops the others.
+
+    Daemon threads, and a main thread that only waits in short joins: Ctrl-C stops the
+    command at once (the readers stop within one block; an exiting process never waits for
+    a read stuck in the mount, as a thread pool's shutdown would)."""
+    pending = iter(work)
+    lock = threading.Lock()
+    stop = threading.Event()
+    failures: list[tuple[Path, OSError]] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            with lock:
+                item = next(pending, None)
+            if item is None:
+                return
+            try:
+                _read_slice(*item, progress, stop)
+            except OSError as exc:
+                failures.append((item[0], exc))
+                stop.set()
+
+    threads = [threading.Thread(target=reader, name=f"prefetch-{i}", daemon=True) for i in range(min(jobs, len(work)))]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.2)
+    finally:
+        stop.set()
+    if failures:
+        path, exc = failures[0]
+        if exc.errno == errno.EACCES:
+            raise _through_mount_error(str(target.repo), mountpoint, exc)
+        raise MmfsError(f"{target}: reading {path} failed: {exc.strerror or exc}")
 
 
 # -- a backend alone -------------------------------------------------------------------
@@ -278,11 +309,25 @@ def prefetch_backend(url: str, target: Target, include: Sequence[str] = (), jobs
         raise error from None
 
 
+def _through_mount_error(what: str, mountpoint: str, exc: OSError) -> MmfsError:
+    """What an errno from the mount means for ``what`` (the mount maps errors to errnos)."""
+    if exc.errno == errno.EACCES:
+        return AccessDenied(f"{what} is gated or private, and the mount at {mountpoint} has no token with access "
+                            "to it")
+    if exc.errno == errno.EINVAL:
+        return InvalidName(f"{what}: the mount refused the name ({exc.strerror})")
+    return UpstreamError(f"{what}: {exc.strerror} through {mountpoint} (the mount's log says why)")
+
+
 def find_mount(explicit: str | None) -> str:
-    """The mount to use: the one given, else the only mmfs mount on this machine."""
-    from .mountutil import mmfs_mounts
+    """The mount to use: the one given (which must be an mmfs mount), else the only one."""
+    from .mountutil import FSTYPE, mmfs_mounts, mount_at
 
     if explicit:
+        info = mount_at(explicit)
+        if info is None or info.fstype != FSTYPE:
+            what = f"a {info.fstype} mount" if info is not None else "not a mount"
+            raise MmfsError(f"{explicit} is not an mmfs mount ({what}); start one with 'mmfs mount {explicit}'")
         return explicit
     found = mmfs_mounts()
     if len(found) == 1:

@@ -19,9 +19,11 @@ def test_parse_target() -> None:
     assert warm.parse_target("huggingface/org/name") == warm.Target(RepoRef("huggingface", "org", "name"), "main")
     assert warm.parse_target("org/name@v1.0").revision == "v1.0"
     assert warm.parse_target("huggingface/org/name@" + "a" * 40).revision == "a" * 40
-    for bad in ("org", "s3/org/name", "huggingface/../x", "huggingface/org/name@", "a/b/c/d"):
+    for bad in ("org", "s3/org/name", "huggingface/../x", "huggingface/org/name@", "a/b/c/d", "huggingface/org"):
         with pytest.raises(InvalidName):
             warm.parse_target(bad)
+    with pytest.raises(InvalidName, match="expected huggingface/<org>/<name>"):
+        warm.parse_target("huggingface/org")
 
 
 def test_include_globs_match_paths_and_names() -> None:
@@ -116,11 +118,13 @@ def test_mountpoint_must_be_an_empty_directory(tmp_path) -> None:
 def test_unmount_and_status_without_a_mount(tmp_path) -> None:
     result = subprocess.run([*MMFS, "unmount", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 1 and "not mounted" in result.stderr
-    result = subprocess.run([*MMFS, "status", "--mount", str(tmp_path)], capture_output=True, text=True)
-    assert result.returncode == 1 and "status.json" in result.stderr
-    result = subprocess.run([*MMFS, "prefetch", "org/name", "--mount", str(tmp_path)], capture_output=True,
-                            text=True)
-    assert result.returncode == 1 and "org/name" in result.stderr
+    for command in (["status"], ["prefetch", "org/name"]):
+        result = subprocess.run([*MMFS, *command, "--mount", str(tmp_path)], capture_output=True, text=True)
+        assert result.returncode == 1
+        assert f"{tmp_path} is not an mmfs mount (not a mount); start one with 'mmfs mount {tmp_path}'" \
+            in result.stderr
+    result = subprocess.run([*MMFS, "prefetch", "org/name", "--mount", "/proc"], capture_output=True, text=True)
+    assert result.returncode == 1 and "/proc is not an mmfs mount (a proc mount)" in result.stderr
 
 
 def test_prefetch_backend_gives_up_after_timeout() -> None:

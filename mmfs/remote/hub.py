@@ -14,7 +14,7 @@ import logging
 import os
 from urllib.parse import quote
 
-from ..errors import InvalidName, RevisionNotFound, UpstreamError
+from ..errors import AccessDenied, InvalidName, NotFound, RevisionNotFound, UpstreamError
 from ..manifest import DEFAULT_CHUNK_SIZE, GIT_SHA1, SHA256, FileEntry, Manifest
 from ..names import RepoRef, check_path, is_commit
 from ._http import RetryPolicy, make_client, request
@@ -67,7 +67,14 @@ class HubRemote(Remote):
         url = f"{self.url}/api/{api_path(repo)}/revision/{quote(revision, safe='')}"
         if blobs:
             url += "?blobs=true"
-        response = await request(self._client, self._policy, "GET", url, headers=self._headers(auth))
+        try:
+            response = await request(self._client, self._policy, "GET", url, headers=self._headers(auth))
+        except (NotFound, AccessDenied) as exc:
+            if repo.repo_id in str(exc):
+                raise
+            # The Hub's own words ("Repository not found") do not say which: a user reading
+            # a node's log or a prefetch error must see the repo.
+            raise type(exc)(f"{repo}@{revision}: {exc}") from None
         try:
             return response.json()
         except ValueError as exc:

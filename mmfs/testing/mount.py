@@ -20,9 +20,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from ..background import READY_PREFIX
 from .process import child_env, start_until_ready, stop
 
-READY_PREFIX = "mmfs: mounted "
 
 
 def fuse_available() -> bool:
