@@ -46,7 +46,7 @@ import trio
 
 from mmfs.budget import ByteBudget
 from mmfs.engine import FetchEngine, Served
-from mmfs.errors import (AccessDenied, EntryNotFound, IntegrityError, InvalidName, MmfsError, NotFound,
+from mmfs.errors import (AccessDenied, EntryNotFound, FailureLog, IntegrityError, InvalidName, MmfsError, NotFound,
                          RepoNotFound, TransientError, first_error)
 from mmfs.manifest import ChunkKey, FileEntry, Manifest
 from mmfs.tiers.base import Chunk
@@ -65,6 +65,8 @@ if TYPE_CHECKING:
     from .nixl_plane import NixlPlane
 
 log = logging.getLogger(__name__)
+#: Requests answered 5xx: the first of each kind at WARNING/ERROR with its cause.
+failures = FailureLog(log)
 
 #: Bytes of read-ahead a stream keeps in flight (in chunks: at least 2, at most 32).
 READAHEAD_BYTES = 32 << 20
@@ -129,6 +131,8 @@ class BackendApp:
             route, handler = self._route(request, segments)
             response = await handler(request, segments)
         except MmfsError as err:
+            if err.status >= 500:  # the backend's or the upstream's failure, not the caller's
+                failures.failed(f"{request.method} {route}", err)
             response = error_response(err)
         response.route = route
         return response

@@ -20,6 +20,8 @@ into a one-line message and a non-zero exit::
 from __future__ import annotations
 
 import errno as _errno
+import logging
+import time
 
 
 class MmfsError(Exception):
@@ -120,3 +122,39 @@ def first_error(group: BaseExceptionGroup) -> MmfsError | None:
             if found is not None:
                 return found
     return None
+
+
+class FailureLog:
+    """Failures that callers see as an errno or an HTTP status, logged without flooding.
+
+    The first failure of each kind (what failed and the error class) goes to the log at
+    WARNING (ERROR for upstream, integrity and cache failures) with its cause, so a mount
+    whose every ``ls`` fails says why without ``--debug``; repeats of that kind are counted
+    and summed up in one line at most every ``interval`` seconds, the rest at DEBUG.
+    :class:`NotFound` is part of normal operation (lookups of names that are not there) and
+    stays at DEBUG.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 300.0) -> None:
+        self._log = logger
+        self._interval = interval
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}  # kind -> (last logged, repeats since)
+
+    def failed(self, what: str, exc: MmfsError) -> None:
+        if isinstance(exc, NotFound):
+            self._log.debug("%s: %s", what, exc)
+            return
+        kind = (what.split("(", 1)[0], type(exc).__name__)
+        level = logging.ERROR if isinstance(exc, (UpstreamError, IntegrityError, CacheError)) else logging.WARNING
+        now = time.monotonic()
+        last = self._seen.get(kind)
+        if last is None:
+            self._seen[kind] = (now, 0)
+            self._log.log(level, "%s failed: %s (%s; repeats of this kind are summed up)", what, exc, kind[1])
+        elif now - last[0] >= self._interval:
+            self._seen[kind] = (now, 0)
+            self._log.log(level, "%s failed: %s (%s; %d more like it since the last report)", what, exc, kind[1],
+                          last[1] + 1)
+        else:
+            self._seen[kind] = (last[0], last[1] + 1)
+            self._log.debug("%s failed: %s", what, exc)

@@ -17,10 +17,12 @@ from typing import Any, Awaitable, Callable, TypeVar
 import pyfuse3
 import trio
 
-from .errors import MmfsError
+from .errors import FailureLog, MmfsError
 from .vfs import Attributes, PassthroughBackend, Vfs
 
 log = logging.getLogger(__name__)
+#: File-system calls that failed: the first of each kind at WARNING/ERROR, with its cause.
+failures = FailureLog(log)
 
 T = TypeVar("T")
 
@@ -33,7 +35,7 @@ def _errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         except pyfuse3.FUSEError:
             raise
         except MmfsError as exc:
-            log.debug("%s%r: %s (%s)", fn.__name__, args[1:], exc, errno.errorcode.get(exc.errno, exc.errno))
+            failures.failed(f"{fn.__name__}{args[1:]!r}", exc)
             raise pyfuse3.FUSEError(exc.errno) from None
         except (trio.Cancelled, KeyboardInterrupt, SystemExit):
             raise

@@ -4,7 +4,9 @@ Ctrl-C during a prefetch)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import signal
 import subprocess
 import sys
@@ -142,3 +144,18 @@ def _no_leftover_mounts(tmp_path: Path) -> Iterator[None]:
     for name in ("bg", "mnt"):
         if os.path.ismount(tmp_path / name):
             force_unmount(tmp_path / name)
+
+
+def test_the_first_failure_of_each_kind_is_logged_with_its_cause_without_debug(tmp_path: Path) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # nothing listens there once closed
+    with MountProcess(tmp_path / "mnt", tmp_path / "cache", backend=f"http://127.0.0.1:{port}") as mount:
+        for _ in range(3):
+            with pytest.raises(OSError) as info:
+                os.listdir(mount.mountpoint / "huggingface" / "org" / "model")
+            assert info.value.errno in (errno.EIO, errno.EAGAIN)
+        log = mount.log_text()
+    reported = [line for line in log.splitlines() if " ERROR mmfs.fuse_ops: lookup" in line]
+    assert len(reported) == 1, log  # once per kind, not once per call
+    assert f"cannot connect to 127.0.0.1:{port}" in reported[0]
