@@ -288,6 +288,48 @@ def test_refs_file_adds_tags(hub: TestHub, hub_root: Path, client: httpx.Client)
     assert HfApi(endpoint=hub.url).model_info(REPO, revision="refs/pr/1").sha == commit
 
 
+def test_push_moves_main_and_keeps_old_commits_readable(hub: TestHub, client: httpx.Client) -> None:
+    old = hub.commit(REPO)
+    new = hub.push(REPO, {"config.json": b'{"v": 2}', "extra/notes.txt": b"new file"})
+    assert new != old and hub.commit(REPO) == new
+    assert client.get(f"/api/models/{REPO}/revision/main").json()["sha"] == new
+    assert client.get(f"/{REPO}/resolve/{old}/config.json").content == source("config.json")
+    assert client.get(f"/{REPO}/resolve/main/config.json").content == b'{"v": 2}'
+    assert client.get(f"/{REPO}/resolve/{old}/extra/notes.txt").headers["X-Error-Code"] == "EntryNotFound"
+    # an old commit's LFS file stays downloadable through the CDN after main moved
+    path = hf_hub_download(REPO, LFS_FILE, revision=old, endpoint=hub.url, cache_dir=str(hub.hub.root.parent / "c"))
+    assert Path(path).read_bytes() == source(LFS_FILE)
+
+
+def test_pull_request_and_convert_refs_as_on_the_hub(hub: TestHub, client: httpx.Client, tmp_path: Path) -> None:
+    main = hub.commit(REPO)
+    pr = hub.push(REPO, {"config.json": b'{"pr": 1}'}, ref="refs/pr/1")
+    parquet = hub.push(REPO, {"data.parquet": b"PAR1"}, ref="refs/convert/parquet")
+    assert hub.commit(REPO) == main and len({main, pr, parquet}) == 3  # the tree did not change
+    api = HfApi(endpoint=hub.url)
+    refs = api.list_repo_refs(REPO, include_pull_requests=True)
+    assert [(r.name, r.ref, r.target_commit) for r in refs.branches] == [("main", "refs/heads/main", main)]
+    assert [(r.ref, r.target_commit) for r in refs.pull_requests] == [("refs/pr/1", pr)]
+    assert [(r.name, r.ref, r.target_commit) for r in refs.converts] == [("parquet", "refs/convert/parquet", parquet)]
+    assert api.list_repo_refs(REPO).pull_requests is None
+    path = hf_hub_download(REPO, "config.json", revision="refs/pr/1", endpoint=hub.url, cache_dir=str(tmp_path))
+    assert Path(path).read_bytes() == b'{"pr": 1}'
+    assert client.get(f"/{REPO}/resolve/refs%2Fpr%2F1/config.json").headers["X-Repo-Commit"] == pr
+    assert client.get(f"/api/models/{REPO}/revision/refs%2Fpr%2F1?expand=sha").json() == \
+        {"_id": hashlib.sha1(REPO.encode()).hexdigest()[:24], "id": REPO, "sha": pr}
+    hub.delete_ref(REPO, "refs/pr/1")
+    with pytest.raises(RevisionNotFoundError):
+        api.model_info(REPO, revision="refs/pr/1")
+    assert client.get(f"/{REPO}/resolve/{pr}/config.json").content == b'{"pr": 1}'  # by hash, still there
+    assert hub.stats().ref_checks[f"{REPO}@refs/pr/1"] >= 3
+
+
+def test_push_over_http(hub_root: Path) -> None:
+    with HubProcess(hub_root) as remote:
+        commit = remote.push(REPO, {"config.json": b"{}"})
+        assert httpx.get(f"{remote.url}/api/models/{REPO}").json()["sha"] == commit
+
+
 # -- counters, rate, faults ----------------------------------------------------------------
 
 

@@ -25,8 +25,24 @@ keeps), ``GET /api/whoami-v2``, and ``tree`` with ``recursive`` and ``expand`` (
 **Commits.** A repo's commit is ``sha1`` over its sorted ``"<path>\\0<git blob id>\\n"``
 lines, the blob id being git's (of the LFS pointer for LFS files). The listing is
 re-scanned on every request and the hashes are cached by ``(path, size, mtime, inode)``,
-so changing a file moves ``main`` to a new commit. Only the *current* commit is served:
-an older one answers 404 ``RevisionNotFound`` (its bytes are gone from disk anyway).
+so changing a file moves ``main`` to a new commit. Every commit seen stays addressable by
+its hash while its bytes are still readable: :meth:`Hub.push` (``POST /_hub/push``) moves a
+ref to a new commit the way a ``git push`` does, keeping the bytes of the commits it
+replaces (under ``.hub/objects/``, content-addressed), so old commits stay readable as on
+the Hub; a file edited in place takes its old commit's bytes with it (that commit then
+answers 404 ``RevisionNotFound``).
+
+**Refs.** ``main`` is the working tree. ``push(..., ref="refs/pr/1")`` makes a commit from
+``main`` plus the changes without touching the tree and points that ref at it, as a Hub
+pull request does (``refs/convert/parquet`` likewise; any other name is a branch, and
+``refs/tags/<t>`` a tag addressed as ``<t>``); ``delete_ref`` removes one.
+``GET /api/models/<repo>/refs[?include_prs=1]`` lists them as the Hub does
+(``branches``, ``tags``, ``converts``, ``pullRequests``). Revisions with a slash arrive
+percent-encoded in one path segment (``refs%2Fpr%2F1``), as ``huggingface_hub`` sends them.
+``/api/models/<repo>/revision/<rev>?expand=sha`` answers only ``_id``, ``id`` and ``sha``
+(the Hub's ``expand``): the cheapest way to ask where a ref points. ``HubStats.ref_checks``
+counts the model-info requests that resolved a branch, tag or PR (not a 40-hex commit)
+per ``"<org>/<name>@<rev>"``.
 
 **LFS rule.** A file is LFS when its size is at least ``lfs_threshold`` (1 MiB by
 default; the real model's ``model.safetensors`` is, its ``tokenizer.json`` is not) —
@@ -45,6 +61,8 @@ separate process (:class:`HubProcess`, ``python -m mmfs.testing.hub``)::
     GET  /_hub/stats     counters as JSON          POST /_hub/reset   zero the counters
     GET  /_hub/faults    the current faults        POST /_hub/faults  replace them (JSON)
     GET  /_hub/info      url, cdn_url, rate...     POST /_hub/config  {"rate": "100MB/s" | null}
+    POST /_hub/push      {"repo", "files": {path: base64 | null}, "ref"} -> {"commit"}
+    POST /_hub/delete_ref {"repo", "ref"}
 
 Requests to ``/_hub/`` are neither counted nor subject to faults.
 """
@@ -52,11 +70,13 @@ Requests to ``/_hub/`` are neither counted nor subject to faults.
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import hmac
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import stat
@@ -76,7 +96,7 @@ from typing import Any, Mapping
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 from ..errors import AccessDenied, EntryNotFound, MmfsError, NotFound, RepoNotFound, RevisionNotFound
-from ..names import check_path, check_repo_part, check_revision
+from ..names import check_path, check_repo_part, check_revision, is_commit
 from ..sizes import parse_rate
 from .process import child_env, start_until_ready, stop
 
@@ -129,7 +149,7 @@ class RepoSnapshot:
     files: Mapping[str, HubFile]  # sorted by path
     last_modified: float
     gated_token: str | None
-    refs: tuple[str, ...]
+    refs: tuple[str, ...]  # names that follow the working tree (.hub/refs.json)
     repo_type: str = "model"
 
     @property
@@ -209,6 +229,7 @@ class HubStats:
     bytes_by_path: Mapping[str, int] = field(default_factory=dict)
     bytes_by_hash: Mapping[str, int] = field(default_factory=dict)
     faults: Mapping[str, int] = field(default_factory=dict)
+    ref_checks: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def content_requests(self) -> int:
@@ -238,6 +259,11 @@ class _Counters:
             self._by_path: Counter[str] = Counter()
             self._by_hash: Counter[str] = Counter()
             self._faults: Counter[str] = Counter()
+            self._ref_checks: Counter[str] = Counter()
+
+    def ref_check(self, what: str) -> None:
+        with self._lock:
+            self._ref_checks[what] += 1
 
     def request(self, kind: str) -> None:
         with self._lock:
@@ -261,7 +287,7 @@ class _Counters:
     def snapshot(self) -> HubStats:
         with self._lock:
             return HubStats(self._requests, dict(self._kinds), dict(self._statuses), self._bytes,
-                            dict(self._by_path), dict(self._by_hash), dict(self._faults))
+                            dict(self._by_path), dict(self._by_hash), dict(self._faults), dict(self._ref_checks))
 
 
 class RateLimiter:
@@ -337,6 +363,9 @@ class Hub:
         self._lfs_by_sha: dict[str, HubFile] = {}
         self._lock = threading.Lock()
         self._repo_locks: dict[str, threading.Lock] = {}
+        self._history: dict[str, dict[str, RepoSnapshot]] = {}  # repo id -> commit -> snapshot
+        self._pushed: dict[str, dict[str, str]] = {}  # repo id -> ref made by push -> commit
+        self.objects = self.root / ".hub-objects"  # bytes of replaced files, by etag
 
     # -- faults
 
@@ -395,11 +424,15 @@ class Hub:
                 return cached[1]
             snap = replace(self._build(repo_id, repo_dir, listing), repo_type=repo_type)
             self._snapshots[hub_path] = (key, snap)
+        self._remember(snap)
+        return snap
+
+    def _remember(self, snap: RepoSnapshot) -> None:
         with self._lock:
+            self._history.setdefault(snap.hub_path, {}).setdefault(snap.commit, snap)
             for entry in snap.files.values():
                 if entry.sha256:
                     self._lfs_by_sha[entry.sha256] = entry
-        return snap
 
     def commit(self, repo_id: str, repo_type: str = "model") -> str:
         org, _, name = repo_id.partition("/")
@@ -418,24 +451,114 @@ class Hub:
                  if hmac.compare_digest(known_token.encode(), token.encode("latin-1", "replace"))]
         return known[0] if known else None
 
-    def resolve(self, snap: RepoSnapshot, revision: str) -> str:
-        """The commit ``revision`` names in ``snap``; :class:`RevisionNotFound` otherwise."""
+    def at(self, snap: RepoSnapshot, revision: str) -> RepoSnapshot:
+        """The repo of ``snap`` (its ``main``) at ``revision``: a branch, a ref made by
+        :meth:`push`, or a commit whose bytes are still readable; :class:`RevisionNotFound`
+        otherwise."""
         check_revision(revision)
         if revision in ("main", snap.commit) or revision in snap.refs:
-            return snap.commit
-        raise RevisionNotFound(f"Invalid rev id: {revision}")
+            return snap
+        with self._lock:
+            commit = self._pushed.get(snap.hub_path, {}).get(revision) or (revision if is_commit(revision) else "")
+            found = self._history.get(snap.hub_path, {}).get(commit)
+        if found is None or not all(self.readable(entry) for entry in found.files.values()):
+            raise RevisionNotFound(f"Invalid rev id: {revision}")
+        return found
+
+    def refs(self, snap: RepoSnapshot) -> dict[str, str]:
+        """Every ref of the repo (``main`` included) -> its commit."""
+        with self._lock:
+            pushed = dict(self._pushed.get(snap.hub_path, {}))
+        return {"main": snap.commit, **{name: snap.commit for name in snap.refs}, **pushed}
+
+    def readable(self, entry: HubFile) -> Path | None:
+        """Where the bytes of ``entry`` are now: its file while unchanged, else the copy
+        :meth:`push` kept when it replaced the file; ``None`` once they are gone."""
+        for path in (entry.abspath, self.objects / entry.etag):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if st.st_size == entry.size and (path != entry.abspath or st.st_mtime_ns == entry.mtime_ns):
+                return path
+        return None
 
     def lfs_file(self, sha256: str) -> HubFile | None:
-        """The LFS file with this sha256, if it is still on disk unchanged."""
+        """The LFS file with this sha256, if its bytes are still readable."""
         with self._lock:
             entry = self._lfs_by_sha.get(sha256)
-        if entry is None:
-            return None
+        return entry if entry is not None and self.readable(entry) is not None else None
+
+    # -- pushes
+
+    def push(self, repo_id: str, files: Mapping[str, bytes | None], *, ref: str = "main",
+             repo_type: str = "model") -> str:
+        """Commit ``files`` (path -> new bytes, ``None`` deletes) on top of ``main`` and
+        point ``ref`` at the result; return the new commit.
+
+        ``main``: the working tree changes (each file replaced by a rename, the replaced
+        bytes kept under :attr:`objects`), so every older commit stays readable. Any other
+        ref (``refs/pr/1``): the commit is made beside the tree, which does not change."""
+        org, _, name = repo_id.partition("/")
+        base = self.snapshot(org, name, repo_type)
+        check_revision(ref)
+        for path in files:
+            check_path(path)
+            if any(_is_hidden(part) for part in path.split("/")):
+                raise ValueError(f"{path!r} is not repo content")
+        self.objects.mkdir(exist_ok=True)
+        if ref == "main":
+            repo_dir = self.root / base.hub_path
+            for path, data in files.items():
+                old = base.files.get(path)
+                if old is not None:
+                    self._keep(old)
+                target = repo_dir / path
+                if data is None:
+                    target.unlink(missing_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                scratch = target.with_name(f".hub-push-{secrets.token_hex(4)}")
+                scratch.write_bytes(data)
+                os.replace(scratch, target)
+            return self.snapshot(org, name, repo_type).commit
+        entries = dict(base.files)
+        for path, data in files.items():
+            if data is None:
+                entries.pop(path, None)
+                continue
+            scratch = self.objects / f".push-{secrets.token_hex(4)}"
+            scratch.write_bytes(data)
+            lfs = len(data) >= self.lfs_threshold
+            blob_id, sha256 = self._hashes(scratch, scratch.stat(), lfs)
+            stored = self.objects / (sha256 or blob_id)
+            os.replace(scratch, stored)
+            st = stored.stat()
+            entries[path] = HubFile(path, stored, st.st_size, st.st_mtime_ns, blob_id, sha256,
+                                    len(lfs_pointer(sha256, st.st_size)) if sha256 else None)
+        ordered = dict(sorted(entries.items()))
+        snap = replace(base, commit=commit_id(ordered), files=ordered, last_modified=time.time(), refs=())
+        self._remember(snap)
+        with self._lock:
+            self._pushed.setdefault(snap.hub_path, {})[ref] = snap.commit
+        return snap.commit
+
+    def delete_ref(self, repo_id: str, ref: str, repo_type: str = "model") -> None:
+        """Remove a ref made by :meth:`push` (its commit stays readable by hash)."""
+        with self._lock:
+            if self._pushed.get(REPO_TYPES[repo_type] + repo_id, {}).pop(ref, None) is None:
+                raise RevisionNotFound(f"no ref {ref} in {repo_id}")
+
+    def _keep(self, entry: HubFile) -> None:
+        """Keep the bytes of ``entry`` under :attr:`objects` before its file is replaced."""
+        kept = self.objects / entry.etag
+        source = self.readable(entry)
+        if kept.exists() or source is None:
+            return
         try:
-            st = entry.abspath.stat()
+            os.link(source, kept)
         except OSError:
-            return None
-        return entry if (st.st_size, st.st_mtime_ns) == (entry.size, entry.mtime_ns) else None
+            shutil.copyfile(source, kept)
 
     def sign(self, sha256: str) -> str:
         return hmac.new(self.secret, sha256.encode(), hashlib.sha256).hexdigest()[:32]
@@ -488,13 +611,34 @@ class Hub:
             blob_id, sha256 = self._hashes(path, st, lfs)
             pointer_size = len(lfs_pointer(sha256, st.st_size)) if sha256 else None
             files[rel] = HubFile(rel, path, st.st_size, st.st_mtime_ns, blob_id, sha256, pointer_size)
-        commit = hashlib.sha1("".join(f"{p}\0{f.blob_id}\n" for p, f in files.items()).encode()).hexdigest()
+        commit = commit_id(files)
         gated = repo_dir / ".hub" / "gated"
         token = gated.read_text().strip() if gated.is_file() else None
         refs_file = repo_dir / ".hub" / "refs.json"
         refs = tuple(json.loads(refs_file.read_text())) if refs_file.is_file() else ()
         last_modified = max((st.st_mtime for _, _, st in listing), default=repo_dir.stat().st_mtime)
         return RepoSnapshot(repo_id, commit, files, last_modified, token, refs)
+
+
+def commit_id(files: Mapping[str, HubFile]) -> str:
+    """A commit's id: sha1 over its files' ``"<path>\\0<blob id>\\n"`` lines, in path order."""
+    return hashlib.sha1("".join(f"{p}\0{f.blob_id}\n" for p, f in files.items()).encode()).hexdigest()
+
+
+def refs_json(refs: Mapping[str, str], include_prs: bool) -> dict[str, Any]:
+    """``GET /api/models/<repo>/refs`` as the Hub shapes it."""
+    found: dict[str, list[dict[str, str]]] = {"branches": [], "converts": [], "tags": []}
+    if include_prs:
+        found["pullRequests"] = []
+    for name, commit in sorted(refs.items()):
+        if name.startswith("refs/pr/"):
+            if include_prs:
+                found["pullRequests"].append({"name": name, "ref": name, "targetCommit": commit})
+        elif name.startswith("refs/convert/"):
+            found["converts"].append({"name": name.removeprefix("refs/convert/"), "ref": name, "targetCommit": commit})
+        else:
+            found["branches"].append({"name": name, "ref": f"refs/heads/{name}", "targetCommit": commit})
+    return found
 
 
 def _iso(ts: float) -> str:
@@ -705,7 +849,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._counted = False
         url = urlsplit(self.path)
         segments = [unquote(s) for s in url.path.split("/")[1:]]
-        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        query = {k.removesuffix("[]"): v[-1] for k, v in parse_qs(url.query).items()}
         body = self._read_body() if self.command == "POST" else b""
         hub = self.server.hub
         try:
@@ -747,6 +891,8 @@ class _Handler(BaseHTTPRequestHandler):
             rest = segments[4:]
             if not rest or (rest[0] == "revision" and len(rest) >= 2):
                 return f"{segments[1][:-1]}_info"
+            if rest == ["refs"]:
+                return "refs"
             kinds = {"tree": "tree", "paths-info": "paths_info", "commits": "commits"}
             return kinds.get(rest[0], "other") if len(rest) >= 2 else "other"
         web = segments[1:] if segments[:1] == ["datasets"] else segments
@@ -776,24 +922,42 @@ class _Handler(BaseHTTPRequestHandler):
                     rate = config["rate"]
                     hub.limiter.rate = parse_rate(rate) if isinstance(rate, str) else rate
                 return self._json(200, {"rate": hub.limiter.rate})
+            if route == ("POST", "push"):
+                request = json.loads(body or b"{}")
+                files = {path: None if data is None else base64.b64decode(data)
+                         for path, data in request["files"].items()}
+                return self._json(200, {"commit": hub.push(request["repo"], files, ref=request.get("ref", "main"))})
+            if route == ("POST", "delete_ref"):
+                request = json.loads(body or b"{}")
+                hub.delete_ref(request["repo"], request["ref"])
+                return self._json(200, {})
             if route == ("GET", "info"):
                 return self._json(200, {"root": str(hub.root), "cdn_url": self.server.cdn_origin,
                                         "rate": hub.limiter.rate, "lfs_threshold": hub.lfs_threshold})
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, KeyError, MmfsError) as err:
             return self._json(400, {"error": str(err)})
         self._json(404, {"error": f"no control route {route[0]} /_hub/{route[1]}"})
 
     # -- the Hub API
 
+    def _at(self, snap: RepoSnapshot, revision: str) -> RepoSnapshot:
+        found = self.server.hub.at(snap, revision)
+        if not is_commit(revision):
+            self.server.hub.counters.ref_check(f"{snap.hub_path}@{revision}")
+        return found
+
     def _api(self, repo_type: str, org: str, name: str, rest: list[str], query: Mapping[str, Any]) -> None:
         hub = self.server.hub
         snap = hub.snapshot(org, name, repo_type)
-        if not rest:
-            return self._json(200, model_info_json(snap, query.get("blobs") == "true"))
-        if rest[0] == "revision":
-            hub.resolve(snap, "/".join(rest[1:]))
-            return self._json(200, model_info_json(snap, query.get("blobs") == "true"))
-        hub.resolve(snap, "/".join(rest[1:]) if rest[0] != "tree" else rest[1])
+        if rest == ["refs"]:
+            return self._json(200, refs_json(hub.refs(snap), str(query.get("include_prs", "")) in ("1", "true")))
+        if not rest or rest[0] == "revision":
+            info = model_info_json(self._at(snap, "/".join(rest[1:]) or "main"), query.get("blobs") == "true")
+            fields = str(query.get("expand", ""))
+            if fields and fields.lower() not in ("true", "false"):  # only those fields (and the ids), as the Hub
+                info = {k: info[k] for k in ("_id", "id", *fields.split(",")) if k in info}
+            return self._json(200, info)
+        snap = self._at(snap, "/".join(rest[1:]) if rest[0] != "tree" else rest[1])
         expand = str(query.get("expand", "false")).lower() in ("true", "1")
         if rest[0] == "commits":
             return self._json(200, [commit_json(snap)])
@@ -831,7 +995,8 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.server.hub
         snap = hub.snapshot(org, name, repo_type)
         self._check_gate(snap)
-        commit = hub.resolve(snap, revision)
+        snap = self._at(snap, revision)
+        commit = snap.commit
         check_path(path)
         entry = snap.files.get(path)
         if entry is None:
@@ -886,6 +1051,9 @@ class _Handler(BaseHTTPRequestHandler):
         headers.update({"Content-Type": "application/octet-stream", "Content-Length": end - start})
         if self.command == "HEAD":
             return self._head(status, headers)
+        path = hub.readable(entry)
+        if path is None:
+            raise EntryNotFound(f"{entry.path}: its bytes are gone from the hub")
         fault = hub.take_fault()
         faults = hub.faults
         if fault == "fail":
@@ -899,7 +1067,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._head(status, headers)
         sent = 0
         try:
-            sent = self._send_range(entry, start, end if fault != "reset" else start + (end - start) // 2, corrupt)
+            sent = self._send_range(path, start, end if fault != "reset" else start + (end - start) // 2, corrupt)
         finally:
             hub.counters.sent(f"{repo_id}/{entry.path}", entry.etag, sent)
         if fault == "reset":
@@ -907,12 +1075,12 @@ class _Handler(BaseHTTPRequestHandler):
         if sent != end - start:  # the file shrank under us: the promised length is a lie now
             self.close_connection = True
 
-    def _send_range(self, entry: HubFile, start: int, end: int, corrupt: bool) -> int:
+    def _send_range(self, path: Path, start: int, end: int, corrupt: bool) -> int:
         hub = self.server.hub
         limiter = hub.limiter
         out = self.connection.fileno()
         sent = 0
-        with open(entry.abspath, "rb") as f:
+        with open(path, "rb") as f:
             fd = f.fileno()
             while start + sent < end and not hub.closed:
                 n = min(limiter.slice, end - start - sent)
@@ -977,6 +1145,13 @@ class _Control:
 
     def clear_faults(self) -> None:
         self._put_faults(Faults())
+
+    def push(self, repo_id: str, files: Mapping[str, bytes | None], *, ref: str = "main") -> str:
+        """Move ``ref`` to a new commit with ``files`` changed (see :meth:`Hub.push`)."""
+        raise NotImplementedError
+
+    def delete_ref(self, repo_id: str, ref: str) -> None:
+        raise NotImplementedError
 
 
 class TestHub(_Control):
@@ -1055,6 +1230,12 @@ class TestHub(_Control):
     def set_rate(self, rate: float | str | None) -> None:
         self.hub.limiter.rate = parse_rate(rate) if isinstance(rate, str) else rate
 
+    def push(self, repo_id: str, files: Mapping[str, bytes | None], *, ref: str = "main") -> str:
+        return self.hub.push(repo_id, files, ref=ref)
+
+    def delete_ref(self, repo_id: str, ref: str) -> None:
+        self.hub.delete_ref(repo_id, ref)
+
 
 class HubClient(_Control):
     """Stats and faults of a hub running elsewhere, over its ``/_hub/`` endpoints."""
@@ -1084,6 +1265,13 @@ class HubClient(_Control):
 
     def set_rate(self, rate: float | str | None) -> None:
         self._call("POST", "config", {"rate": rate})
+
+    def push(self, repo_id: str, files: Mapping[str, bytes | None], *, ref: str = "main") -> str:
+        encoded = {path: None if data is None else base64.b64encode(data).decode() for path, data in files.items()}
+        return self._call("POST", "push", {"repo": repo_id, "files": encoded, "ref": ref})["commit"]
+
+    def delete_ref(self, repo_id: str, ref: str) -> None:
+        self._call("POST", "delete_ref", {"repo": repo_id, "ref": ref})
 
 
 class HubProcess(HubClient):
