@@ -50,7 +50,8 @@ from mmfs.errors import (AccessDenied, EntryNotFound, FailureLog, IntegrityError
                          RepoNotFound, TransientError, first_error)
 from mmfs.manifest import ChunkKey, FileEntry, Manifest
 from mmfs.tiers.base import Chunk
-from mmfs.names import RepoRef, check_path, check_provider, check_repo_part, check_revision, hub_provider
+from mmfs.names import (RepoRef, check_path, check_provider, check_repo_part, check_revision, hub_provider,
+                        is_commit)
 from mmfs.remote.backend import NODE_HEADER, PEER_HEADER, PEERS_HEADER, VERIFIED_HEADER
 from mmfs.remote.base import FileSource
 from mmfs.remote.replicas import ReplicaRemote
@@ -63,6 +64,7 @@ from .passthrough import READ_POSTS, Passthrough
 
 if TYPE_CHECKING:
     from .nixl_plane import NixlPlane
+    from .versions import VersionRoutes
 
 log = logging.getLogger(__name__)
 #: Requests answered 5xx: the first of each kind at WARNING/ERROR with its cause.
@@ -115,6 +117,8 @@ class BackendApp:
         self.stream_budget = ByteBudget(stream_memory, "--stream-memory budget")
         self.stream_wait = stream_wait
         self.server_stats = stats or (lambda: {"connections": 0, "active_requests": 0})
+        #: Ref watching, node updates and gc (:mod:`.versions`); set by the server.
+        self.versions: VersionRoutes | None = None
         self.passthrough = Passthrough(upstream) if upstream else None
 
     async def aclose(self) -> None:
@@ -161,6 +165,15 @@ class BackendApp:
                     return allow("peers_heartbeat", self.peers_heartbeat, "POST")
                 if s[2] == "report":
                     return allow("peers_report", self.peers_report, "POST")
+            if self.versions is not None:
+                if s[1:] == ["refs", "watch"]:
+                    return allow("refs_watch", self.versions.refs_watch, "POST")
+                if s[1:] == ["refs"]:
+                    return allow("refs", self.versions.refs, "GET")
+                if s[1:] == ["gc"]:
+                    return allow("gc", self.versions.gc, "POST")
+                if kind == "watch" and len(s) >= 6:
+                    return allow("watch", self.versions.watch, "POST")
             if kind in ("resolve", "manifest", "prefetch") and len(s) >= 6:
                 handler = {"resolve": self.v1_resolve, "manifest": self.v1_manifest,
                            "prefetch": self.v1_prefetch}[kind]
@@ -186,6 +199,8 @@ class BackendApp:
             # upstream knows: those pass through.
             if s[4] == "tree" and len(s) >= 6 and not _true(request.query_value("expand")):
                 return allow("hub_tree", self.hub_tree, "GET")
+            if s[4:] == ["refs"] and self.versions is not None:
+                return allow("hub_refs", self.versions.hub_refs, "GET")
             if s[4] == "paths-info" and len(s) >= 6 and method == "POST" and \
                     not _true(_form(request).get("expand", [""])[-1]):
                 return "hub_paths_info", self.hub_paths_info
@@ -225,7 +240,8 @@ class BackendApp:
                                    active_requests=server["active_requests"],
                                    nixl=self.nixl.statistics() if self.nixl else None,
                                    replica_fetches=replicas[0], replica_bytes=replicas[1],
-                                   holders=self.holders.statistics())
+                                   holders=self.holders.statistics(),
+                                   versions=self.versions.metrics() if self.versions else None)
         return Response.text(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def files(self, request: Request, s: list[str]) -> Response:
@@ -411,23 +427,7 @@ class BackendApp:
         chosen = [f for f in manifest.files if not patterns or any(fnmatch.fnmatchcase(f.path, p) for p in patterns)]
         started = time.perf_counter()
         upstream_before = self._upstream_bytes()
-        errors: list[str] = []
-        first: list[MmfsError] = []
-        queue = list(chosen)
-
-        async def worker() -> None:
-            while queue:
-                entry = queue.pop(0)
-                source = FileSource(repo, manifest.commit, entry)
-                try:
-                    await self._warm(source, auth)
-                except MmfsError as err:
-                    errors.append(f"{entry.path}: {err}")
-                    first.append(err)
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(min(PREFETCH_FILES, len(chosen))):
-                nursery.start_soon(worker)
+        errors, first = await self.warm_files(repo, manifest.commit, chosen, auth)
         summary = {"repo": str(repo), "revision": revision, "commit": manifest.commit, "files": len(chosen),
                    "bytes": sum(f.size for f in chosen),
                    "upstream_bytes": self._upstream_bytes() - upstream_before,
@@ -586,15 +586,45 @@ class BackendApp:
 
         return body, release
 
+    async def warm_files(self, repo: RepoRef, commit: str, entries: list[FileEntry], auth: str | None
+                         ) -> tuple[list[str], list[MmfsError]]:
+        """Read ``entries`` of ``commit`` into the tiers, verified, a few files at a time;
+        return the failures (``"<path>: <error>"``) and their errors."""
+        errors: list[str] = []
+        first: list[MmfsError] = []
+        queue = list(entries)
+
+        async def worker() -> None:
+            while queue:
+                entry = queue.pop(0)
+                try:
+                    await self._warm(FileSource(repo, commit, entry), auth)
+                except MmfsError as err:
+                    errors.append(f"{entry.path}: {err}")
+                    first.append(err)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(PREFETCH_FILES, len(entries))):
+                nursery.start_soon(worker)
+        return errors, first
+
+    async def warm_commit(self, repo: RepoRef, revision: str, old: str, new: str) -> None:
+        """Warm-on-update: a watched ref moved from ``old`` to ``new``; fetch the new
+        commit's files (those unchanged since ``old`` are already here: no upstream bytes)."""
+        manifest = await self.engine.manifest(repo, new)
+        errors, first = await self.warm_files(repo, new, list(manifest.files), None)
+        if first:
+            raise first[0].__class__(f"{len(errors)} files of {repo}@{new} could not be warmed; first: {errors[0]}")
+
     async def _warm(self, source: FileSource, auth: str | None) -> None:
         """Read a whole file through the engine (and so verify it) without keeping it."""
-        entry = source.entry
-        if entry.size == 0:
-            return
-        ahead = max(2, min(32, self.readahead_bytes // entry.chunk_size))
-        for index in range(entry.chunk_count):
-            self.engine.prefetch(source, range(index + 1, min(entry.chunk_count, index + 1 + ahead)), auth=auth)
-            await self._read_chunk(source, index, auth)
+        ahead = max(2, min(32, self.readahead_bytes // source.entry.chunk_size))
+        try:
+            await self.engine.warm(source, auth=auth, ahead=ahead)
+        except AccessDenied:
+            if not auth:
+                self.access.mark_restricted(source.repo)
+            raise
 
     def _tier_of(self, key: ChunkKey) -> str:
         """Which tier would answer ``key`` now; ``upstream`` when none holds it."""
@@ -621,6 +651,8 @@ class BackendApp:
             if not auth:
                 raise
             manifest = await self._manifest(repo, revision, auth)
+        if self.versions is not None and not is_commit(revision):
+            self.versions.watcher.touch(repo, revision)  # in use: checked once per --ref-ttl from now on
         probe = path if path and manifest.file(path) is not None else \
             (manifest.files[0].path if manifest.files else ".gitattributes")
         await self.access.check(repo, manifest.commit, probe, auth, self.engine.nursery)

@@ -6,7 +6,8 @@
         [--max-connections 1024] [--send-timeout 30] \\
         [--peer-ttl 10] [--peer-max-load 4] \\
         [--nixl [--nixl-pool 256MiB] [--nixl-lease-timeout 10]] \\
-        [--replicas URL[,URL…] [--advertise HOST:PORT]] [--shared-dir DIR [--cold-compression zstd|none]]
+        [--replicas URL[,URL…] [--advertise HOST:PORT]] [--shared-dir DIR [--cold-compression zstd|none]] \\
+        [--ref-ttl 60] [--warm-on-update auto] [--watch huggingface/<org>/<name>@<ref> ...] [--retain 3600]
 
 The upstream is the Hub at ``HF_ENDPOINT`` with ``HF_TOKEN``; ``HF_HUB_OFFLINE=1`` serves
 only what the data directory already holds. Under ``--data-dir`` (local storage: LMDB must
@@ -43,6 +44,8 @@ from mmfs.errors import CacheError, MmfsError
 from mmfs.manifest import DEFAULT_CHUNK_SIZE
 from mmfs.metadata import MetadataStore
 from mmfs.remote.base import Remote
+from mmfs.refwatch import DEFAULT_REF_TTL, RefWatcher
+from mmfs.retention import DEFAULT_GRACE, Retention
 from mmfs.remote.hub import HubRemote, hub_endpoint
 from mmfs.remote.replicas import Replica, ReplicaRemote, ReplicaSet, expand, parse_replica_urls
 from mmfs.sizes import format_size, parse_size, size_argument
@@ -57,6 +60,7 @@ from .datadir import hold_data_dir
 from .holders import HolderTable
 from .http import MAX_CONNECTIONS, SEND_TIMEOUT, HTTPServer
 from .metrics import Metrics
+from .versions import VersionRoutes
 
 log = logging.getLogger("backend_server")
 
@@ -121,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "several writers) instead of chunks/ under --data-dir")
     serve.add_argument("--cold-compression", choices=["zstd", "none"], default="none",
                        help="compress chunks at rest in --shared-dir (byte-grouped zstd; default none)")
+    serve.add_argument("--ref-ttl", type=options.seconds, default=DEFAULT_REF_TTL, metavar="SECONDS",
+                       help="how often each ref in use is checked upstream, for the whole cluster; a move "
+                            f"reaches the nodes within about this long (default {DEFAULT_REF_TTL:g})")
+    serve.add_argument("--warm-on-update", choices=["auto", "on", "off"], default="auto",
+                       help="when a watched ref moves, fetch its new commit before anyone reads it: auto "
+                            "(default) for refs CSI volumes publish and refs watched with --watch or mmfs watch; "
+                            "on: every ref in use; off: never")
+    serve.add_argument("--watch", type=options.model_ref, action="append", default=[], metavar="huggingface/<org>/<name>@<ref>",
+                       help="watch this ref (and warm its new commits) from the start, read or not; repeatable")
+    serve.add_argument("--retain", type=options.seconds_or_zero, default=DEFAULT_GRACE, metavar="SECONDS",
+                       help="how long a commit no ref points at any more, and no node pins, stays before its "
+                            f"content is reclaimed (default {DEFAULT_GRACE:g})")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -154,7 +170,7 @@ async def serve(args: argparse.Namespace) -> int:
     disk_limit = args.disk_cache or int(shutil.disk_usage(data_dir).total * 0.9)
     # Each fetch holds up to twice its chunk while the body arrives: bound them in bytes.
     fetches = args.max_upstream_fetches or max(4, min(16, (32 << 20) // args.chunk_size))
-    config = EngineConfig.from_env(max_concurrent_fetches=fetches)
+    config = EngineConfig.from_env(max_concurrent_fetches=fetches, ref_ttl=args.ref_ttl)
     hub = HubRemote(chunk_size=args.chunk_size)
     remote: Remote = hub
     if args.replicas:
@@ -195,6 +211,12 @@ async def serve(args: argparse.Namespace) -> int:
                          stream_memory=args.stream_memory, stream_wait=2 * args.send_timeout, nixl=nixl,
                          holders=HolderTable(ttl=args.peer_ttl, max_load=args.peer_max_load),
                          stats=lambda: {"connections": server.connections, "active_requests": server.active_requests})
+        watcher = RefWatcher(engine, interval=args.ref_ttl, warm_all=args.warm_on_update == "on",
+                             warmer=app.warm_commit if args.warm_on_update != "off" else None)
+        for repo, revision in args.watch:
+            watcher.watch(repo, revision, reason="--watch", warm=True, persist=False)
+        retention = Retention(engine, grace=args.retain)
+        app.versions = VersionRoutes(app, watcher, retention, warm_published=args.warm_on_update != "off")
         server = HTTPServer(app.handle, observer=lambda req, resp, sent, secs, done:
                             metrics.observe(resp.route, req.method, resp.status, sent, done),
                             max_connections=args.max_connections, send_timeout=args.send_timeout)
@@ -217,6 +239,9 @@ async def serve(args: argparse.Namespace) -> int:
             nursery.start_soon(_expire_memory, tiers[0], args.memory_ttl)
             if shared is not None:
                 nursery.start_soon(_sweep_shared, shared)
+            if not config.offline:
+                nursery.start_soon(watcher.run)
+            nursery.start_soon(retention.sweep, app.versions.pinned)
             if nixl is not None:
                 nursery.start_soon(nixl.run)
         await app.aclose()

@@ -41,8 +41,10 @@ class Metrics:
 
     def render(self, engine: EngineStatistics, *, connections: int, active_requests: int,
                nixl: PlaneStatistics | None = None, replica_fetches: int = 0, replica_bytes: int = 0,
-               holders: HolderStatistics | None = None) -> str:
-        """``replica_*``: the part of the engine's remote fetches that came from other replicas."""
+               holders: HolderStatistics | None = None,
+               versions: dict[str, float] | None = None) -> str:
+        """``replica_*``: the part of the engine's remote fetches that came from other replicas;
+        ``versions``: the versioning metrics (:data:`VERSION_METRICS`) by name."""
         out = _Writer()
         out.metric("mmfs_backend_upstream_bytes_total", "counter", "Bytes fetched from the upstream (the Hub).",
                    [({}, engine.remote_bytes - replica_bytes)])
@@ -128,11 +130,24 @@ class Metrics:
                     ({"problem": "unreachable"}, holders.reports_unreachable if holders else 0)])
         out.metric("mmfs_backend_peer_banned", "gauge", "Peers never chosen now (reported for corrupt bytes).",
                    [({}, holders.banned if holders else 0)])
+        for name, kind, help_text in VERSION_METRICS:
+            out.metric(name, kind, help_text, [({}, (versions or {}).get(name, 0))])
         out.metric("mmfs_backend_open_connections", "gauge", "Client connections open.", [({}, connections)])
         out.metric("mmfs_backend_active_requests", "gauge", "Requests being answered.", [({}, active_requests)])
         out.metric("mmfs_backend_start_time_seconds", "gauge", "Unix time the server started.",
                    [({}, self.started)])
         return out.text()
+
+
+#: The versioning metrics (:mod:`mmfs.refwatch`, :mod:`mmfs.retention`): name, type, help.
+VERSION_METRICS = (
+    ("mmfs_backend_refs_watched", "gauge", "Refs checked upstream once per --ref-ttl."),
+    ("mmfs_backend_ref_checks_total", "counter", "Upstream checks of watched refs."),
+    ("mmfs_backend_ref_moves_total", "counter", "Refs seen pointing at a new commit."),
+    ("mmfs_backend_commits_pinned", "gauge", "Commits pinned by nodes (open files, CSI volumes)."),
+    ("mmfs_backend_commits_retired", "gauge", "Commits no ref points at, unpinned, past --retain."),
+    ("mmfs_backend_gc_reclaimed_bytes_total", "counter", "Bytes of retired commits' content dropped."),
+)
 
 
 class _Writer:

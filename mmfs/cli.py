@@ -1,4 +1,4 @@
-"""The ``mmfs`` command: mount, unmount, prefetch, status.
+"""The ``mmfs`` command: mount, unmount, prefetch, status, verify, watch, gc.
 
 Errors end in a one-line message on stderr and a non-zero exit; ``--debug`` adds logs.
 """
@@ -57,6 +57,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="FUSE passthrough for files complete in the disk cache (default: auto, where the "
                             "kernel, libfuse and privileges allow it; on: like auto, but the mount fails to "
                             "start where it cannot be used)")
+    mount.add_argument("--ref-ttl", metavar="SECONDS", type=options.seconds, default=60.0,
+                       help="how often branches and tags are checked for a new commit (by the backend for the "
+                            "cluster, or here when embedded); a move shows within about this long (default: 60)")
+    mount.add_argument("--warm-on-update", action="store_true",
+                       help="when a ref moves, fetch in the background the new versions of the files this node "
+                            "held (unchanged files cost nothing)")
+    mount.add_argument("--retain", metavar="SECONDS", type=options.seconds_or_zero, default=3600.0,
+                       help="how long a commit no ref points at and nothing pins (open files, CSI volumes) stays "
+                            "before mmfs gc or the periodic sweep reclaims its content (default: 3600)")
     mount.add_argument("--peer-listen", metavar="HOST:PORT", type=options.listen_address,
                        help="share this node's verified chunks with other nodes on HOST:PORT, and read chunks "
                        "from them where the backend says so (needs --backend)")
@@ -97,6 +106,25 @@ def _parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="scrub the node's disk cache for bit rot (daemon stopped)")
     verify.add_argument("--cache-dir", metavar="DIR", help="the cache dir (default: /var/cache/mmfs)")
     verify.add_argument("--repair", action="store_true", help="drop damaged chunks (fetched again when read)")
+
+    watch = commands.add_parser("watch", help="keep a branch or tag checked for new commits, read or not",
+                                description="Watch huggingface/<org>/<name>@<ref>: through a mount (default: "
+                                "the only mmfs mount; its backend then watches it for the cluster) or a backend.")
+    watch.add_argument("model", metavar="huggingface/<org>/<name>@<ref>")
+    where = watch.add_mutually_exclusive_group()
+    where.add_argument("--mount", metavar="MOUNTPOINT")
+    where.add_argument("--backend", metavar="URL")
+    watch.add_argument("--no-warm", action="store_true",
+                       help="with --backend: do not prefetch the new commits it moves to")
+
+    gc = commands.add_parser("gc", help="reclaim the content of retired commits now",
+                             description="Drop the content only retired commits use (no ref points at them, "
+                             "nothing pins them, past --retain): in a mount's caches, or with --backend, a backend's.")
+    where = gc.add_mutually_exclusive_group()
+    where.add_argument("--mount", metavar="MOUNTPOINT")
+    where.add_argument("--backend", metavar="URL")
+    gc.add_argument("--dry-run", action="store_true", help="say what would be reclaimed, reclaim nothing")
+    gc.add_argument("--json", action="store_true", help="raw JSON")
     return parser
 
 
@@ -164,7 +192,8 @@ def _mount(args: argparse.Namespace) -> int:
         cache_dir=cache_dir, cache_size=args.cache_size, memory_cache=args.memory_cache,
         chunk_size=args.chunk_size, read_ahead=args.read_ahead, remote_timeout=args.remote_timeout,
         max_tasks=args.max_tasks, debug=args.debug, passthrough=args.passthrough, nonempty=args.nonempty,
-        peers=peers, log_file=os.path.abspath(args.log_file) if args.log_file else None)
+        peers=peers, log_file=os.path.abspath(args.log_file) if args.log_file else None,
+        ref_ttl=args.ref_ttl, warm_on_update=args.warm_on_update, retain=args.retain)
     return run(mount_options)
 
 
@@ -259,6 +288,19 @@ def format_status(status: dict[str, Any]) -> str:
     integrity = status.get("integrity", {})
     lines.append(f"integrity: {integrity.get('failures', 0)} failures, {integrity.get('files_verified', 0)} files "
                  "verified")
+    versions = status.get("versions")
+    if versions:
+        updates = versions.get("updates", {})
+        how = (f"from {updates['backend']} ({'connected' if updates.get('connected') else 'unreachable: ' + str(updates.get('last_error'))})"
+               if "backend" in updates else f"checked upstream every {updates.get('interval_s', 0):g} s")
+        retention = versions.get("retention", {})
+        lines.append(f"versions: refs {how}; {len(versions.get('moves', []))} moves recorded; "
+                     f"{len(retention.get('pinned', []))} pinned, {len(retention.get('in_grace', []))} in grace, "
+                     f"{len(retention.get('retired', []))} retired commits")
+        for move in versions.get("moves", [])[-5:]:
+            lines.append(f"  {move['ref']}: {move['from'][:12]} -> {move['to'][:12]} (by {move['detected_by']})")
+        for ref in versions.get("gone_upstream", []):
+            lines.append(f"  {ref}: gone upstream, serving its last known commit")
     passthrough = status.get("passthrough")
     if passthrough is not None:
         state = "on" if passthrough.get("enabled") else f"off ({passthrough.get('off_reason')})"
@@ -318,11 +360,77 @@ def _verify(args: argparse.Namespace) -> int:
     return EXIT_ERROR if report.damaged and not args.repair else 0
 
 
+def _watch(args: argparse.Namespace) -> int:
+    from .refwatch import parse_ref_key
+    from .warm import find_mount
+
+    repo, revision = parse_ref_key(args.model)
+    if args.backend:
+        from urllib.parse import quote
+
+        url = f"{args.backend.rstrip('/')}/v1/watch/{repo}/{quote(revision, safe='')}" + ("?warm=0" if args.no_warm else "")
+        answer = _post(url)
+        print(f"{answer['ref']} -> {answer['commit']}: watched by {args.backend}, checked every "
+              f"{answer['interval_s']:g} s" + (", new commits warmed" if answer["warm"] else ""))
+        return 0
+    mountpoint = find_mount(args.mount)
+    path = os.path.join(mountpoint, str(repo), revision)
+    try:
+        target = os.readlink(path)  # resolving it makes the ref known, hence watched
+    except OSError as exc:
+        raise MmfsError(f"cannot watch {args.model}: {path}: {exc.strerror}") from None
+    print(f"{repo}@{revision} -> {os.path.basename(target)}: watched through {mountpoint}")
+    return 0
+
+
+def _post(url: str) -> dict[str, Any]:
+    """POST to a backend; its error message (or why it cannot be reached) as an MmfsError."""
+    import httpx
+
+    try:
+        response = httpx.post(url, timeout=600)
+    except httpx.HTTPError as exc:
+        raise MmfsError(f"cannot reach {url.split('/v1/')[0]}: {exc}") from None
+    if response.status_code >= 400:
+        try:
+            message = response.json().get("error", response.text)
+        except ValueError:
+            message = response.text[:200]
+        raise MmfsError(f"{response.status_code}: {message}")
+    return response.json()
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from .retention import GcReport
+    from .vfs import CONTROL_DIR
+    from .warm import find_mount
+
+    if args.backend:
+        report = _post(f"{args.backend.rstrip('/')}/v1/gc" + ("?dry_run=1" if args.dry_run else ""))
+        where = args.backend
+    else:
+        mountpoint = find_mount(args.mount)
+        path = os.path.join(mountpoint, CONTROL_DIR, "gc-dry-run.json" if args.dry_run else "gc.json")
+        try:
+            with open(path, "rb") as f:
+                report = json.loads(f.read())
+        except OSError as exc:
+            raise MmfsError(f"cannot read {path}: {exc.strerror} (is {mountpoint} an mmfs mount?)") from None
+        where = mountpoint
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(f"mmfs gc ({where}): {GcReport(**report).line()}")
+        for commit in report["retired"]:
+            print(f"  retired {commit}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for --daemon, which runs the same command
     handler = {"mount": _mount, "unmount": _unmount, "umount": _unmount, "prefetch": _prefetch,
-               "status": _status, "verify": _verify}[args.command]
+               "status": _status, "verify": _verify, "watch": _watch, "gc": _gc}[args.command]
     try:
         return handler(args)
     except MmfsError as exc:

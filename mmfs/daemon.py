@@ -7,6 +7,13 @@
              see choose_transport; wrapped in PeeringRemote with --peer-listen, which
              also runs a PeerServer: node-to-node sharing, mmfs/remote/peer.py)
 
+Versions: with a backend, a :class:`~mmfs.refwatch.RefFollower` long-polls it for moves
+of the refs this node holds; embedded, a :class:`~mmfs.refwatch.RefWatcher` checks them
+upstream itself; either flips the branch symlinks within ``--ref-ttl`` and, with
+``--warm-on-update``, warms what changed. :class:`~mmfs.retention.Retention` keeps the
+commits refs point at, those pinned (open files, CSI bind mounts of a commit directory)
+and those within ``--retain`` of that, and reclaims the rest (``mmfs gc``).
+
 Life cycle: open the caches (a cache dir that cannot be opened is logged and the daemon
 runs with the memory tier only: status shows the disk tier missing), clear a dead
 mount left by a killed daemon, mount, raise the mount's readahead, print the ready line,
@@ -36,11 +43,15 @@ from .errors import CacheError, MmfsError
 from .fuse_ops import Operations
 from .manifest import DEFAULT_CHUNK_SIZE
 from .metadata import MetadataStore
+from .manifest import FileEntry
+from .names import RepoRef, is_commit
 from .peer_server import PeerOptions, PeerServer
 from .prefetch import ReadAheadConfig
+from .refwatch import DEFAULT_REF_TTL, RefFollower, RefWatcher
+from .retention import DEFAULT_GRACE, Retention
 from .remote._http import RetryPolicy
 from .remote.backend import BackendRemote
-from .remote.base import Remote
+from .remote.base import FileSource, Remote
 from .remote.hub import HubRemote
 from .remote.replicas import ReplicaRemote, ReplicaSet, expand, parse_replica_urls
 from .remote.peer import PeeringRemote
@@ -90,6 +101,13 @@ class MountOptions:
     peers: PeerOptions | None = None
     #: Where the logs go (``--log-file``, ``--daemon``); ``None``: stderr. Shown by ``mmfs status``.
     log_file: str | None = None
+    #: Seconds between checks of a branch or tag: a move shows on the mount within about this.
+    ref_ttl: float = DEFAULT_REF_TTL
+    #: When a ref moves, fetch in the background the new versions of the files this node
+    #: held of the old commit (unchanged files are shared: nothing to fetch).
+    warm_on_update: bool = False
+    #: Seconds a commit stays after no ref points at it and nothing pins it (retention.py).
+    retain: float = DEFAULT_GRACE
     debug: bool = False
 
 
@@ -217,11 +235,44 @@ def make_engine(options: MountOptions, problems: list[str] | None = None,
     # a reader waiting for a file's end sees progress before that bound runs out.
     config = EngineConfig.from_env(max_concurrent_fetches=options.max_fetches,
                                    map_wait=max(0.5, min(10.0, options.remote_timeout / 4)),
-                                   stall_timeout=options.remote_timeout)
+                                   stall_timeout=options.remote_timeout, ref_ttl=options.ref_ttl)
     engine = FetchEngine(tiers, make_remote(options, transport), metadata, config)
     if isinstance(engine.remote, PeeringRemote):
         engine.remote.attach(engine.known_map, engine.chunk_map)
     return engine
+
+
+def published_commits(mountpoint: str) -> set[tuple[RepoRef, str]]:
+    """Commits whose directory (or a folder in it) is bind-mounted from this mount: what
+    CSI volumes publish (csi_driver binds ``<provider>/<org>/<name>/<commit>[/<subPath>]``)."""
+    found = set()
+    try:
+        ours = mountutil.mount_at(mountpoint)
+        binds = mountutil.mmfs_mounts()
+    except OSError:
+        return found
+    for info in binds:
+        parts = info.root.strip("/").split("/")
+        if ours is not None and info.device == ours.device and len(parts) >= 4 and is_commit(parts[3]):
+            found.add((RepoRef(*parts[:3]), parts[3]))
+    return found
+
+
+async def warm_changed(engine: FetchEngine, repo: RepoRef, revision: str, old: str, new: str) -> None:
+    """Node warm-on-update: the new commit's versions of the files this node held (any
+    chunk in a tier) of the old commit; unchanged files share content, so they cost nothing."""
+    before = await engine.manifest(repo, old)
+    after = await engine.manifest(repo, new)
+    held: list[FileEntry] = []
+    for entry in after.files:
+        previous = before.file(entry.path)
+        if previous is None or previous.content_id == entry.content_id or previous.chunk_count == 0:
+            continue
+        if any(tier.contains(previous.chunk_key(i)) for tier in engine.tiers for i in range(previous.chunk_count)):
+            held.append(entry)
+    for entry in held:
+        await engine.warm(FileSource(repo, new, entry))
+    log.info("%s@%s: warmed %d changed files of %s", repo, revision, len(held), new)
 
 
 def mode_text(options: MountOptions, transport: TransportChoice | None = None) -> str:
@@ -290,10 +341,40 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
         except OSError as exc:
             raise MmfsError(f"cannot listen on --peer-listen {options.peers.host}:{options.peers.port}: "
                             f"{exc.strerror or exc}") from exc
+    retention = Retention(engine, grace=options.retain, on_reclaim=lambda content_id: vfs.drop_pages(content_id))
+    follower: RefFollower | None = None
+    watcher: RefWatcher | None = None
+
+    def pinned() -> set[tuple[RepoRef, str]]:
+        return vfs.open_commits() | published_commits(mountpoint)
+
+    async def gc(dry_run: bool) -> dict[str, Any]:
+        return (await retention.collect(pinned(), dry_run=dry_run)).to_json()
+
+    def versions() -> dict[str, Any]:
+        refs = follower.status() if follower is not None else watcher.status() if watcher is not None else {}
+        history = engine.metadata.ref_history(limit=20) if engine.metadata is not None else []
+        return {"ref_ttl_s": options.ref_ttl, "warm_on_update": options.warm_on_update, "updates": refs,
+                "moves": [{"ref": m.ref, "from": m.from_commit, "to": m.to_commit, "at": m.at,
+                           "detected_by": m.detected_by} for m in history],
+                "gone_upstream": sorted(f"{repo}@{rev}" for repo, rev in engine.gone),
+                "retention": retention.status(pinned())}
+
     async with engine:
         if peer_server is not None:
             await engine.nursery.start(peer_server.run, peer_listeners)
-        vfs = Vfs(engine, config, describe=describe)
+        warmer = (lambda *args: warm_changed(engine, *args)) if options.warm_on_update else None
+        if options.backend:
+            follower = RefFollower(engine, parse_replica_urls(options.backend),
+                                   wait=min(30.0, max(options.ref_ttl, 5.0)),
+                                   name=f"{engine.config.holder}:{mountpoint}",
+                                   pinned=lambda: [f"{r}@{c}" for r, c in pinned()],
+                                   published=lambda: published_refs(engine, published_commits(mountpoint)),
+                                   warmer=warmer)
+        elif not engine.config.offline:
+            watcher = RefWatcher(engine, interval=options.ref_ttl, warm_all=True, warmer=warmer)
+        vfs = Vfs(engine, config, describe=lambda: {**describe(), "versions": versions()},
+                  controls={"gc.json": lambda: gc(False), "gc-dry-run.json": lambda: gc(True)})
         operations = Operations(vfs, passthrough=options.passthrough != "off")
         if options.passthrough == "on" and operations.passthrough_why_not is not None:
             raise MmfsError(f"--passthrough on: FUSE passthrough cannot be used: {operations.passthrough_why_not}")
@@ -329,6 +410,11 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
 
                 await nursery.start(watch_signals)
                 nursery.start_soon(announce_when_tuned)
+                if follower is not None:
+                    nursery.start_soon(follower.run)
+                if watcher is not None:
+                    nursery.start_soon(watch_known_refs, watcher)
+                nursery.start_soon(retention.sweep, pinned)
                 await pyfuse3.main(min_tasks=4, max_tasks=options.max_tasks)
                 unmounted = True
                 nursery.cancel_scope.cancel()
@@ -337,6 +423,28 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
             log.info("unmounted %s%s", mountpoint, "" if unmounted else " after an error")
         if failure and failure[0] is not None:
             raise MmfsError(f"--passthrough on: FUSE passthrough cannot be used: {failure[0]}")
+
+
+def published_refs(engine: FetchEngine, commits: set[tuple[RepoRef, str]]) -> list[str]:
+    """Refs of the repos CSI volumes publish commits of (a volume is made from a ref): the
+    backend warms their new commits by default."""
+    repos = {repo for repo, _ in commits}
+    refs = engine.metadata.refs() if engine.metadata is not None else {}
+    return [key for key in refs if any(key.startswith(f"{repo}@") for repo in repos)]
+
+
+async def watch_known_refs(watcher: RefWatcher) -> None:
+    """Embedded: every ref this node has resolved is checked upstream each ``--ref-ttl``."""
+    engine = watcher.engine
+    while True:
+        started = trio.current_time()
+        for key in engine.metadata.refs() if engine.metadata is not None else {}:
+            repo_text, _, revision = key.partition("@")
+            parts = repo_text.split("/")
+            if len(parts) == 3 and not is_commit(revision):
+                watcher.touch(RepoRef(*parts), revision)
+        await watcher.check_all()
+        await trio.sleep_until(started + watcher.interval)
 
 
 def passthrough_required(vfs: Vfs, engine: FetchEngine) -> str | None:

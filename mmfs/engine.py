@@ -43,7 +43,7 @@ from .budget import ByteBudget
 from .chunkmap import ChunkMap, block_digests, map_key
 from .errors import CacheError, IntegrityError, MmfsError, NotFound, UpstreamError, first_error
 from .manifest import ChunkKey, FileEntry, Manifest
-from .metadata import MetadataStore
+from .metadata import MetadataStore, RefMove
 from .names import RepoRef, is_commit
 from .remote.base import FetchedChunk, FileSource, Remote
 from .singleflight import SingleFlight
@@ -161,6 +161,12 @@ class FetchEngine:
         self._chunk_flights: SingleFlight[ChunkKey, Chunk] = SingleFlight()
         self._meta_flights: SingleFlight[tuple, object] = SingleFlight()
         self._refs: dict[tuple[RepoRef, str], tuple[str, float]] = {}
+        #: Refs a watcher (:mod:`mmfs.refwatch`) checks every ``ref_ttl``: a reader trusts
+        #: their commit for two TTLs, so readers do not add upstream checks of their own.
+        self.watched: set[tuple[RepoRef, str]] = set()
+        #: Refs whose revision the remote no longer knows: served at their last commit.
+        self.gone: set[tuple[RepoRef, str]] = set()
+        self._ref_listeners: list[Callable[[RefMove], None]] = []
         self._manifests: dict[tuple[RepoRef, str], Manifest] = {}
         self._file_hashes: OrderedDict[str, _FileHash] = OrderedDict()  # map key -> running hash
         self._maps: OrderedDict[str, ChunkMap] = OrderedDict()  # map key -> map (LRU by bytes)
@@ -244,13 +250,26 @@ class FetchEngine:
         if is_commit(revision):
             return revision
         cached = self._refs.get((repo, revision))
-        if cached and time.monotonic() - cached[1] < self.config.ref_ttl:
+        ttl = self.config.ref_ttl * (2 if (repo, revision) in self.watched else 1)
+        if cached and time.monotonic() - cached[1] < ttl:
             return cached[0]
+        return await self.check_ref(repo, revision, auth=auth)
+
+    async def check_ref(self, repo: RepoRef, revision: str, *, auth: str | None = None) -> str:
+        """Ask the remote where ``revision`` points now (one request however many ask at
+        once), note a move, and return the commit.
+
+        When the remote cannot be reached (or in offline mode) the last commit the metadata
+        DB remembers is used, so warm nodes keep working without a backend; so is it, with
+        a warning, when the remote no longer knows the revision (a branch or PR deleted
+        upstream). A revision never resolved here and unknown upstream is :class:`NotFound`."""
         remembered = self.metadata.get_ref(repo, revision) if self.metadata else None
+        known = self._refs.get((repo, revision))
+        last = known[0] if known else remembered.commit if remembered else None
         if self.config.offline:
-            if remembered is None:
+            if last is None:
                 raise NotFound(f"{repo}@{revision} is not in the local cache and HF_HUB_OFFLINE is set")
-            return remembered.commit
+            return last
 
         async def ask_remote() -> str:
             return await self.remote.resolve(repo, revision, auth=auth)
@@ -258,23 +277,58 @@ class FetchEngine:
         try:
             commit = await self._meta_flights.run(("resolve", repo, revision, _auth_id(auth)), ask_remote,
                                                  self.nursery)
-        except NotFound:
-            raise
         except MmfsError as exc:
-            if remembered is None:
+            if last is None or not isinstance(exc, (NotFound, UpstreamError)):
                 raise
-            log.warning("cannot resolve %s@%s (%s); using last known commit %s", repo, revision, exc,
-                        remembered.commit)
+            if isinstance(exc, NotFound):
+                if (repo, revision) not in self.gone:
+                    log.warning("%s@%s is gone upstream (%s); serving its last known commit %s", repo, revision,
+                                exc, last)
+                self.gone.add((repo, revision))
+            else:
+                log.warning("cannot resolve %s@%s (%s); using last known commit %s", repo, revision, exc, last)
             # Trust it for a TTL too: readers must not wait out the retries on every lookup.
-            self._refs[(repo, revision)] = (remembered.commit, time.monotonic())
-            return remembered.commit
+            self._refs[(repo, revision)] = (last, time.monotonic())
+            return last
         assert isinstance(commit, str)
-        self._refs[(repo, revision)] = (commit, time.monotonic())
-        if self.metadata and (remembered is None or remembered.commit != commit):
-            if remembered is not None:
-                log.info("%s@%s moved from %s to %s", repo, revision, remembered.commit, commit)
-            await trio.to_thread.run_sync(self.metadata.put_ref, repo, revision, commit)
+        self.gone.discard((repo, revision))
+        await self.note_ref(repo, revision, commit, detected_by=self.config.holder)
         return commit
+
+    async def note_ref(self, repo: RepoRef, revision: str, commit: str, *, detected_by: str) -> None:
+        """``revision`` points at ``commit`` now (asked here, or told by the backend): readers
+        see it at once; a move is recorded in the metadata DB and told to listeners."""
+        known = self._refs.get((repo, revision))
+        self._refs[(repo, revision)] = (commit, time.monotonic())
+        remembered = self.metadata.get_ref(repo, revision) if self.metadata else None
+        last = remembered.commit if remembered else known[0] if known else None
+        if last == commit:
+            return
+        if self.metadata:
+            await trio.to_thread.run_sync(self.metadata.put_ref, repo, revision, commit)
+        if last is None:
+            return
+        move = RefMove(f"{repo}@{revision}", last, commit, time.time(), detected_by)
+        log.info("%s@%s moved from %s to %s (detected by %s)", repo, revision, last, commit, detected_by)
+        if self.metadata:
+            await trio.to_thread.run_sync(self.metadata.record_move, move)
+        for listener in self._ref_listeners:
+            try:
+                listener(move)
+            except Exception:  # noqa: BLE001 - a listener's bug must not stop resolution
+                log.exception("ref listener failed for %s", move.ref)
+
+    def add_ref_listener(self, listener: Callable[[RefMove], None]) -> None:
+        """Call ``listener(move)`` whenever a ref is seen pointing at a new commit."""
+        self._ref_listeners.append(listener)
+
+    def known_ref(self, repo: RepoRef, revision: str) -> str | None:
+        """The commit ``revision`` points at as far as this process knows (no remote call)."""
+        known = self._refs.get((repo, revision))
+        if known:
+            return known[0]
+        remembered = self.metadata.get_ref(repo, revision) if self.metadata else None
+        return remembered.commit if remembered else None
 
     async def manifest(self, repo: RepoRef, revision: str, *, auth: str | None = None) -> Manifest:
         """The manifest of the commit ``revision`` resolves to (cached for good per commit)."""
@@ -427,6 +481,14 @@ class FetchEngine:
     def held_keys(self) -> set[ChunkKey]:
         """The verified chunks the tiers hold now (no I/O): what this node can share."""
         return set().union(*(tier.verified_keys() for tier in self.tiers))
+
+    async def warm(self, source: FileSource, *, auth: str | None = None, ahead: int = 8) -> None:
+        """Read a whole file into the tiers (fetching, and so verifying, what is missing)
+        with ``ahead`` chunks in flight, keeping none of it for a reader."""
+        entry = source.entry
+        for index in range(entry.chunk_count):
+            self.prefetch(source, range(index + 1, min(entry.chunk_count, index + 1 + ahead)), auth=auth)
+            await self.read_chunk(source, index, auth=auth)
 
     def prefetch(self, source: FileSource, indices: range, *, auth: str | None = None) -> None:
         """Start fetching chunks in the background; errors surface when they are read."""

@@ -1,11 +1,15 @@
 """What mmfs knows about repos and files, kept in LMDB so it survives restarts.
 
-Four tables:
+Six tables:
 
 * ``refs``: ``provider/org/name@revision`` -> the commit it resolved to and when. A branch
   is re-resolved after a short TTL; when the upstream is unreachable (or
   ``HF_HUB_OFFLINE=1``) the last known commit is used, so a node whose caches are warm
   keeps working with the backend and the Hub gone.
+* ``ref_history``: ``provider/org/name@revision\0<time>`` -> one move of a ref: from
+  which commit to which, when, and who detected it (:class:`RefMove`).
+* ``watched``: ``provider/org/name@revision`` -> why the ref is watched while nobody reads
+  it (``mmfs watch``, a CSI volume) and whether its new commits are warmed (:mod:`mmfs.refwatch`).
 * ``manifests``: ``provider/org/name@commit`` -> the commit's manifest (immutable).
 * ``maps``: ``<content id>:<chunk size>`` -> the file's chunk map (:mod:`mmfs.chunkmap`),
   recorded once the whole file matched its upstream hash (here or, fetched, at the
@@ -67,6 +71,28 @@ class RefRecord:
     resolved_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class RefMove:
+    """A ref seen pointing somewhere new: ``detected_by`` is the holder (pod or host) that
+    asked the upstream, or ``backend`` when a node learnt it from its backend."""
+
+    ref: str  # provider/org/name@revision
+    from_commit: str
+    to_commit: str
+    at: float
+    detected_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class WatchRecord:
+    """A ref watched for moves even while nobody reads it."""
+
+    ref: str
+    since: float
+    warm: bool = False
+    reason: str = ""
+
+
 class MetadataStore:
     """Small LMDB database of refs, manifests and file records. Calls are short and local."""
 
@@ -88,11 +114,13 @@ class MetadataStore:
 
     def _open(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        self._env = lmdb.open(str(path), map_size=_INITIAL_MAP_SIZE, max_dbs=4, sync=False, metasync=False)
+        self._env = lmdb.open(str(path), map_size=_INITIAL_MAP_SIZE, max_dbs=6, sync=False, metasync=False)
         self._refs = self._env.open_db(b"refs")
         self._manifests = self._env.open_db(b"manifests")
         self._files = self._env.open_db(b"files")
         self._maps = self._env.open_db(b"maps")
+        self._history = self._env.open_db(b"ref_history")
+        self._watched = self._env.open_db(b"watched")
         with self._env.begin() as txn:  # a file that is not LMDB fails here, not on first use
             txn.stat(self._files)
 
@@ -127,6 +155,32 @@ class MetadataStore:
     def put_ref(self, repo: RepoRef, revision: str, commit: str) -> None:
         record = RefRecord(commit, time.time())
         self._put(self._refs, self._repo_key(repo, revision), json.dumps(asdict(record)).encode())
+
+    def record_move(self, move: RefMove) -> None:
+        key = f"{move.ref}\0{move.at:017.6f}".encode()
+        self._put(self._history, key, json.dumps(asdict(move)).encode())
+
+    def ref_history(self, ref: str | None = None, limit: int = 100) -> list[RefMove]:
+        """Moves of ``ref`` (all refs: ``None``), oldest first, the last ``limit`` of them."""
+        prefix = f"{ref}\0".encode() if ref else b""
+        found = []
+        with self._env.begin(db=self._history) as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(prefix):
+                for key, value in cursor:
+                    if not key.startswith(prefix):
+                        break
+                    found.append(_decode(RefMove, value))
+        moves = [m for m in found if m is not None]
+        return sorted(moves, key=lambda m: m.at)[-limit:]
+
+    def put_watch(self, record: WatchRecord) -> None:
+        self._put(self._watched, record.ref.encode(), json.dumps(asdict(record)).encode())
+
+    def watched(self) -> list[WatchRecord]:
+        with self._env.begin(db=self._watched) as txn:
+            found = [_decode(WatchRecord, v) for _, v in txn.cursor()]
+        return [record for record in found if record is not None]
 
     def refs(self) -> dict[str, RefRecord]:
         """Every ``provider/org/name@revision`` known, for ``mmfs status``."""

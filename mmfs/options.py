@@ -105,6 +105,28 @@ def seconds(text: str) -> float:
     return value
 
 
+def seconds_or_zero(text: str) -> float:
+    """A finite number of seconds, 0 included (``--retain 0``: at once)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise OptionError(f"invalid number of seconds {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise OptionError(f"seconds must be 0 or more, not {text!r}")
+    return value
+
+
+def model_ref(text: str) -> tuple:
+    """``huggingface/<org>/<name>@<ref>`` as ``(RepoRef, revision)``."""
+    from .errors import InvalidName
+    from .refwatch import parse_ref_key
+
+    try:
+        return parse_ref_key(text)
+    except InvalidName as exc:
+        raise OptionError(str(exc)) from None
+
+
 def http_url(text: str) -> str:
     """An ``http://`` or ``https://`` URL with a host (and a valid port, if any), returned
     without a trailing slash. ``127.0.0.1:3000`` (no scheme) and ``htp:/x`` are refused here

@@ -4,12 +4,19 @@ The namespace, looked up lazily::
 
     /                                   root
     ├── .mmfs/status.json               daemon state as JSON, regenerated on each open
+    ├── .mmfs/gc.json, gc-dry-run.json  ``mmfs gc``: opening one runs it (retention.py)
     └── huggingface/                    provider (and huggingface-datasets/: mmfs.names.PROVIDERS)
         └── <org>/                      any valid org name (listing: what is known locally)
             └── <name>/                 a repo: exists once the remote (or the DB) knows it
                 ├── main -> <commit>    branch or tag: a relative symlink, short timeouts
+                ├── refs/pr/1 -> ../../<commit>   revisions with slashes, as nested folders
                 └── <commit>/           immutable: long timeouts, kernel page cache kept
                     └── <path…>         files 0444, folders 0555, sizes from the manifest
+
+A ref's symlink names the commit the engine knows now: when the ref moves (a reader's
+re-resolution after ``ref_ttl``, or a move pushed by :mod:`mmfs.refwatch`), the next
+``readlink`` names the new commit — the flip is that one change, so no directory ever
+mixes two commits, and files already open keep reading theirs.
 
 Looking up, listing and ``stat`` need only the manifest, never file content. Inodes are
 numbered as entries are first seen, keyed by (parent inode, name), and never reused.
@@ -42,7 +49,7 @@ import stat
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 
@@ -120,7 +127,8 @@ class Kind(Enum):
     DIR = "dir"  # folder inside a commit
     FILE = "file"
     CONTROL = "control"  # .mmfs
-    STATUS = "status"  # .mmfs/status.json
+    STATUS = "status"  # .mmfs/status.json and the other control files
+    REFS = "refs"  # <repo>/refs and <repo>/refs/<kind>: folders of revisions with slashes
 
     @property
     def is_dir(self) -> bool:
@@ -287,10 +295,14 @@ class Vfs:
     """The filesystem over a :class:`~mmfs.engine.FetchEngine` (used inside its ``async with``)."""
 
     def __init__(self, engine: FetchEngine, config: VfsConfig = VfsConfig(), *,
-                 describe: Callable[[], dict[str, Any]] | None = None) -> None:
+                 describe: Callable[[], dict[str, Any]] | None = None,
+                 controls: dict[str, Callable[[], Awaitable[dict[str, Any]]]] | None = None) -> None:
         self.engine = engine
         self.config = config
         self._describe = describe or (lambda: {})
+        #: ``.mmfs/<name>`` files beside status.json whose opening runs an action and
+        #: shows its JSON result (``mmfs gc``).
+        self._controls = controls or {}
         self._nodes: dict[int, Node] = {}
         self._by_name: dict[tuple[int, str], int] = {}
         #: Provisional org inodes, least recently used first -> the kernel's lookup count.
@@ -480,7 +492,7 @@ class Vfs:
                 return self._child(parent, name, Kind.CONTROL)
             raise NotFound(f"no provider {name!r}")
         if kind is Kind.CONTROL:
-            if name == STATUS_FILE:
+            if name == STATUS_FILE or name in self._controls:
                 return self._child(parent, name, Kind.STATUS)
             raise NotFound(name)
         if kind is Kind.PROVIDER:
@@ -494,15 +506,19 @@ class Vfs:
                 # Dropped while the remote answered: the kernel looks the org up afresh.
                 raise StaleInode(f"organisation {parent.org!r} was forgotten meanwhile")
             return self._child(parent, name, Kind.REPO, repo=repo)
-        if kind is Kind.REPO:
+        if kind in (Kind.REPO, Kind.REFS):
             assert parent.repo is not None
-            _valid(check_revision, name, "revision")
-            if is_commit(name):
+            revision = _join(parent.path, name)
+            _valid(check_revision, revision, "revision")
+            if kind is Kind.REPO and is_commit(name):
                 await self._tree(parent.repo, name)
                 return self._child(parent, name, Kind.COMMIT, commit=name)
-            commit = await self._resolve(parent.repo, name)
+            if revision == "refs" or (kind is Kind.REFS and "/" not in parent.path):
+                # refs/, refs/pr/, refs/convert/: folders; the revision is refs/<kind>/<name>
+                return self._child(parent, name, Kind.REFS, path=revision)
+            commit = await self._resolve(parent.repo, revision)
             await self._tree(parent.repo, commit)
-            return self._child(parent, name, Kind.REF, path=name)
+            return self._child(parent, name, Kind.REF, path=revision)
         if kind in (Kind.COMMIT, Kind.DIR):
             assert parent.repo is not None
             tree = await self._tree(parent.repo, parent.commit)
@@ -561,7 +577,8 @@ class Vfs:
         if node.kind is not Kind.REF:
             raise NotALink(f"{self.path_of(node)} is not a symbolic link")
         assert node.repo is not None
-        return await self._resolve(node.repo, node.path)
+        commit = await self._resolve(node.repo, node.path)
+        return "../" * node.path.count("/") + commit  # relative: refs/pr/1 -> ../../<commit>
 
     # -- directories --------------------------------------------------------------------
 
@@ -576,8 +593,8 @@ class Vfs:
             names = [(p, Kind.PROVIDER, {"provider": p}) for p in PROVIDERS]
             names.append((CONTROL_DIR, Kind.CONTROL, {}))
         elif kind is Kind.CONTROL:
-            names = [(STATUS_FILE, Kind.STATUS, {})]
-        elif kind in (Kind.PROVIDER, Kind.ORG, Kind.REPO):
+            names = [(n, Kind.STATUS, {}) for n in (STATUS_FILE, *sorted(self._controls))]
+        elif kind in (Kind.PROVIDER, Kind.ORG, Kind.REPO, Kind.REFS):
             refs, commits = self._known()
             repos = sorted(set(refs) | set(commits), key=str)
             if kind is Kind.PROVIDER:
@@ -588,11 +605,20 @@ class Vfs:
                 names = [(n, Kind.REPO, {"repo": RepoRef(node.provider, node.org, n)}) for n in found]
             else:
                 assert node.repo is not None
+                prefix = f"{node.path}/" if kind is Kind.REFS else ""
+                below: set[str] = set()
                 for revision in sorted(refs.get(node.repo, {})):
-                    if "/" not in revision and not is_commit(revision):
-                        names.append((revision, Kind.REF, {"path": revision}))
-                for commit in sorted(commits.get(node.repo, set())):
-                    names.append((commit, Kind.COMMIT, {"commit": commit}))
+                    if is_commit(revision) or not revision.startswith(prefix):
+                        continue
+                    rest = revision[len(prefix):]
+                    if "/" not in rest and (kind is Kind.REPO or prefix.count("/") == 2):
+                        names.append((rest, Kind.REF, {"path": revision}))
+                    elif "/" in rest and (kind is Kind.REFS or rest.startswith("refs/")):
+                        below.add(rest.split("/", 1)[0])
+                names += [(b, Kind.REFS, {"path": prefix + b}) for b in sorted(below)]
+                if kind is Kind.REPO:
+                    for commit in sorted(commits.get(node.repo, set())):
+                        names.append((commit, Kind.COMMIT, {"commit": commit}))
         else:
             assert node.repo is not None
             tree = await self._tree(node.repo, node.commit)
@@ -615,7 +641,9 @@ class Vfs:
         handle = self._next_handle
         self._next_handle += 1
         if node.kind is Kind.STATUS:
-            data = (json.dumps(self.status(), indent=2, sort_keys=True) + "\n").encode()
+            action = self._controls.get(node.name)
+            result = await action() if action is not None else self.status()
+            data = (json.dumps(result, indent=2, sort_keys=True) + "\n").encode()
             self._handles[handle] = _Handle(node, data=data)
             return OpenFile(handle, keep_cache=False, direct_io=True)
         if node.kind is not Kind.FILE:
@@ -802,6 +830,12 @@ class Vfs:
                 self._page_records[inode] = Served()  # handles open now keep the old record
             self.invalidate(inode)
 
+    def drop_pages(self, content_id: str) -> None:
+        """The caches let go of ``content_id`` (gc): so does the kernel's page cache of
+        every inode showing it, so the memory is really handed back."""
+        for inode in self._by_content.get(content_id, ()):
+            self.invalidate(inode)
+
     def _page_record(self, inode: int) -> Served:
         record = self._page_records.get(inode)
         if record is None:
@@ -823,6 +857,11 @@ class Vfs:
                              len(self._handles), len(self._nodes), len(self._provisional), self._ra_requested,
                              self._ra_resets + open_resets, self._passthrough_opens, dict(self._lazy_opens),
                              self._passthrough_reads, self._file_reads)
+
+    def open_commits(self) -> set[tuple[RepoRef, str]]:
+        """Commits with a file open now: pinned (their content must stay while read)."""
+        return {(h.node.repo, h.node.commit) for h in self._handles.values()
+                if h.node.kind is Kind.FILE and h.node.repo is not None}
 
     def passthrough_status(self) -> dict[str, Any]:
         """The passthrough part of status: mode, opens each way, files open each way."""

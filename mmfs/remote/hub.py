@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any, Mapping
 from urllib.parse import quote
 
 from ..errors import AccessDenied, InvalidName, NotFound, RevisionNotFound, UpstreamError
@@ -45,6 +46,22 @@ def api_path(repo: RepoRef) -> str:
     """The repo's path on the Hub's API routes: ``models/org/name``, ``datasets/org/name``."""
     return f"{repo.hub_repo_type}s/{repo.repo_id}"
 
+def refs_json(refs: Mapping[str, str], include_prs: bool) -> dict[str, Any]:
+    """``GET /api/models/<repo>/refs`` as the Hub shapes it."""
+    found: dict[str, list[dict[str, str]]] = {"branches": [], "converts": [], "tags": []}
+    if include_prs:
+        found["pullRequests"] = []
+    for name, commit in sorted(refs.items()):
+        if name.startswith("refs/pr/"):
+            if include_prs:
+                found["pullRequests"].append({"name": name, "ref": name, "targetCommit": commit})
+        elif name.startswith("refs/convert/"):
+            found["converts"].append({"name": name.removeprefix("refs/convert/"), "ref": name, "targetCommit": commit})
+        else:
+            found["branches"].append({"name": name, "ref": f"refs/heads/{name}", "targetCommit": commit})
+    return found
+
+
 
 class HubRemote(Remote):
     def __init__(self, endpoint: str | None = None, token: str | None = None, *,
@@ -65,8 +82,9 @@ class HubRemote(Remote):
 
     async def _revision_info(self, repo: RepoRef, revision: str, auth: str | None, blobs: bool) -> dict:
         url = f"{self.url}/api/{api_path(repo)}/revision/{quote(revision, safe='')}"
-        if blobs:
-            url += "?blobs=true"
+        # Resolving asks for the commit alone (the Hub's ``expand``: a few bytes, however
+        # many files the repo has); listing asks for every file with its hashes.
+        url += "?blobs=true" if blobs else "?expand=sha"
         try:
             response = await request(self._client, self._policy, "GET", url, headers=self._headers(auth))
         except (NotFound, AccessDenied) as exc:
@@ -124,6 +142,19 @@ class HubRemote(Remote):
             etag=response.headers.get("ETag", ""),
             last_modified=response.headers.get("Last-Modified", ""),
         )
+
+    async def list_refs(self, repo: RepoRef, *, include_prs: bool = False, auth: str | None = None) -> dict[str, Any]:
+        """The Hub's ``list_repo_refs`` answer for ``repo`` (``branches``, ``tags``, ``converts``
+        and, with ``include_prs``, ``pullRequests``), checked for shape."""
+        url = f"{self.url}/api/{api_path(repo)}/refs" + ("?include_prs=1" if include_prs else "")
+        response = await request(self._client, self._policy, "GET", url, headers=self._headers(auth))
+        try:
+            answer = response.json()
+            if not all(isinstance(answer.get(k), list) for k in ("branches", "tags", "converts")):
+                raise ValueError("branches, tags or converts missing")
+        except (ValueError, AttributeError) as exc:
+            raise UpstreamError(f"{self.url} sent an unusable ref listing for {repo}: {exc}") from exc
+        return answer
 
     @property
     def received_bytes(self) -> int:

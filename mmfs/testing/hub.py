@@ -97,6 +97,7 @@ from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 from ..errors import AccessDenied, EntryNotFound, MmfsError, NotFound, RepoNotFound, RevisionNotFound
 from ..names import check_path, check_repo_part, check_revision, is_commit
+from ..remote.hub import refs_json
 from ..sizes import parse_rate
 from .process import child_env, start_until_ready, stop
 
@@ -623,22 +624,6 @@ class Hub:
 def commit_id(files: Mapping[str, HubFile]) -> str:
     """A commit's id: sha1 over its files' ``"<path>\\0<blob id>\\n"`` lines, in path order."""
     return hashlib.sha1("".join(f"{p}\0{f.blob_id}\n" for p, f in files.items()).encode()).hexdigest()
-
-
-def refs_json(refs: Mapping[str, str], include_prs: bool) -> dict[str, Any]:
-    """``GET /api/models/<repo>/refs`` as the Hub shapes it."""
-    found: dict[str, list[dict[str, str]]] = {"branches": [], "converts": [], "tags": []}
-    if include_prs:
-        found["pullRequests"] = []
-    for name, commit in sorted(refs.items()):
-        if name.startswith("refs/pr/"):
-            if include_prs:
-                found["pullRequests"].append({"name": name, "ref": name, "targetCommit": commit})
-        elif name.startswith("refs/convert/"):
-            found["converts"].append({"name": name.removeprefix("refs/convert/"), "ref": name, "targetCommit": commit})
-        else:
-            found["branches"].append({"name": name, "ref": f"refs/heads/{name}", "targetCommit": commit})
-    return found
 
 
 def _iso(ts: float) -> str:

@@ -1,0 +1,108 @@
+"""The ref watcher over an in-process remote that counts its resolutions (trio's autojump clock)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from mmfs.engine import EngineConfig, FetchEngine
+from mmfs.errors import NotFound, RevisionNotFound
+from mmfs.manifest import Manifest
+from mmfs.metadata import MetadataStore
+from mmfs.names import RepoRef, parse_repo_id
+from mmfs.refwatch import RefWatcher, parse_ref_key
+from mmfs.remote.base import FetchedChunk, FileSource, Remote
+
+REPO = parse_repo_id("acme/tiny")
+OLD, NEW = "a" * 40, "b" * 40
+
+
+class CountingRemote(Remote):
+    """Where ``main`` points is ``self.commit``; ``None``: the ref is gone upstream."""
+
+    def __init__(self) -> None:
+        self.commit: str | None = OLD
+        self.resolves = 0
+
+    async def resolve(self, repo: RepoRef, revision: str, *, auth: str | None = None) -> str:
+        self.resolves += 1
+        await trio.sleep(0.05)  # a round trip: concurrent askers overlap
+        if self.commit is None or revision != "main":
+            raise RevisionNotFound(f"Invalid rev id: {revision}")
+        return self.commit
+
+    async def manifest(self, repo: RepoRef, commit: str, *, auth: str | None = None) -> Manifest:
+        return Manifest(repo, commit, ())
+
+    async def fetch_chunk(self, source: FileSource, index: int, *, auth: str | None = None) -> FetchedChunk:
+        raise AssertionError("no chunk is read here")
+
+
+@pytest.fixture
+async def setup(tmp_path: Path):
+    remote = CountingRemote()
+    engine = FetchEngine([], remote, MetadataStore(tmp_path / "meta"), EngineConfig(ref_ttl=10.0, holder="test"))
+    async with engine:
+        yield engine, remote, RefWatcher(engine, interval=10.0)
+
+
+async def test_one_upstream_check_per_interval_however_many_readers(setup, autojump_clock) -> None:
+    engine, remote, watcher = setup
+    await engine.resolve(REPO, "main")
+    watcher.touch(REPO, "main")
+    remote.resolves = 0
+
+    async def reader() -> None:  # a node resolving main every 0.5 s
+        for _ in range(200):
+            assert await engine.resolve(REPO, "main") in (OLD, NEW)
+            await trio.sleep(0.5)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watcher.run)
+        for _ in range(5):
+            nursery.start_soon(reader)
+        await trio.sleep(100.0)
+        nursery.cancel_scope.cancel()
+    assert 10 <= remote.resolves <= 11  # one per 10 s interval, not one per reader or per TTL each
+
+
+async def test_waiters_are_told_of_a_move_and_history_is_kept(setup) -> None:
+    """Real clock (the move's metadata write runs in a thread, which an autojump clock
+    would skip past the waiters' deadlines)."""
+    engine, remote, watcher = setup
+    watcher.interval = 0.2
+    await engine.resolve(REPO, "main")
+    watcher.touch(REPO, "main")
+    key = f"{REPO}@main"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watcher.run)
+        assert await watcher.wait_for_moves({key: OLD}, 0.5) == {}  # nothing moved: empty after the wait
+        remote.commit = NEW
+        assert await watcher.wait_for_moves({key: OLD}, 60.0) == {key: NEW}  # the next check finds it
+        assert await watcher.wait_for_moves({key: OLD}, 60.0) == {key: NEW}  # a late poller: at once
+        nursery.cancel_scope.cancel()
+    [move] = engine.metadata.ref_history(key)
+    assert (move.from_commit, move.to_commit, move.detected_by) == (OLD, NEW, "test")
+    assert watcher.status()["moves"] == 1
+
+
+async def test_a_ref_gone_upstream_keeps_its_last_commit_unknown_ones_are_not_found(setup) -> None:
+    engine, remote, watcher = setup
+    assert await engine.resolve(REPO, "main") == OLD
+    remote.commit = None
+    assert await engine.check_ref(REPO, "main") == OLD
+    assert (REPO, "main") in engine.gone and watcher.status()["refs"] == []
+    with pytest.raises(NotFound):
+        await engine.resolve(REPO, "refs/pr/9")
+    remote.commit = NEW
+    assert await engine.check_ref(REPO, "main") == NEW and (REPO, "main") not in engine.gone
+
+
+def test_ref_keys() -> None:
+    assert parse_ref_key("huggingface/acme/tiny@refs/pr/1") == (REPO, "refs/pr/1")
+    for bad in ("huggingface/acme/tiny", "acme@main", "huggingface/acme/tiny@../x", "s3/acme/tiny@main"):
+        with pytest.raises(Exception) as caught:
+            parse_ref_key(bad)
+        assert type(caught.value).__name__ == "InvalidName", bad
