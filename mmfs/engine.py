@@ -298,10 +298,12 @@ class FetchEngine:
     async def note_ref(self, repo: RepoRef, revision: str, commit: str, *, detected_by: str) -> None:
         """``revision`` points at ``commit`` now (asked here, or told by the backend): readers
         see it at once; a move is recorded in the metadata DB and told to listeners."""
+        # What this process knew, read and replaced with no await between: of concurrent
+        # callers told the same move (a watcher's check, a reader's resolve), one records it.
         known = self._refs.get((repo, revision))
         self._refs[(repo, revision)] = (commit, time.monotonic())
-        remembered = self.metadata.get_ref(repo, revision) if self.metadata else None
-        last = remembered.commit if remembered else known[0] if known else None
+        remembered = self.metadata.get_ref(repo, revision) if self.metadata and not known else None
+        last = known[0] if known else remembered.commit if remembered else None
         if last == commit:
             return
         if self.metadata:

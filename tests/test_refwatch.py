@@ -106,3 +106,14 @@ def test_ref_keys() -> None:
         with pytest.raises(Exception) as caught:
             parse_ref_key(bad)
         assert type(caught.value).__name__ == "InvalidName", bad
+
+
+async def test_a_move_told_twice_at_once_is_recorded_once(setup) -> None:
+    """A watcher's check and a reader's resolve can learn the same move together."""
+    engine, remote, watcher = setup
+    await engine.resolve(REPO, "main")
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(lambda: engine.note_ref(REPO, "main", NEW, detected_by="test"))
+    assert [(m.from_commit, m.to_commit) for m in engine.metadata.ref_history()] == [(OLD, NEW)]
+    assert watcher.moves == 1
