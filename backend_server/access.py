@@ -25,6 +25,7 @@ with the Hub down keeps serving them, and a restart with another token does not.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -47,6 +48,32 @@ log = logging.getLogger(__name__)
 _RESTRICTED_CODES = ("GatedRepo", "RepoNotFound")
 #: The codes of a 404 that still shows the repo to the asker (the Hub sends one on every 404).
 _VISIBLE_REPO_CODES = ("EntryNotFound", "RevisionNotFound")
+#: The header a publisher presents ``MMFS_PUBLISH_TOKEN`` in (``Authorization`` stays the
+#: caller's upstream credential, as on every other route).
+PUBLISH_TOKEN_HEADER = "X-Mmfs-Publish-Token"
+
+
+class PublishRefused(AccessDenied):
+    """A push, publish or build lease without the publish token."""
+
+    status = 401
+
+    @classmethod
+    def code(cls) -> str:
+        return "PublishRefused"
+
+
+def check_publisher(presented: str | None, expected: str | None) -> None:
+    """Only holders of the publish token may push artifacts or take build leases.
+
+    ``expected`` is the backend's ``MMFS_PUBLISH_TOKEN``; without one, publishing is off."""
+    if not expected:
+        raise PublishRefused("publishing is off on this backend: it has no MMFS_PUBLISH_TOKEN")
+    if not presented:
+        raise PublishRefused(f"publishing needs the publish token ({PUBLISH_TOKEN_HEADER} header; "
+                             "mmfs reads it from MMFS_PUBLISH_TOKEN)")
+    if not hmac.compare_digest(presented.encode(), expected.encode()):
+        raise PublishRefused("the publish token is wrong")
 _MAX_CALLER_ENTRIES = 10_000
 
 

@@ -14,7 +14,11 @@ Three faces, one engine (the full reference is ``docs/protocol.md``):
   engine, so an unmodified ``huggingface_hub`` pointed at the backend with ``HF_ENDPOINT``
   reads through the cluster cache; the Hub's other read routes (commits, whoami, refs,
   expanded listings, spaces) go to the upstream as the caller (:mod:`.passthrough`);
-* operations: ``/healthz``, ``/metrics``, ``/v1/files``.
+* operations: ``/healthz``, ``/metrics``, ``/v1/files``;
+* derived artifacts (:mod:`.artifact_api`): ``/v1/artifacts...`` to push, publish, lease
+  builds and list them. Their files are read like a commit's through the node protocol,
+  as the pseudo repo ``artifacts/mmfs/published`` whose commits are artifact ids; a reader
+  must be allowed to read the artifact's model (:meth:`BackendApp._listing`).
 
 Every name taken from a URL goes through :mod:`mmfs.names` before it reaches the engine,
 and every answer about a repo, listings included, first passes :mod:`.access` (see
@@ -50,13 +54,16 @@ from mmfs.errors import (AccessDenied, EntryNotFound, FailureLog, IntegrityError
                          RepoNotFound, TransientError, first_error)
 from mmfs.manifest import ChunkKey, FileEntry, Manifest
 from mmfs.tiers.base import Chunk
-from mmfs.names import (RepoRef, check_path, check_provider, check_repo_part, check_revision, hub_provider,
+from mmfs.artifacts import ArtifactKey
+from mmfs.names import (ARTIFACTS, RepoRef, check_path, check_provider, check_repo_part, check_revision, hub_provider,
                         is_commit)
 from mmfs.remote.backend import NODE_HEADER, PEER_HEADER, PEERS_HEADER, VERIFIED_HEADER
 from mmfs.remote.base import FileSource
 from mmfs.remote.replicas import ReplicaRemote
 
 from .access import AccessControl
+from .artifact_api import ArtifactApi
+from .artifact_store import ArtifactNotFound, ArtifactStore
 from .holders import HolderTable
 from .http import Request, Response, Send
 from .metrics import Metrics
@@ -105,7 +112,8 @@ class BackendApp:
                  upstream: str = "", data_dir: str = "", readahead_bytes: int = READAHEAD_BYTES,
                  stream_memory: int = STREAM_MEMORY, stream_wait: float = STREAM_WAIT,
                  stats: Callable[[], dict[str, int]] | None = None, nixl: NixlPlane | None = None,
-                 holders: HolderTable | None = None) -> None:
+                 holders: HolderTable | None = None, artifacts: ArtifactStore | None = None,
+                 publish_token: str | None = None) -> None:
         self.engine = engine
         self.holders = holders or HolderTable()
         self.nixl = nixl
@@ -119,6 +127,9 @@ class BackendApp:
         self.server_stats = stats or (lambda: {"connections": 0, "active_requests": 0})
         #: Ref watching, node updates and gc (:mod:`.versions`); set by the server.
         self.versions: VersionRoutes | None = None
+        self.artifacts = ArtifactApi(artifacts, check_reader=self._check_artifact_reader,
+                                     is_restricted=access.is_restricted,
+                                     publish_token=publish_token) if artifacts is not None else None
         self.passthrough = Passthrough(upstream) if upstream else None
 
     async def aclose(self) -> None:
@@ -174,6 +185,10 @@ class BackendApp:
                     return allow("gc", self.versions.gc, "POST")
                 if kind == "watch" and len(s) >= 6:
                     return allow("watch", self.versions.watch, "POST")
+            if kind == "artifacts" and self.artifacts is not None:
+                found = self.artifacts.route(method, s[1:])
+                if found is not None:
+                    return allow(found[0], found[1], *found[2])
             if kind in ("resolve", "manifest", "prefetch") and len(s) >= 6:
                 handler = {"resolve": self.v1_resolve, "manifest": self.v1_manifest,
                            "prefetch": self.v1_prefetch}[kind]
@@ -223,6 +238,7 @@ class BackendApp:
                               "tiers": {t.name: {"used_bytes": t.used_bytes, "limit_bytes": t.limit_bytes,
                                                  "entries": t.entries} for t in stats.tiers},
                               "inflight_fetches": stats.inflight,
+                              **({"artifacts": self.artifacts.statistics()} if self.artifacts else {}),
                               "stream_memory": {"used_bytes": self.stream_budget.total - self.stream_budget.free,
                                                 "limit_bytes": self.stream_budget.total,
                                                 "peak_used_bytes": self.stream_budget.peak,
@@ -241,7 +257,8 @@ class BackendApp:
                                    nixl=self.nixl.statistics() if self.nixl else None,
                                    replica_fetches=replicas[0], replica_bytes=replicas[1],
                                    holders=self.holders.statistics(),
-                                   versions=self.versions.metrics() if self.versions else None)
+                                   versions=self.versions.metrics() if self.versions else None,
+                                   artifacts=self.artifacts.statistics() if self.artifacts else None)
         return Response.text(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def files(self, request: Request, s: list[str]) -> Response:
@@ -644,7 +661,16 @@ class BackendApp:
         only after :meth:`AccessControl.check`, which also establishes whether the repo
         is restricted for our token (:meth:`_upstream_auth` relies on that). ``path``, when
         the repo has it, is the file the check asks about.
+
+        An artifact (``repo`` is :data:`ARTIFACTS`, ``revision`` its id) is listed to those
+        who may read the model commit it was derived from.
         """
+        if repo == ARTIFACTS:
+            record = self.artifacts.store.record(revision) if self.artifacts is not None else None
+            if record is None:
+                raise ArtifactNotFound(f"no artifact {revision[:80]} is published on this backend")
+            await self._check_artifact_reader(ArtifactKey.from_json(record["key"]), auth)
+            return await self.engine.manifest(ARTIFACTS, revision)
         try:
             manifest = await self._manifest(repo, revision, None)
         except (AccessDenied, RepoNotFound):
@@ -657,6 +683,11 @@ class BackendApp:
             (manifest.files[0].path if manifest.files else ".gitattributes")
         await self.access.check(repo, manifest.commit, probe, auth, self.engine.nursery)
         return manifest
+
+    async def _check_artifact_reader(self, key: ArtifactKey, auth: str | None) -> None:
+        """Readers of an artifact need read access to its model commit (checked upstream
+        like any content: :meth:`_listing` of the model)."""
+        await self._listing(key.repo, key.commit, auth)
 
     def _upstream_auth(self, repo: RepoRef, auth: str | None) -> str | None:
         """The ``Authorization`` the engine sends upstream for ``repo`` (after :meth:`_listing`):
@@ -728,6 +759,8 @@ def _form(request: Request) -> dict[str, list[str]]:
 
 
 def _repo(provider: str, org: str, name: str) -> RepoRef:
+    if (provider, org, name) == (ARTIFACTS.provider, ARTIFACTS.org, ARTIFACTS.name):
+        return ARTIFACTS
     return RepoRef(check_provider(provider), check_repo_part(org, "organisation"), check_repo_part(name))
 
 

@@ -13,8 +13,10 @@ The upstream is the Hub at ``HF_ENDPOINT`` with ``HF_TOKEN``; ``HF_HUB_OFFLINE=1
 only what the data directory already holds. Under ``--data-dir`` (local storage: LMDB must
 not sit on a network filesystem): ``chunks/`` (the cold tier: content-addressed chunks
 indexed in LMDB; with ``--shared-dir`` the cold tier is there instead, see
-:mod:`mmfs.tiers.shared`), ``metadata/`` (refs, manifests, file records) and
-``access.json`` (repos found gated or private). One process at a time uses a data
+:mod:`mmfs.tiers.shared`), ``metadata/`` (refs, manifests, file records, published artifacts),
+``artifacts/`` (artifact blobs and uploads in progress, docs/artifacts.md) and
+``access.json`` (repos found gated or private). ``MMFS_PUBLISH_TOKEN`` enables artifact
+pushes and build leases for callers presenting it. One process at a time uses a data
 directory: a second one (a rolling update started early) waits for the first to exit.
 With ``--replicas``, chunks are owned by replicas by rendezvous hashing
 (:mod:`mmfs.remote.replicas`): this replica fetches the chunks it owns upstream and
@@ -57,6 +59,7 @@ from mmfs.tiers.shared import SharedTier
 from .access import AccessControl
 from .app import STREAM_MEMORY, BackendApp
 from .datadir import hold_data_dir
+from .artifact_store import ArtifactOrigin, ArtifactStore
 from .holders import HolderTable
 from .http import MAX_CONNECTIONS, SEND_TIMEOUT, HTTPServer
 from .metrics import Metrics
@@ -172,12 +175,6 @@ async def serve(args: argparse.Namespace) -> int:
     fetches = args.max_upstream_fetches or max(4, min(16, (32 << 20) // args.chunk_size))
     config = EngineConfig.from_env(max_concurrent_fetches=fetches, ref_ttl=args.ref_ttl)
     hub = HubRemote(chunk_size=args.chunk_size)
-    remote: Remote = hub
-    if args.replicas:
-        self_id = _advertised(args)
-        replicas = ReplicaSet(args.replicas, always=Replica(self_id, f"http://{self_id}"))
-        remote = ReplicaRemote(replicas, self_id=self_id, local=hub)
-        log.info("replica %s of %s", self_id, ", ".join(r.id for r in replicas.members))
     tiers: list[ChunkTier] = [MemoryTier(args.memory_cache, ttl_seconds=args.memory_ttl)]
     shared: SharedTier | None = None
     try:
@@ -190,6 +187,13 @@ async def serve(args: argparse.Namespace) -> int:
     except CacheError as exc:  # a crash loop would serve nothing: serve from memory instead
         log.error("%s: running without the cold tier (memory only)", exc)
     metadata = MetadataStore(data_dir / "metadata")
+    artifacts = ArtifactStore(data_dir / "artifacts", metadata, args.chunk_size)
+    remote: Remote = ArtifactOrigin(hub, artifacts)
+    if args.replicas:
+        self_id = _advertised(args)
+        replicas = ReplicaSet(args.replicas, always=Replica(self_id, f"http://{self_id}"))
+        remote = ReplicaRemote(replicas, self_id=self_id, local=remote)
+        log.info("replica %s of %s", self_id, ", ".join(r.id for r in replicas.members))
     access = AccessControl(hub.url, os.environ.get("HF_TOKEN") or None, data_dir / "access.json")
     metrics = Metrics()
     try:
@@ -210,6 +214,7 @@ async def serve(args: argparse.Namespace) -> int:
         app = BackendApp(engine, access, metrics, upstream=hub.url, data_dir=str(data_dir),
                          stream_memory=args.stream_memory, stream_wait=2 * args.send_timeout, nixl=nixl,
                          holders=HolderTable(ttl=args.peer_ttl, max_load=args.peer_max_load),
+                         artifacts=artifacts,
                          stats=lambda: {"connections": server.connections, "active_requests": server.active_requests})
         watcher = RefWatcher(engine, interval=args.ref_ttl, warm_all=args.warm_on_update == "on",
                              warmer=app.warm_commit if args.warm_on_update != "off" else None)

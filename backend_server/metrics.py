@@ -42,7 +42,7 @@ class Metrics:
     def render(self, engine: EngineStatistics, *, connections: int, active_requests: int,
                nixl: PlaneStatistics | None = None, replica_fetches: int = 0, replica_bytes: int = 0,
                holders: HolderStatistics | None = None,
-               versions: dict[str, float] | None = None) -> str:
+               versions: dict[str, float] | None = None, artifacts: dict | None = None) -> str:
         """``replica_*``: the part of the engine's remote fetches that came from other replicas;
         ``versions``: the versioning metrics (:data:`VERSION_METRICS`) by name."""
         out = _Writer()
@@ -72,6 +72,18 @@ class Metrics:
         out.metric("mmfs_backend_pending_write_bytes", "gauge",
                    "Chunk bytes waiting to be written to the cold tier (bounded).",
                    [({}, engine.pending_write_bytes)])
+        if artifacts is not None:
+            out.metric("mmfs_backend_artifacts", "gauge", "Derived artifacts published (compiled engines, caches).",
+                       [({}, artifacts["artifacts"])])
+            out.metric("mmfs_backend_artifact_bytes", "gauge", "Bytes of the files of published artifacts.",
+                       [({}, artifacts["bytes"])])
+            out.metric("mmfs_backend_artifact_builds_in_progress", "gauge",
+                       "Artifact builds holding a live lease.", [({}, artifacts["building"])])
+            out.metric("mmfs_backend_artifact_pushes_total", "counter",
+                       "Artifact publishes, and pushes refused for want of the publish token.",
+                       [({"outcome": k}, v) for k, v in sorted(artifacts["pushes"].items())])
+            out.metric("mmfs_backend_artifact_uploaded_bytes_total", "counter",
+                       "Blob bytes received by artifact pushes.", [({}, artifacts["uploaded_bytes"])])
         out.metric("mmfs_backend_served_bytes_total", "counter",
                    "File bytes sent to clients, by the tier that supplied them.",
                    [({"tier": tier}, self.served_bytes[tier]) for tier in TIERS_SERVED])

@@ -1,4 +1,4 @@
-"""The ``mmfs`` command: mount, unmount, prefetch, status, verify, watch, gc.
+"""The ``mmfs`` command: mount, unmount, prefetch, status, verify, watch, gc, artifact.
 
 Errors end in a one-line message on stderr and a non-zero exit; ``--debug`` adds logs.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import options
+from .artifacts import DEFAULT_BUILDER
 from .errors import MmfsError
 from .sizes import format_size, parse_size, size_argument
 
@@ -125,6 +126,34 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--backend", metavar="URL")
     gc.add_argument("--dry-run", action="store_true", help="say what would be reclaimed, reclaim nothing")
     gc.add_argument("--json", action="store_true", help="raw JSON")
+
+    artifact = commands.add_parser("artifact", help="derived artifacts: compiled engines, compile caches",
+                                   description="Artifacts derived from a model commit, keyed by kind, target and "
+                                   "builder version, published once per cluster (docs/artifacts.md).")
+    actions = artifact.add_subparsers(dest="action", required=True, metavar="ACTION")
+    path = actions.add_parser("path", help="print the artifact's directory on the mount (exit 1: not published)")
+    push = actions.add_parser("push", help="upload a directory as the artifact (needs MMFS_PUBLISH_TOKEN)")
+    push.add_argument("directory", metavar="DIR")
+    build = actions.add_parser("build", help="run COMMAND to build the artifact, once per cluster, unless published",
+                               description="Runs COMMAND with MMFS_MODEL_PATH (the model on the mount) and "
+                               "MMFS_ARTIFACT_OUT (an empty folder), then pushes what it wrote; concurrent "
+                               "requesters of one key wait for that one build (needs MMFS_PUBLISH_TOKEN).")
+    for action in (path, push, build):
+        action.add_argument("--kind", required=True, help="e.g. tensorrt-engine, torch-compile-cache")
+        action.add_argument("--model", required=True, metavar="huggingface/<org>/<name>@<rev>")
+        action.add_argument("--target", required=True, help="what the build is for (GPU arch, parallelism, "
+                            "precision), free-form: e.g. sm90-tp2-fp8")
+        action.add_argument("--builder", default=DEFAULT_BUILDER, metavar="VERSION",
+                            help=f"the builder's version, part of the key (default: {DEFAULT_BUILDER})")
+        action.add_argument("--mount", metavar="MOUNTPOINT", help="the mmfs mount (default: the only one)")
+        if action is not path:
+            action.add_argument("--backend", metavar="URL", help="the backend (default: MMFS_BACKEND, else the "
+                                "mount's backend)")
+    build.add_argument("--lease-ttl", metavar="SECONDS", type=float, default=30.0,
+                       help="the build lease expires this long after the builder's last renewal (default: 30)")
+    build.add_argument("--timeout", metavar="SECONDS", type=float, default=None,
+                       help="give up waiting for another node's build after this long (default: no limit)")
+    build.add_argument("builder_command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
     return parser
 
 
@@ -285,6 +314,26 @@ def format_status(status: dict[str, Any]) -> str:
                      f"{format_size(peers.get('bytes_from_backend', 0))} in {peers.get('chunks_from_backend', 0)}; "
                      f"served to peers {format_size(peers.get('bytes_served', 0))} in {peers.get('chunks_served', 0)}; "
                      f"{peers.get('fallbacks', 0)} fallbacks, {peers.get('bad_peers', 0)} bad peers")
+    if status.get("artifacts"):
+        lines.append("artifacts opened here:")
+        for item in status["artifacts"]:
+            lines.append(f"  {item['id']}: {item['files']} files, {format_size(item['bytes'])}")
+    backend_artifacts = status.get("backend_artifacts")
+    if backend_artifacts is not None:
+        if "error" in backend_artifacts:
+            lines.append(f"backend artifacts: unknown ({backend_artifacts['error']})")
+        else:
+            published = backend_artifacts.get("artifacts", [])
+            lines.append(f"backend artifacts: {len(published)} published, "
+                         f"{format_size(sum(a.get('size', 0) for a in published))}")
+            for item in published:
+                key = item["key"]
+                lines.append(f"  {item['id']}: {key['kind']} of {key['provider']}/{key['repo']}@{key['commit'][:12]} "
+                             f"for {key['target']} ({key['builder']}), {format_size(item.get('size', 0))}")
+            for item in backend_artifacts.get("building", []):
+                key = item["key"]
+                lines.append(f"  building: {key['kind']} of {key['provider']}/{key['repo']}@{key['commit'][:12]} "
+                             f"for {key['target']} on {item['holder']} (lease expires in {item['expires_in']:.0f} s)")
     integrity = status.get("integrity", {})
     lines.append(f"integrity: {integrity.get('failures', 0)} failures, {integrity.get('files_verified', 0)} files "
                  "verified")
@@ -327,11 +376,15 @@ def _status(args: argparse.Namespace) -> int:
     statuses, failures = [], []
     for mountpoint in mountpoints:
         try:
-            statuses.append(read_status(mountpoint))
+            status = read_status(mountpoint)
         except MmfsError as exc:
             if len(mountpoints) == 1:
                 raise
             failures.append(str(exc))  # a mount going away meanwhile: the others are still shown
+            continue
+        if status.get("backend"):
+            status["backend_artifacts"] = _backend_artifacts(status["backend"])
+        statuses.append(status)
     if args.json:
         print(json.dumps(statuses[0] if len(mountpoints) == 1 else statuses, indent=2, sort_keys=True))
     else:
@@ -339,6 +392,69 @@ def _status(args: argparse.Namespace) -> int:
     for failure in failures:
         print(f"mmfs status: {failure}", file=sys.stderr)
     return EXIT_ERROR if failures else 0
+
+
+def _backend_artifacts(backend: str) -> dict[str, Any]:
+    """What the backend publishes and builds (its ``/v1/artifacts``), or why not known."""
+    from .artifact_client import ArtifactClient
+
+    client = ArtifactClient(backend, timeout=5.0, retries=1)
+    try:
+        return client.listing()
+    except MmfsError as exc:
+        return {"error": str(exc)}
+    finally:
+        client.close()
+
+
+def _artifact(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .artifact_client import ArtifactClient, build, push, resolve_key
+    from .artifacts import artifact_dir
+    from .warm import find_mount
+
+    needs_mount = args.action != "push" or args.mount is not None
+    mountpoint = find_mount(args.mount) if needs_mount else None
+    backend = getattr(args, "backend", None) or os.environ.get("MMFS_BACKEND")
+    if not backend and mountpoint is not None and args.action != "path":
+        backend = read_status(mountpoint).get("backend")
+    if args.action != "path" and not backend:
+        raise MmfsError("no backend: pass --backend URL, set MMFS_BACKEND, or use a mount in backend mode")
+    client = ArtifactClient(backend) if backend else None
+    try:
+        key = resolve_key(args.model, args.kind, args.target, args.builder, mount=mountpoint, client=client)
+        if args.action == "path":
+            assert mountpoint is not None
+            where = artifact_dir(mountpoint, key.id)
+            if not where.is_dir():
+                print(f"mmfs artifact path: {key} is not published (no {where})", file=sys.stderr)
+                return EXIT_ERROR
+            print(where)
+            return 0
+        assert client is not None
+        if args.action == "push":
+            pushed = push(client, Path(args.directory), key)
+            state = "published" if pushed.created else "was already published"
+            print(f"{key.id} {state}: {pushed.files} files, {format_size(pushed.bytes)} "
+                  f"({format_size(pushed.sent_bytes)} sent)")
+            return 0
+        command = args.builder_command
+        command = command[1:] if command[:1] == ["--"] else command
+        if not command:
+            print("mmfs artifact build: give the builder after --: mmfs artifact build ... -- COMMAND [ARGS...]",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        if args.lease_ttl <= 0:
+            print("mmfs artifact build: --lease-ttl must be positive", file=sys.stderr)
+            return EXIT_USAGE
+        assert mountpoint is not None
+        print(build(client, key, command, mountpoint=mountpoint, lease_ttl=args.lease_ttl, timeout=args.timeout),
+              flush=True)
+        return 0
+    finally:
+        if client is not None:
+            client.close()
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -430,11 +546,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for --daemon, which runs the same command
     handler = {"mount": _mount, "unmount": _unmount, "umount": _unmount, "prefetch": _prefetch,
-               "status": _status, "verify": _verify, "watch": _watch, "gc": _gc}[args.command]
+               "status": _status, "verify": _verify, "watch": _watch, "gc": _gc,
+               "artifact": _artifact}[args.command]
     try:
         return handler(args)
     except MmfsError as exc:
-        print(f"mmfs {args.command}: {exc}", file=sys.stderr)
+        what = f"{args.command} {args.action}" if args.command == "artifact" else args.command
+        print(f"mmfs {what}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"mmfs {args.command}: interrupted", file=sys.stderr)

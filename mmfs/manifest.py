@@ -168,14 +168,14 @@ class Manifest:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Manifest":
         """Parse and validate; raise ``ValueError`` (or ``InvalidName``) on anything malformed."""
-        from .names import parse_repo_id
+        from .names import repo_of
 
         if data.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"unsupported manifest format {data.get('format')!r}")
         if not is_commit(str(data.get("commit", ""))):
             raise ValueError(f"invalid commit {str(data.get('commit'))[:80]!r}")
         files = tuple(sorted((FileEntry.from_json(f) for f in data["files"]), key=lambda f: f.path))
-        return cls(parse_repo_id(data["repo"], data["provider"]), data["commit"], files)
+        return cls(repo_of(data["provider"], data["repo"]), data["commit"], files)
 
     @classmethod
     def loads(cls, raw: bytes) -> "Manifest":

@@ -1,6 +1,6 @@
 """What mmfs knows about repos and files, kept in LMDB so it survives restarts.
 
-Six tables:
+Seven tables:
 
 * ``refs``: ``provider/org/name@revision`` -> the commit it resolved to and when. A branch
   is re-resolved after a short TTL; when the upstream is unreachable (or
@@ -19,6 +19,11 @@ Six tables:
   verification, the id of the download in flight (so a waiter can tell which fetch it is
   subscribed to) and which pod holds it in memory. The backend's ``/metrics`` and
   ``mmfs status`` read from here.
+* ``artifacts`` (the backend): artifact id -> its key (model repo and *commit*, kind,
+  target, builder), files and size (:mod:`mmfs.artifacts`). Its manifest goes into
+  ``manifests`` in the same transaction, so an artifact is visible whole or not at all.
+  Retention joins here: :meth:`MetadataStore.artifacts_of` finds the artifacts of a
+  model commit, :meth:`MetadataStore.delete_artifact` removes one.
 """
 
 from __future__ import annotations
@@ -114,13 +119,14 @@ class MetadataStore:
 
     def _open(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        self._env = lmdb.open(str(path), map_size=_INITIAL_MAP_SIZE, max_dbs=6, sync=False, metasync=False)
+        self._env = lmdb.open(str(path), map_size=_INITIAL_MAP_SIZE, max_dbs=7, sync=False, metasync=False)
         self._refs = self._env.open_db(b"refs")
         self._manifests = self._env.open_db(b"manifests")
         self._files = self._env.open_db(b"files")
         self._maps = self._env.open_db(b"maps")
         self._history = self._env.open_db(b"ref_history")
         self._watched = self._env.open_db(b"watched")
+        self._artifacts = self._env.open_db(b"artifacts")
         with self._env.begin() as txn:  # a file that is not LMDB fails here, not on first use
             txn.stat(self._files)
 
@@ -284,6 +290,49 @@ class MetadataStore:
             self._update(txn, content_id, {"verified": False, "failures": failures + 1, "last_failure": last_failure,
                                            "downloaded_at": 0.0, "inflight_download": "", "tainted_at": time.time()})
         self._write(fail)
+
+    # artifacts
+
+    def put_artifact(self, artifact_id: str, record: dict[str, Any], manifest: Manifest) -> bool:
+        """Publish an artifact: its record and manifest in one transaction, synced to disk.
+        Returns False (and changes nothing) when ``artifact_id`` is already published."""
+        def store(txn: Any) -> bool:
+            if txn.get(artifact_id.encode(), db=self._artifacts) is not None:
+                return False
+            txn.put(artifact_id.encode(), json.dumps(record, sort_keys=True).encode(), db=self._artifacts)
+            txn.put(self._repo_key(manifest.repo, manifest.commit), manifest.dumps(), db=self._manifests)
+            return True
+        created = self._write(store)
+        self._env.sync(True)
+        return bool(created)
+
+    def get_artifact(self, artifact_id: str) -> dict[str, Any] | None:
+        raw = self._get(self._artifacts, artifact_id.encode())
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            log.warning("metadata: unreadable artifact record %s ignored", artifact_id)
+            return None
+
+    def artifacts(self) -> dict[str, dict[str, Any]]:
+        """Every published artifact: id -> record."""
+        with self._env.begin(db=self._artifacts) as txn:
+            keys = [k.decode() for k in txn.cursor().iternext(keys=True, values=False)]
+        return {k: r for k in keys if (r := self.get_artifact(k)) is not None}
+
+    def artifacts_of(self, repo: RepoRef, commit: str) -> list[str]:
+        """Ids of the artifacts derived from ``repo`` at ``commit`` (retention's join)."""
+        return sorted(i for i, r in self.artifacts().items()
+                      if r.get("key", {}).get("commit") == commit
+                      and f"{r['key'].get('provider')}/{r['key'].get('repo')}" == str(repo))
+
+    def delete_artifact(self, artifact_id: str, manifest_repo: RepoRef) -> None:
+        """Unpublish (retention): the record and its manifest go together."""
+        def drop(txn: Any) -> None:
+            txn.delete(artifact_id.encode(), db=self._artifacts)
+            txn.delete(self._repo_key(manifest_repo, artifact_id), db=self._manifests)
+        self._write(drop)
+        self._env.sync(True)
 
     def files(self) -> list[FileRecord]:
         with self._env.begin(db=self._files) as txn:

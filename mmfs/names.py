@@ -52,6 +52,18 @@ class RepoRef:
         return f"{self.provider}/{self.org}/{self.name}"
 
 
+#: The pseudo repo whose "commits" are published artifacts (:mod:`mmfs.artifacts`): an
+#: artifact's id is a 40-hex digest of its key, so the data path serves it like a commit.
+ARTIFACTS = RepoRef("artifacts", "mmfs", "published")
+
+
+def repo_of(provider: str, repo_id: str) -> RepoRef:
+    """The repo a manifest or URL names: a model repo, or the artifacts pseudo repo."""
+    if provider == ARTIFACTS.provider and repo_id == ARTIFACTS.repo_id:
+        return ARTIFACTS
+    return parse_repo_id(repo_id, provider)
+
+
 def check_provider(provider: str) -> str:
     if provider not in PROVIDERS:
         raise InvalidName(f"unknown provider {provider!r} (known: {', '.join(PROVIDERS)})")

@@ -5,6 +5,8 @@ The namespace, looked up lazily::
     /                                   root
     ├── .mmfs/status.json               daemon state as JSON, regenerated on each open
     ├── .mmfs/gc.json, gc-dry-run.json  ``mmfs gc``: opening one runs it (retention.py)
+    ├── .artifacts/<id>/<path…>         published derived artifacts (mmfs.artifacts): a
+    │                                   commit directory of the pseudo repo ARTIFACTS
     └── huggingface/                    provider (and huggingface-datasets/: mmfs.names.PROVIDERS)
         └── <org>/                      any valid org name (listing: what is known locally)
             └── <name>/                 a repo: exists once the remote (or the DB) knows it
@@ -57,7 +59,8 @@ from .chunkmap import ChunkMap
 from .engine import FetchEngine, Served
 from .errors import IntegrityError, InvalidName, MmfsError, NotFound, RevisionNotFound, UpstreamError, first_error
 from .manifest import FileEntry, Manifest
-from .names import PROVIDERS, RepoRef, check_repo_part, check_revision, is_commit
+from .artifacts import ARTIFACTS_DIR
+from .names import ARTIFACTS, PROVIDERS, RepoRef, check_repo_part, check_revision, is_commit
 from .prefetch import ReadAhead, ReadAheadConfig
 from .remote.base import FileSource
 from .tiers.base import Chunk
@@ -129,6 +132,7 @@ class Kind(Enum):
     CONTROL = "control"  # .mmfs
     STATUS = "status"  # .mmfs/status.json and the other control files
     REFS = "refs"  # <repo>/refs and <repo>/refs/<kind>: folders of revisions with slashes
+    ARTIFACTS = "artifacts"  # .artifacts: one commit directory per published artifact
 
     @property
     def is_dir(self) -> bool:
@@ -490,7 +494,14 @@ class Vfs:
                 return self._child(parent, name, Kind.PROVIDER, provider=name)
             if name == CONTROL_DIR:
                 return self._child(parent, name, Kind.CONTROL)
+            if name == ARTIFACTS_DIR:
+                return self._child(parent, name, Kind.ARTIFACTS, repo=ARTIFACTS)
             raise NotFound(f"no provider {name!r}")
+        if kind is Kind.ARTIFACTS:
+            if not is_commit(name):
+                raise NotFound(f"no artifact {name!r}: artifacts are named by their 40-hex id")
+            await self._tree(ARTIFACTS, name)  # NotFound until it is published
+            return self._child(parent, name, Kind.COMMIT, commit=name)
         if kind is Kind.CONTROL:
             if name == STATUS_FILE or name in self._controls:
                 return self._child(parent, name, Kind.STATUS)
@@ -592,8 +603,12 @@ class Vfs:
         if kind is Kind.ROOT:
             names = [(p, Kind.PROVIDER, {"provider": p}) for p in PROVIDERS]
             names.append((CONTROL_DIR, Kind.CONTROL, {}))
+            names.append((ARTIFACTS_DIR, Kind.ARTIFACTS, {"repo": ARTIFACTS}))
         elif kind is Kind.CONTROL:
             names = [(n, Kind.STATUS, {}) for n in (STATUS_FILE, *sorted(self._controls))]
+        elif kind is Kind.ARTIFACTS:
+            _, commits = self._known()
+            names = [(c, Kind.COMMIT, {"commit": c}) for c in sorted(commits.get(ARTIFACTS, set()))]
         elif kind in (Kind.PROVIDER, Kind.ORG, Kind.REPO, Kind.REFS):
             refs, commits = self._known()
             repos = sorted(set(refs) | set(commits), key=str)
@@ -883,7 +898,9 @@ class Vfs:
         """Everything ``mmfs status`` shows, as plain JSON-able data."""
         refs, commits = self._known()
         repos = []
-        for repo in sorted(set(refs) | set(commits), key=str):
+        artifacts = [{"id": m.commit, "files": len(m.files), "bytes": m.total_size}
+                     for m in self.engine.known_manifests() if m.repo == ARTIFACTS]
+        for repo in sorted((set(refs) | set(commits)) - {ARTIFACTS}, key=str):
             known_commits = sorted(commits.get(repo, set()))
             manifests = {m.commit: m for m in self.engine.known_manifests() if m.repo == repo}
             repos.append({
@@ -902,6 +919,7 @@ class Vfs:
             "started_at": self._started,
             "uptime_s": round(time.time() - self._started, 3),
             "repos": repos,
+            "artifacts": sorted(artifacts, key=lambda a: a["id"]),
             "tiers": tiers,
             "remote": {"url": self.engine.remote.url, "fetches": stats.remote_fetches, "bytes": stats.remote_bytes,
                        "coalesced": stats.coalesced, "inflight": stats.inflight},
