@@ -147,11 +147,11 @@ def _parser() -> argparse.ArgumentParser:
                             help=f"the builder's version, part of the key (default: {DEFAULT_BUILDER})")
         action.add_argument("--mount", metavar="MOUNTPOINT", help="the mmfs mount (default: the only one)")
         if action is not path:
-            action.add_argument("--backend", metavar="URL", help="the backend (default: MMFS_BACKEND, else the "
-                                "mount's backend)")
-    build.add_argument("--lease-ttl", metavar="SECONDS", type=float, default=30.0,
+            action.add_argument("--backend", metavar="URL", type=options.http_url,
+                                help="the backend (default: MMFS_BACKEND, else the mount's backend)")
+    build.add_argument("--lease-ttl", metavar="SECONDS", type=options.seconds, default=30.0,
                        help="the build lease expires this long after the builder's last renewal (default: 30)")
-    build.add_argument("--timeout", metavar="SECONDS", type=float, default=None,
+    build.add_argument("--timeout", metavar="SECONDS", type=options.seconds, default=None,
                        help="give up waiting for another node's build after this long (default: no limit)")
     build.add_argument("builder_command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
     return parser
@@ -444,9 +444,6 @@ def _artifact(args: argparse.Namespace) -> int:
         if not command:
             print("mmfs artifact build: give the builder after --: mmfs artifact build ... -- COMMAND [ARGS...]",
                   file=sys.stderr)
-            return EXIT_USAGE
-        if args.lease_ttl <= 0:
-            print("mmfs artifact build: --lease-ttl must be positive", file=sys.stderr)
             return EXIT_USAGE
         assert mountpoint is not None
         print(build(client, key, command, mountpoint=mountpoint, lease_ttl=args.lease_ttl, timeout=args.timeout),
