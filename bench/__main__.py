@@ -36,7 +36,7 @@ from .results import Scenario
 
 BENCH_DIR = Path(__file__).resolve().parent
 #: Scenario groups in the order they run; each is a module of this package with ``run(ctx)``.
-SCENARIOS = ("ingest", "cold_start", "first_tensor", "reads", "sharing", "scale", "replicas")
+SCENARIOS = ("ingest", "cold_start", "first_tensor", "reads", "sharing", "scale", "replicas", "artifacts")
 
 
 def _git_commit() -> str:

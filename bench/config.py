@@ -105,7 +105,8 @@ def repo_bytes(repo: Path) -> int:
 #: The repos each scenario group reads (the others are not written for a run without that group).
 GROUP_REPOS = {"cold_start": (SYNTHETIC_REPO, REAL_REPO_ID), "first_tensor": (BIGFILE_REPO, REAL_REPO_ID),
                "reads": (BIGFILE_REPO,), "ingest": (INGEST_REPO,), "sharing": (SYNTHETIC_REPO,), "scale": (),
-               "replicas": ()}  # its own hub and model (bench/replicas.py)
+               "replicas": (),
+               "artifacts": (REAL_REPO_ID,)}  # its own hub and model (bench/replicas.py)
 
 
 def prepare_models(root: Path, cfg: BenchConfig, groups: list[str] | None = None) -> Models:

@@ -35,10 +35,10 @@ class Context:
         path.mkdir(parents=True)
         return path
 
-    def backend(self, name: str = "backend", nixl: bool = False) -> BackendHandle:
+    def backend(self, name: str = "backend", nixl: bool = False, env: dict[str, str] | None = None) -> BackendHandle:
         """A cold backend (fresh data dir) in front of the hub; with ``nixl``, started with ``--nixl``."""
         return self.harness.start_backend(self.hub.url, self.scratch(name), self.cfg.backend_memory, name=name,
-                                          nixl=nixl)
+                                          nixl=nixl, env=env)
 
     def mount(self, backend: BackendHandle | None, name: str = "node", cache_dir: Path | None = None,
               transport: str | None = None) -> MountHandle:

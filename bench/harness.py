@@ -402,8 +402,9 @@ class Harness:
     # -- the backend
 
     def start_backend(self, hub_url: str, data_dir: Path, memory_cache: int, name: str = "backend",
-                      nixl: bool = False) -> BackendHandle:
-        """A backend in front of the hub; with ``nixl``, also serving chunks over NIXL (``--nixl``)."""
+                      nixl: bool = False, env: dict[str, str] | None = None) -> BackendHandle:
+        """A backend in front of the hub; with ``nixl``, also serving chunks over NIXL (``--nixl``);
+        ``env``: more environment (``MMFS_PUBLISH_TOKEN``)."""
         if not self.tools.backend_ok:
             raise Unavailable(self.tools.missing() or "backend not available")
         if nixl and self.tools.nixl_missing():
@@ -419,7 +420,7 @@ class Harness:
         help_text = self.tools.backend_help or ""
         if "--upstream" in help_text:
             argv += ["--upstream", hub_url]
-        child = self.spawn(name, argv, env=env_for_children({"HF_ENDPOINT": hub_url}))
+        child = self.spawn(name, argv, env=env_for_children({"HF_ENDPOINT": hub_url, **(env or {})}))
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while True:

@@ -135,6 +135,7 @@ HEADLINES = [
     ("memory", "node.peak", "6. node daemon peak RSS", "its --memory-cache"),
     ("memory", "backend.peak", "6. backend peak RSS", "its --memory-cache"),
     ("memory", "synthetic.mmfs.node_cpu", "6. node daemon CPU per GB read (cold start)", "snapshot_download's"),
+    ("artifacts", "warm", "11. torch.compile: start to first inference with another node's cache", "compiling"),
     ("memory", "synthetic.mmfs.backend_cpu", "6. backend CPU per GB served (cold start)", ""),
     ("memory", "synthetic.restart.backend_cpu", "6. backend CPU per GB served from memory (restart)", ""),
 ]
