@@ -456,7 +456,7 @@ def test_artifact_recipes_use_the_node_mount_backend_and_publish_secret(rendered
     (models,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == mountpoint]
     assert models["readOnly"] is True and models["mountPropagation"] == "HostToContainer"
     assert volumes[models["name"]]["hostPath"]["path"] == mountpoint
-    backend_env = {e["name"]: e for e in container(one(rendered, "Deployment")["spec"]["template"]["spec"],
+    backend_env = {e["name"]: e for e in container(one(rendered, "StatefulSet")["spec"]["template"]["spec"],
                                                    "backend")["env"]}
     secret = backend_env["MMFS_PUBLISH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
     (token,) = [e for e in pod["containers"][0]["env"] if e["name"] == "MMFS_PUBLISH_TOKEN"]
