@@ -693,7 +693,9 @@ class BackendApp:
         """The ``Authorization`` the engine sends upstream for ``repo`` (after :meth:`_listing`):
         the caller's, already checked, where our own token cannot read the repo; else none
         (the engine's own ``HF_TOKEN``), so one caller's bad token cannot fail the fetches
-        other callers share."""
+        other callers share. Artifacts come from the backend's own blob store: none."""
+        if repo == ARTIFACTS:
+            return None
         return auth if self.access.is_restricted(repo) else None
 
     async def _manifest(self, repo: RepoRef, revision: str, auth: str | None) -> Manifest:
