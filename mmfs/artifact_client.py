@@ -68,7 +68,7 @@ class ArtifactClient:
 
     def __init__(self, backend: str, *, publish_token: str | None = None, timeout: float = 60.0,
                  retries: int = 5) -> None:
-        self.url = backend.rstrip("/")
+        self.url = backend.split(",")[0].strip().rstrip("/")  # a replica list: its first member
         self._retries = max(1, retries)
         token = publish_token if publish_token is not None else os.environ.get(PUBLISH_TOKEN_ENV)
         headers = {PUBLISH_TOKEN_HEADER: token} if token else {}
