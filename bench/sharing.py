@@ -77,9 +77,11 @@ def _read_at_once(ctx: Context, backend: Any, repo: str, n: int, sharing: bool) 
             t0, res = h.workers("s9-read", argvs)
             meter.settle()
         times = [r["end"] - t0 for r in res]
-        peer_bytes = sum(prometheus(f"http://{listen}/metrics").get("mmfs_peer_bytes_received_total", 0.0)
-                         for listen in listens if listen)
+        counters = [prometheus(f"http://{listen}/metrics") for listen in listens if listen]
+        peer_bytes = sum(c.get("mmfs_peer_bytes_received_total", 0.0) for c in counters)
         return {"times": times, "egress": _served(backend.metrics()) - before, "peer_bytes": peer_bytes,
+                "fallbacks": sum(c.get("mmfs_peer_fallbacks_total", 0.0) for c in counters),
+                "redirects": sum(c.get("mmfs_peer_redirects_total", 0.0) for c in counters),
                 "backend_cpu": meter.cpu.get("backend", 0.0),
                 "cpu": sum(meter.cpu.values()) + sum(r.get("cpu", 0.0) for r in res),
                 "bytes": sorted({r["bytes"] for r in res})}
@@ -117,6 +119,12 @@ def run(ctx: Context) -> list[Scenario]:
                              target_value=EGRESS_TARGET if variant == "sharing" else None).add(out["egress"] / total)
                     s.figure(f"{n}.{variant}.peers", f"{label}: bytes between peers / (nodes × model)", "x").add(
                         out["peer_bytes"] / total)
+                    if variant == "sharing":
+                        s.figure(f"{n}.sharing.fallbacks", f"{label}: chunks the backend sent to a peer that "
+                                 "came from the backend after all (peer slow, gone, or without it)", "chunks").add(
+                            out["fallbacks"])
+                        s.figure(f"{n}.sharing.redirects", f"{label}: chunks the backend sent to a peer",
+                                 "chunks").add(out["redirects"])
                     s.figure(f"{n}.{variant}.cpu", f"{label}: CPU s per GB delivered, all processes",
                              "CPU s/GB").add(out["cpu"] / (total / 1e9))
     finally:

@@ -736,7 +736,9 @@ class FetchEngine:
             return found
         key = map_key(entry.content_id, entry.chunk_size)
         if not wait:
-            if self._next_map_ask.get(key, 0.0) > time.monotonic():
+            # An ask in flight is joined (its answer is moments away); a recent one that said
+            # "not verified yet" is trusted until the poll interval has passed.
+            if ("map", key, False) not in self._meta_flights and self._next_map_ask.get(key, 0.0) > time.monotonic():
                 return None
             return await self._meta_flights.run(("map", key, False), lambda: self._ask_map(source, auth, 0.0),
                                                 self.nursery)  # type: ignore[return-value]

@@ -168,6 +168,9 @@ class PeerServer:
                 self.counters.heartbeat_failures += 1
                 log.warning("heartbeat to %s failed: %s (peers are not sent here until one arrives)",
                             self.remote.url, exc)
+            except Exception:  # noqa: BLE001 - a bug here must not take the mount down with it
+                self.counters.heartbeat_failures += 1
+                log.exception("heartbeat to %s failed", self.remote.url)
             await trio.sleep(HEARTBEAT_INTERVAL)
 
     # -- observability ----------------------------------------------------------------------

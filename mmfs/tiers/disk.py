@@ -746,7 +746,8 @@ class DiskTier(ChunkTier):
         return key in self._index
 
     def verified_keys(self) -> set[ChunkKey]:
-        return {key for key, entry in self._index.items() if entry.verified}
+        with self._lock:  # worker threads change the index
+            return {key for key, entry in self._index.items() if entry.verified}
 
     def statistics(self) -> TierStatistics:
         return TierStatistics(self.name, self._hits, self._misses, self._hit_bytes, self._used,
