@@ -239,3 +239,23 @@ def test_manifest_entries_from_the_network_are_validated():
     manifest = Manifest(REPO, COMMIT, (FileEntry.from_json(good),))
     with pytest.raises(ValueError):
         Manifest.loads(manifest.dumps().replace(COMMIT.encode(), b"../../x"))
+
+
+async def test_held_chunk_offers_peers_verified_copies_only(tmp_path):
+    """What a node's peer server may send (mmfs/peer_server.py): verified copies, never provisional ones."""
+    data = payload(3 * CHUNK)
+    remote = BytesRemote({"w.bin": data})
+    async with await _open(remote, tmp_path) as engine:
+        manifest = await engine.manifest(REPO, "main")
+        source = FileSource(REPO, manifest.commit, manifest.file("w.bin"))
+        key = source.entry.chunk_key(0)
+        assert await engine.held_chunk(key, 0.0) is None  # not held: a peer server never fetches
+        assert remote.fetches == 0
+        await engine.read(source, 0, CHUNK)  # chunk 0 alone: the file is not verified yet
+        assert await engine.held_chunk(key, 0.0) is None
+        assert key not in engine.held_keys()
+        await engine.read(source, 0, len(data))  # the whole file: verified, its map made
+        await engine.flush()
+        held = await engine.held_chunk(key, 0.0)
+        assert held is not None and bytes(held.data) == data[:CHUNK]
+        assert {source.entry.chunk_key(i) for i in range(3)} <= engine.held_keys()

@@ -93,12 +93,14 @@ def test_a_tree_not_a_chain_and_full_peers_mean_the_backend_serves() -> None:
 def test_quiet_nodes_are_forgotten() -> None:
     clock = Clock()
     table = HolderTable(clock=clock, ttl=10.0)
-    beat(table, 1, holding(7))
+    beat(table, 1, holding(7, 8))
     beat(table, 2)
     clock.now += 9.0
     beat(table, 2)
     assert table.choose(node(2), KEY, may_redirect=True) == node(1)
-    clock.now += 2.0  # 11 s since node 1's heartbeat
+    clock.now += 2.0  # 11 s since node 1's heartbeat, 2 s since node 2's
+    other = ChunkKey(KEY.content_id, CHUNK, 8)
+    assert table.choose(node(2), other, may_redirect=True) is None  # node 1 holds it, but went quiet
     beat(table, 3)
     assert table.choose(node(3), KEY, may_redirect=True) == node(2)  # node 2 asked: receiving it
     assert node(1) not in [n["node"] for n in table.describe()["nodes"]]
