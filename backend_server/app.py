@@ -1,4 +1,5 @@
-"""The backend's HTTP API over one :class:`~mmfs.engine.FetchEngine` whose remote is the Hub.
+"""The backend's HTTP API over one :class:`~mmfs.engine.FetchEngine` whose remote is the upstream
+(the Hub, and the object stores of its ``--store`` list: docs/providers.md).
 
 Three faces, one engine (the full reference is ``docs/protocol.md``):
 
@@ -55,8 +56,8 @@ from mmfs.errors import (AccessDenied, EntryNotFound, FailureLog, IntegrityError
 from mmfs.manifest import ChunkKey, FileEntry, Manifest
 from mmfs.tiers.base import Chunk
 from mmfs.artifacts import ArtifactKey
-from mmfs.names import (ARTIFACTS, RepoRef, check_path, check_provider, check_repo_part, check_revision, hub_provider,
-                        is_commit)
+from mmfs.names import (ARTIFACTS, STORE_PROVIDERS, RepoRef, check_path, check_revision, hub_provider, is_commit,
+                        make_repo)
 from mmfs.remote.backend import NODE_HEADER, PEER_HEADER, PEERS_HEADER, VERIFIED_HEADER
 from mmfs.remote.base import FileSource
 from mmfs.remote.replicas import ReplicaRemote
@@ -664,6 +665,10 @@ class BackendApp:
 
         An artifact (``repo`` is :data:`ARTIFACTS`, ``revision`` its id) is listed to those
         who may read the model commit it was derived from.
+
+        Object stores and local roots are read with this server's credentials for every
+        caller: what it serves of them is the operator's ``--store`` list, enforced by
+        the store remote (docs/providers.md); callers' tokens play no part.
         """
         if repo == ARTIFACTS:
             record = self.artifacts.store.record(revision) if self.artifacts is not None else None
@@ -671,6 +676,8 @@ class BackendApp:
                 raise ArtifactNotFound(f"no artifact {revision[:80]} is published on this backend")
             await self._check_artifact_reader(ArtifactKey.from_json(record["key"]), auth)
             return await self.engine.manifest(ARTIFACTS, revision)
+        if repo.provider in STORE_PROVIDERS:
+            return await self.engine.manifest(repo, revision)
         try:
             manifest = await self._manifest(repo, revision, None)
         except (AccessDenied, RepoNotFound):
@@ -720,7 +727,7 @@ class BackendApp:
         try:
             return await self.engine.read_chunk(source, index, auth=auth, served=served)
         except AccessDenied:
-            if not auth:
+            if not auth and source.repo.provider not in STORE_PROVIDERS:
                 self.access.mark_restricted(source.repo)
             raise
         except BaseExceptionGroup as group:  # pragma: no cover - the engine unwraps its own groups
@@ -763,7 +770,7 @@ def _form(request: Request) -> dict[str, list[str]]:
 def _repo(provider: str, org: str, name: str) -> RepoRef:
     if (provider, org, name) == (ARTIFACTS.provider, ARTIFACTS.org, ARTIFACTS.name):
         return ARTIFACTS
-    return RepoRef(check_provider(provider), check_repo_part(org, "organisation"), check_repo_part(name))
+    return make_repo(provider, org, name)  # a store prefix arrives as one ``%2F`` segment
 
 
 def _api_repo(s: list[str]) -> RepoRef:

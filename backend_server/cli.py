@@ -50,6 +50,7 @@ from mmfs.refwatch import DEFAULT_REF_TTL, RefWatcher
 from mmfs.retention import DEFAULT_GRACE, Retention
 from mmfs.remote.hub import HubRemote, hub_endpoint
 from mmfs.remote.replicas import Replica, ReplicaRemote, ReplicaSet, expand, parse_replica_urls
+from mmfs.remote.router import StoreConfig, upstream
 from mmfs.sizes import format_size, parse_size, size_argument
 from mmfs.tiers.base import ChunkTier
 from mmfs.tiers.disk import DiskTier
@@ -140,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--retain", type=options.seconds_or_zero, default=DEFAULT_GRACE, metavar="SECONDS",
                        help="how long a commit no ref points at any more, and no node pins, stays before its "
                             f"content is reclaimed (default {DEFAULT_GRACE:g})")
+    serve.add_argument("--store", metavar="SPEC", action="append", default=[],
+                       help="also serve this object store or local directory to the cluster, read with this "
+                            "server's credentials: s3:<bucket>, azure:<container> (s3:* / azure:* for any), "
+                            "file:<name>=<path> (repeatable; also MMFS_STORES; docs/providers.md)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -188,7 +193,7 @@ async def serve(args: argparse.Namespace) -> int:
         log.error("%s: running without the cold tier (memory only)", exc)
     metadata = MetadataStore(data_dir / "metadata")
     artifacts = ArtifactStore(data_dir / "artifacts", metadata, args.chunk_size)
-    remote: Remote = ArtifactOrigin(hub, artifacts)
+    remote: Remote = ArtifactOrigin(upstream(hub, StoreConfig.from_env(args.store), args.chunk_size), artifacts)
     if args.replicas:
         self_id = _advertised(args)
         replicas = ReplicaSet(args.replicas, always=Replica(self_id, f"http://{self_id}"))

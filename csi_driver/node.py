@@ -251,7 +251,7 @@ class NodeDriver:
     def _resolve(self, spec: VolumeSpec) -> tuple[str, str]:
         """``(commit, source directory)`` of *spec*: a branch or tag is read through its
         symlink now, so every later publish of this target sees this commit."""
-        org, name = spec.repo.split("/")
+        org, name = spec.repo.split("/", 1)  # a store model's prefix may hold "/"
         repo_dir = os.path.join(self.mount_root, spec.provider, org, name)
         self._fs(lambda: os.stat(repo_dir), f"repo {spec.provider}/{spec.repo}")
         rev_path = os.path.join(repo_dir, spec.revision)

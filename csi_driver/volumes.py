@@ -4,10 +4,10 @@
 key             default   meaning
 ==============  ========  ==============================================================
 ``provider``    huggingface  the namespace under the mount root (``huggingface-datasets``
-                             for a Hub dataset)
-``repo``        (required)   ``org/name``
+                             for a Hub dataset; ``s3``, ``azure``, ``file``: docs/providers.md)
+``repo``        (required)   ``org/name`` (stores: ``<bucket>/<prefix…>``)
 ``revision``    ``main``     branch, tag or 40-hex commit; a branch or tag is pinned to
-                             its commit at publish time
+                             its commit at publish time (stores: ``latest``)
 ``subPath``     (none)       a directory inside the repo to publish instead of its root
 ``prefetch``    ``false``    ``"true"`` starts warming that commit in the background
 ==============  ========  ==============================================================
@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mmfs.errors import InvalidName
-from mmfs.names import check_path, check_revision, parse_repo_id
+from mmfs.names import STORE_BRANCH, STORE_PROVIDERS, check_path, check_revision, parse_repo_id
 
 KNOWN_KEYS = frozenset({"provider", "repo", "revision", "subPath", "prefetch"})
 KUBELET_PREFIX = "csi.storage.k8s.io/"
@@ -52,7 +52,7 @@ def parse_volume_context(context: Mapping[str, str]) -> VolumeSpec:
     if not repo:
         raise InvalidVolume("volume attribute 'repo' (org/name) is required")
     provider = context.get("provider") or DEFAULT_PROVIDER
-    revision = context.get("revision") or DEFAULT_REVISION
+    revision = context.get("revision") or (STORE_BRANCH if provider in STORE_PROVIDERS else DEFAULT_REVISION)
     raw_sub_path = context.get("subPath", "")
     if raw_sub_path.startswith("/"):
         raise InvalidVolume(f"subPath {raw_sub_path!r} must be relative to the repo")

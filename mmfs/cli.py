@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 from . import options
 from .artifacts import DEFAULT_BUILDER
-from .errors import MmfsError
+from .errors import InvalidName, MmfsError
+from .remote.router import StoreConfig
 from .sizes import format_size, parse_size, size_argument
 
 EXIT_ERROR = 1
@@ -78,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
                        "logs in --log-file")
     mount.add_argument("--log-file", metavar="FILE", help="write logs to FILE instead of stderr (default with "
                        "--daemon: CACHE_DIR/mount.log)")
+    mount.add_argument("--store", metavar="SPEC", action="append", default=[],
+                       help="embedded mode: also serve this object store or local directory: s3:<bucket>, "
+                            "azure:<container>, file:<name>=<path> (repeatable; also MMFS_STORES; "
+                            "docs/providers.md)")
     mount.add_argument("--debug", action="store_true", help="debug logging (and FUSE debug output)")
 
     unmount = commands.add_parser("unmount", aliases=["umount"], help="unmount a running mmfs mount")
@@ -206,6 +211,13 @@ def _mount(args: argparse.Namespace) -> int:
                             labels=args.peer_labels)
     elif args.peer_advertise or args.peer_labels:
         return options.usage_error("mmfs mount", "--peer-advertise and --peer-labels need --peer-listen")
+    if args.store and args.backend:
+        return options.usage_error("mmfs mount", "--store is for embedded mode; with --backend, the backend's "
+                                   "--store list applies")
+    try:
+        StoreConfig.from_env(args.store)
+    except InvalidName as exc:
+        return options.usage_error("mmfs mount", str(exc))
     cache_dir = args.cache_dir or DEFAULT_CACHE_DIR
     if args.daemon:
         from .background import start
@@ -222,7 +234,8 @@ def _mount(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size, read_ahead=args.read_ahead, remote_timeout=args.remote_timeout,
         max_tasks=args.max_tasks, debug=args.debug, passthrough=args.passthrough, nonempty=args.nonempty,
         peers=peers, log_file=os.path.abspath(args.log_file) if args.log_file else None,
-        ref_ttl=args.ref_ttl, warm_on_update=args.warm_on_update, retain=args.retain)
+        ref_ttl=args.ref_ttl, warm_on_update=args.warm_on_update, retain=args.retain,
+        stores=tuple(args.store))
     return run(mount_options)
 
 

@@ -53,6 +53,8 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
+from .names import STORE_PROVIDERS
+
 log = logging.getLogger(__name__)
 
 __all__ = ["DownloadInfo", "modelmanager_download", "snapshot_download", "backend_url", "mount_roots"]
@@ -60,7 +62,8 @@ __all__ = ["DownloadInfo", "modelmanager_download", "snapshot_download", "backen
 DEFAULT_HOST = "modelmanager-server"
 DEFAULT_PORT = 3000
 #: Provider spellings accepted (case-insensitive) and the name the mount and backend use.
-PROVIDERS = {"huggingface": "huggingface", "hf": "huggingface", "hub": "huggingface"}
+PROVIDERS = {"huggingface": "huggingface", "hf": "huggingface", "hub": "huggingface",
+             "s3": "s3", "azure": "azure", "file": "file"}
 REPO_TYPES = ("model", "dataset", "space")
 #: Repo types the node mount and the backend serve; spaces go to the provider.
 CLUSTER_REPO_TYPES = ("model", "dataset")
@@ -128,7 +131,8 @@ def _check(info: DownloadInfo, want_file: bool) -> _Request:
     if not isinstance(info.repo_id, str) or not info.repo_id.strip():
         raise ValueError(f"repo_id must be a non-empty string like 'org/name', not {info.repo_id!r}")
     if not isinstance(info.provider, str) or info.provider.lower() not in PROVIDERS:
-        raise ValueError(f"unknown provider {info.provider!r}: the providers known here are 'HuggingFace'")
+        raise ValueError(f"unknown provider {info.provider!r}: the providers known here are 'HuggingFace', "
+                         "'S3', 'Azure' and 'file'")
     provider = PROVIDERS[info.provider.lower()]
     repo_type = "model" if info.repo_type is None else info.repo_type
     if repo_type not in REPO_TYPES:
@@ -153,7 +157,14 @@ def _check(info: DownloadInfo, want_file: bool) -> _Request:
     elif info.filename is not None:
         raise ValueError("snapshot_download takes no filename (use allow_patterns to select files)")
     cluster_repo = None
-    if repo_type in CLUSTER_REPO_TYPES:
+    if provider in STORE_PROVIDERS:
+        if repo_type != "model":
+            raise ValueError(f"repo_type {repo_type!r} is for the Hub; a {info.provider} model is a bucket and a prefix")
+        try:
+            cluster_repo = parse_repo_id(info.repo_id, provider)
+        except InvalidName as exc:
+            raise ValueError(str(exc)) from None
+    elif repo_type in CLUSTER_REPO_TYPES:
         try:
             cluster_repo = parse_repo_id(info.repo_id, hub_provider(repo_type))
         except InvalidName as exc:
@@ -355,6 +366,11 @@ def modelmanager_download(info: DownloadInfo | str | None = None, /, *, cache_di
     if force_download and local_files_only:
         raise ValueError("force_download=True and local_files_only=True contradict each other")
     i = request.info
+    if request.provider in STORE_PROVIDERS:
+        from . import client_stores
+
+        return client_stores.download(request, cache_dir=cache_dir, local_dir=local_dir, force_download=force_download,
+                                      local_files_only=local_files_only)
 
     def call(endpoint: str | None) -> str:
         return hf_hub_download(i.repo_id, i.filename, subfolder=i.subfolder or None, repo_type=request.repo_type,
@@ -387,6 +403,12 @@ def snapshot_download(info: DownloadInfo | str | None = None, /, *,
     if request.info.subfolder:
         raise ValueError("snapshot_download takes no subfolder (use allow_patterns=['<folder>/*'])")
     i = request.info
+    if request.provider in STORE_PROVIDERS:
+        from . import client_stores
+
+        return client_stores.download(request, cache_dir=cache_dir, local_dir=local_dir, force_download=force_download,
+                                      local_files_only=local_files_only,
+                                      patterns=client_stores.selector(allow_patterns, ignore_patterns))
 
     def call(endpoint: str | None) -> str:
         return hf_snapshot_download(i.repo_id, repo_type=request.repo_type, revision=i.revision,

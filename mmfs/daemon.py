@@ -1,7 +1,8 @@
 """The node daemon: wires tiers, remote, engine, VFS and pyfuse3 together, and runs the mount.
 
     MemoryTier(--memory-cache) ─ DiskTier(--cache-dir, --cache-size) ─ remote
-    remote = BackendRemote(--backend)  or, embedded, HubRemote(HF_ENDPOINT, HF_TOKEN)
+    remote = BackendRemote(--backend)  or, embedded, ProviderRemote: HubRemote(HF_ENDPOINT, HF_TOKEN)
+             plus the stores of --store (mmfs/remote/router.py)
              (ReplicaRemote where --backend names several replicas: each chunk from its owner)
              (NixlBackendRemote with --transport nixl, or with auto where NIXL can win:
              see choose_transport; wrapped in PeeringRemote with --peer-listen, which
@@ -55,6 +56,7 @@ from .remote.base import FileSource, Remote
 from .remote.hub import HubRemote
 from .remote.replicas import ReplicaRemote, ReplicaSet, expand, parse_replica_urls
 from .remote.peer import PeeringRemote
+from .remote.router import StoreConfig, upstream
 from .tiers.base import ChunkTier
 from .tiers.disk import DiskTier
 from .tiers.memory import MemoryTier
@@ -108,6 +110,10 @@ class MountOptions:
     warm_on_update: bool = False
     #: Seconds a commit stays after no ref points at it and nothing pins it (retention.py).
     retain: float = DEFAULT_GRACE
+    #: Object stores and local roots served in embedded mode (``--store``, plus
+    #: ``MMFS_STORES``; :class:`~mmfs.remote.router.StoreConfig`). With a backend, the
+    #: backend's own list applies.
+    stores: tuple[str, ...] = ()
     debug: bool = False
 
 
@@ -195,7 +201,8 @@ def make_remote(options: MountOptions, transport: TransportChoice | None = None)
         if options.peers is not None:
             return PeeringRemote(backend, peer_url(options.peers))
         return backend
-    return HubRemote(chunk_size=options.chunk_size, policy=policy)
+    hub = HubRemote(chunk_size=options.chunk_size, policy=policy)
+    return upstream(hub, StoreConfig.from_env(list(options.stores)), options.chunk_size)
 
 
 def peer_url(peers: PeerOptions) -> str:

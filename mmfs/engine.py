@@ -901,7 +901,9 @@ class FetchEngine:
             self._file_hashes.pop(map_key(entry.content_id, entry.chunk_size), None)
             if self._purges.get(entry.content_id, 0) != purges:
                 raise _PurgedWhileLoading(f"{entry.path} failed verification while being verified again")
-            if digest != entry.hash:
+            # A PINNED file (a store object without a checksum) has no upstream hash: its
+            # first complete fetch, every chunk pinned to one object version, is the reference.
+            if entry.has_upstream_hash and digest != entry.hash:
                 self._integrity_failures += 1
                 log.error("integrity: %s@%s %s: %s is %s, upstream said %s; purged from every tier",
                           source.repo, source.commit, entry.path, entry.hash_algo, digest, entry.hash)

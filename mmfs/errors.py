@@ -9,6 +9,7 @@ into a one-line message and a non-zero exit::
     ├── NotFound             unknown repo, revision or file            ENOENT / 404
     │   ├── RepoNotFound
     │   ├── RevisionNotFound
+    │   │   └── StaleRevision  an object store changed since that revision ESTALE / 404
     │   └── EntryNotFound
     ├── AccessDenied         gated or private repo without a token     EACCES / 403
     ├── UpstreamError        upstream or backend failed for good       EIO    / 502
@@ -55,6 +56,14 @@ class RevisionNotFound(NotFound):
     pass
 
 
+class StaleRevision(RevisionNotFound):
+    """A revision of an object store or local root that the store no longer holds: an
+    object changed after the revision was listed (docs/providers.md). Reads of it fail
+    instead of mixing two versions; ``latest`` names the new one."""
+
+    errno = _errno.ESTALE
+
+
 class EntryNotFound(NotFound):
     pass
 
@@ -90,7 +99,7 @@ class CacheError(MmfsError):
 
 _BY_CODE: dict[str, type[MmfsError]] = {
     cls.code(): cls
-    for cls in (MmfsError, InvalidName, NotFound, RepoNotFound, RevisionNotFound, EntryNotFound,
+    for cls in (MmfsError, InvalidName, NotFound, RepoNotFound, RevisionNotFound, StaleRevision, EntryNotFound,
                 AccessDenied, UpstreamError, TransientError, IntegrityError, CacheError)
 }
 

@@ -21,11 +21,20 @@ from .names import RepoRef, check_path, is_commit
 DEFAULT_CHUNK_SIZE = 4 << 20
 MANIFEST_FORMAT = 1
 
-SHA256 = "sha256"  # LFS files: the Hub's X-Linked-Etag
+SHA256 = "sha256"  # LFS files: the Hub's X-Linked-Etag; S3 objects with a full-object SHA-256 checksum
 GIT_SHA1 = "git-sha1"  # regular files: the git blob id
-_HASH_FORMS = {SHA256: re.compile(r"[0-9a-f]{64}"), GIT_SHA1: re.compile(r"[0-9a-f]{40}")}
+MD5 = "md5"  # Azure blobs with a Content-MD5
+#: No content hash upstream (object stores without checksums, local files): ``hash`` is a
+#: fingerprint of the object *version* (store, key, ETag or version id, size), and the
+#: chunk map of the first complete fetch is the reference (docs/providers.md).
+PINNED = "pinned"
+_HASH_FORMS = {SHA256: re.compile(r"[0-9a-f]{64}"), GIT_SHA1: re.compile(r"[0-9a-f]{40}"),
+               MD5: re.compile(r"[0-9a-f]{32}"), PINNED: re.compile(r"[0-9a-f]{64}")}
+#: Longest ``FileEntry.pin`` accepted from the wire.
+PIN_MAX = 1024
 #: The hash of empty content in each form: what a zero-byte file must carry.
-_EMPTY_HASHES = {SHA256: hashlib.sha256(b"").hexdigest(), GIT_SHA1: hashlib.sha1(b"blob 0\0").hexdigest()}
+_EMPTY_HASHES = {SHA256: hashlib.sha256(b"").hexdigest(), GIT_SHA1: hashlib.sha1(b"blob 0\0").hexdigest(),
+                 MD5: hashlib.md5(b"", usedforsecurity=False).hexdigest()}
 #: Chunk sizes a manifest may carry: a remote cannot make us allocate absurd buffers.
 MIN_CHUNK_SIZE = 4 << 10
 MAX_CHUNK_SIZE = 256 << 20
@@ -57,6 +66,10 @@ class FileEntry:
     hash_algo: str  # SHA256 or GIT_SHA1
     hash: str  # lowercase hex
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    #: Object stores: the version every byte must come from (``etag:<ETag>``,
+    #: ``version:<id>``, ``mtime:<ns>``), so an object rewritten between two chunk fetches
+    #: is refused, never mixed. Empty for the Hub (its URLs name a commit).
+    pin: str = ""
 
     def __post_init__(self) -> None:
         # Manifests come from the network; their hashes name files in the chunk store, so
@@ -67,6 +80,8 @@ class FileEntry:
             raise ValueError(f"{self.path}: invalid {self.hash_algo!r} hash {self.hash[:80]!r}")
         if self.size < 0 or not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
             raise ValueError(f"{self.path}: invalid size {self.size} or chunk size {self.chunk_size}")
+        if len(self.pin) > PIN_MAX or "\0" in self.pin:
+            raise ValueError(f"{self.path}: invalid pin {self.pin[:80]!r}")
 
     @property
     def is_lfs(self) -> bool:
@@ -102,25 +117,49 @@ class FileEntry:
         empty content. Such a file has no chunk to verify, so this is its whole check: an
         upstream listing an empty file under another content's hash is as wrong as a
         flipped byte, and readers must not take the empty file as that content."""
-        if self.size == 0 and self.hash != _EMPTY_HASHES[self.hash_algo]:
+        if self.size == 0 and self.has_upstream_hash and self.hash != _EMPTY_HASHES[self.hash_algo]:
             raise IntegrityError(f"{self.path}: listed as empty, but its {self.hash_algo} {self.hash} is not the "
                                  "hash of empty content")
 
-    def new_hasher(self) -> "hashlib._Hash":
-        """A hasher that, fed the whole content, must end in :attr:`hash`."""
+    @property
+    def has_upstream_hash(self) -> bool:
+        """False for :data:`PINNED` files: nothing upstream to check the whole file against."""
+        return self.hash_algo != PINNED
+
+    def new_hasher(self) -> "hashlib._Hash | _NoHash":
+        """A hasher that, fed the whole content, must end in :attr:`hash` (where
+        :attr:`has_upstream_hash`; otherwise one that hashes nothing)."""
         if self.hash_algo == SHA256:
             return hashlib.sha256()
+        if self.hash_algo == MD5:
+            return hashlib.md5(usedforsecurity=False)
+        if self.hash_algo == PINNED:
+            return _NoHash()
         hasher = hashlib.sha1()
         hasher.update(b"blob %d\0" % self.size)
         return hasher
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "hash_algo": self.hash_algo, "hash": self.hash,
+        data = {"path": self.path, "size": self.size, "hash_algo": self.hash_algo, "hash": self.hash,
                 "chunk_size": self.chunk_size}
+        if self.pin:
+            data["pin"] = self.pin
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "FileEntry":
-        return cls(data["path"], int(data["size"]), data["hash_algo"], data["hash"], int(data["chunk_size"]))
+        return cls(data["path"], int(data["size"]), data["hash_algo"], data["hash"], int(data["chunk_size"]),
+                   str(data.get("pin", "")))
+
+
+class _NoHash:
+    """The whole-file "hash" of a :data:`PINNED` file: there is nothing to compare with."""
+
+    def update(self, data: bytes | memoryview) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return ""
 
 
 @dataclass(frozen=True)

@@ -212,7 +212,7 @@ class MetadataStore:
         with self._env.begin(db=self._manifests) as txn:
             for raw in txn.cursor().iternext(keys=True, values=False):
                 repo_text, _, commit = raw.decode("utf-8", "replace").rpartition("@")
-                parts = repo_text.split("/")
+                parts = repo_text.split("/", 2)  # a store model's prefix may hold "/"
                 if len(parts) == 3 and is_commit(commit):
                     keys.append((RepoRef(*parts), commit))
         return keys

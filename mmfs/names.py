@@ -8,6 +8,7 @@ Everything that becomes a URL, a directory or an LMDB key passes through here fi
 from __future__ import annotations
 
 import re
+from urllib.parse import quote
 from dataclasses import dataclass
 
 from .errors import InvalidName
@@ -18,7 +19,14 @@ from .errors import InvalidName
 #: ``huggingface/``, keeps every repo at ``<provider>/<org>/<name>`` (no org is mistaken
 #: for a repo type) and keeps model paths as they were.
 HUB_REPO_TYPES = {"huggingface": "model", "huggingface-datasets": "dataset"}
-PROVIDERS = tuple(HUB_REPO_TYPES)
+#: Object stores and local directories: no commits, so revisions are listing digests and
+#: their one branch is :data:`STORE_BRANCH` (docs/providers.md).
+STORE_PROVIDERS = ("s3", "azure", "file")
+PROVIDERS = (*HUB_REPO_TYPES, *STORE_PROVIDERS)
+#: The branch of a store model: moves whenever the listing under its prefix changes.
+STORE_BRANCH = "latest"
+#: Longest key prefix a store model may have (S3 keys are at most 1024 bytes).
+PREFIX_MAX = 1024
 #: Longest single path component Linux accepts (NAME_MAX) and longest path (PATH_MAX).
 NAME_MAX = 255
 PATH_MAX = 4096
@@ -33,7 +41,8 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 @dataclass(frozen=True, slots=True)
 class RepoRef:
     """A repository: ``<provider>/<org>/<name>`` (``huggingface/...`` for a Hub model,
-    ``huggingface-datasets/...`` for a Hub dataset)."""
+    ``huggingface-datasets/...`` for a Hub dataset), or for a store provider
+    ``<provider>/<bucket>/<prefix…>`` (``name`` is then a key prefix that may hold ``/``)."""
 
     provider: str
     org: str
@@ -47,6 +56,12 @@ class RepoRef:
     def hub_repo_type(self) -> str | None:
         """``"model"`` or ``"dataset"`` for a Hub repo, ``None`` for other providers."""
         return HUB_REPO_TYPES.get(self.provider)
+
+    @property
+    def url_path(self) -> str:
+        """``provider/org/name`` for the node protocol's URLs: a store prefix's ``/`` is
+        sent as ``%2F``, so the name stays one path segment."""
+        return f"{self.provider}/{self.org}/{quote(self.name, safe='')}"
 
     def __str__(self) -> str:
         return f"{self.provider}/{self.org}/{self.name}"
@@ -88,8 +103,49 @@ def check_repo_part(part: str, what: str = "repo name") -> str:
     return part
 
 
+def check_store_part(part: str, what: str) -> str:
+    """A bucket, container, root or key prefix component: the Hub's characters, no length
+    cap of its own and ``--`` allowed (stores have their own, stricter rules upstream)."""
+    if "\0" in part:
+        raise InvalidName(f"{what} contains a NUL byte")
+    if len(part.encode()) > NAME_MAX:
+        raise InvalidName(f"{what} is longer than {NAME_MAX} bytes")
+    if not _REPO_PART.match(part) or ".." in part:
+        raise InvalidName(f"invalid {what} {part!r}: use letters, digits, '-', '_' and '.'")
+    return part
+
+
+def check_prefix_part(part: str) -> str:
+    """One component of a store model's key prefix. ``latest`` and 40-hex names are
+    refused: on the mount they mark where the prefix ends and the revision begins."""
+    check_store_part(part, "key prefix component")
+    if part == STORE_BRANCH or is_commit(part):
+        raise InvalidName(f"key prefix component {part!r} is a revision name ({STORE_BRANCH!r} or 40 hex): "
+                          "such a prefix cannot be named on the mount")
+    return part
+
+
+def make_repo(provider: str, org: str, name: str) -> RepoRef:
+    """A validated :class:`RepoRef`: Hub repos are ``org/name``; store models are a bucket
+    (container, file root) and a key prefix of one or more components."""
+    check_provider(provider)
+    if provider not in STORE_PROVIDERS:
+        return RepoRef(provider, check_repo_part(org, "organisation"), check_repo_part(name))
+    check_store_part(org, "bucket, container or root name")
+    if not name or len(name.encode()) > PREFIX_MAX:
+        raise InvalidName(f"a {provider} model needs a key prefix of 1 to {PREFIX_MAX} bytes after {org!r}")
+    for part in name.split("/"):
+        check_prefix_part(part)
+    return RepoRef(provider, org, name)
+
+
 def parse_repo_id(repo_id: str, provider: str = "huggingface") -> RepoRef:
-    """Parse ``org/name`` into a :class:`RepoRef`."""
+    """Parse ``org/name`` (stores: ``bucket/prefix…``) into a :class:`RepoRef`."""
+    if provider in STORE_PROVIDERS:
+        org, _, name = repo_id.strip("/").partition("/")
+        if not name:
+            raise InvalidName(f"invalid {provider} repo id {repo_id!r}: expected <bucket>/<prefix…>")
+        return make_repo(provider, org, name)
     parts = repo_id.split("/")
     if len(parts) != 2:
         raise InvalidName(f"invalid repo id {repo_id!r}: expected <org>/<name>")

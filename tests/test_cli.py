@@ -19,7 +19,9 @@ def test_parse_target() -> None:
     assert warm.parse_target("huggingface/org/name") == warm.Target(RepoRef("huggingface", "org", "name"), "main")
     assert warm.parse_target("org/name@v1.0").revision == "v1.0"
     assert warm.parse_target("huggingface/org/name@" + "a" * 40).revision == "a" * 40
-    for bad in ("org", "s3/org/name", "huggingface/../x", "huggingface/org/name@", "a/b/c/d", "huggingface/org"):
+    assert warm.parse_target("s3/bucket/org/name") == warm.Target(RepoRef("s3", "bucket", "org/name"), "latest")
+    for bad in ("org", "gcs/org/name", "s3/bucket", "huggingface/../x", "huggingface/org/name@", "a/b/c/d",
+                "huggingface/org"):
         with pytest.raises(InvalidName):
             warm.parse_target(bad)
     with pytest.raises(InvalidName, match="expected huggingface/<org>/<name>"):

@@ -374,7 +374,7 @@ def test_invalid_argument(up):
         "absolute repo": publish_request(target, ctx={"repo": "/etc/passwd"}),
         "repo with NUL": publish_request(target, ctx={"repo": "acme/ti\0ny"}),
         "one-part repo": publish_request(target, ctx={"repo": "tiny"}),
-        "unknown provider": publish_request(target, ctx={"repo": "acme/tiny", "provider": "s3"}),
+        "unknown provider": publish_request(target, ctx={"repo": "acme/tiny", "provider": "gcs"}),
         "revision ..": publish_request(target, ctx={"repo": "acme/tiny", "revision": ".."}),
         "revision .": publish_request(target, ctx={"repo": "acme/tiny", "revision": "."}),
         "revision ./main": publish_request(target, ctx={"repo": "acme/tiny", "revision": "./main"}),

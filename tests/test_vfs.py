@@ -99,7 +99,7 @@ async def test_namespace_and_attributes(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("path,err", [
-    (("s3",), errno.ENOENT),
+    (("gcs",), errno.ENOENT),
     (("huggingface", "a..b"), errno.ENOENT),
     (("huggingface", "x" * 97), errno.ENOENT),
     (("huggingface", "org", "other"), errno.ENOENT),

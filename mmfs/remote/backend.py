@@ -65,7 +65,7 @@ class BackendRemote(Remote):
         return {"Authorization": value} if value else {}
 
     async def resolve(self, repo: RepoRef, revision: str, *, auth: str | None = None) -> str:
-        url = f"{self.url}/v1/resolve/{repo}/{quote(revision, safe='')}"
+        url = f"{self.url}/v1/resolve/{repo.url_path}/{quote(revision, safe='')}"
         response = await request(self._client, self._policy, "GET", url, headers=self._headers(auth))
         try:
             commit = str(response.json()["commit"])
@@ -76,7 +76,7 @@ class BackendRemote(Remote):
         return commit
 
     async def manifest(self, repo: RepoRef, commit: str, *, auth: str | None = None) -> Manifest:
-        url = f"{self.url}/v1/manifest/{repo}/{commit}"
+        url = f"{self.url}/v1/manifest/{repo.url_path}/{commit}"
         response = await request(self._client, self._policy, "GET", url, headers=self._headers(auth))
         try:
             manifest = Manifest.from_json(response.json())
@@ -96,7 +96,7 @@ class BackendRemote(Remote):
                                       peering: dict[str, str] | None = None) -> FetchedChunk | PeerRedirect:
         """The chunk, or (with ``peering`` headers that allow it) where a peer has it."""
         start, end = source.entry.chunk_span(index)
-        url = f"{self.url}/v1/chunk/{source.repo}/{source.commit}/{quote(source.entry.path)}?index={index}"
+        url = f"{self.url}/v1/chunk/{source.repo.url_path}/{source.commit}/{quote(source.entry.path)}?index={index}"
         response = await request(self._client, self._policy, "GET", url, headers={**self._headers(auth),
                                  **(peering or {})}, expect_length=end - start, answer_redirects=bool(peering))
         if response.status_code == 307:
@@ -119,7 +119,7 @@ class BackendRemote(Remote):
 
     async def fetch_map(self, source: FileSource, *, wait: float = 0.0, auth: str | None = None) -> ChunkMap | int:
         entry = source.entry
-        url = f"{self.url}/v1/map/{source.repo}/{source.commit}/{quote(entry.path)}?wait={wait:g}"
+        url = f"{self.url}/v1/map/{source.repo.url_path}/{source.commit}/{quote(entry.path)}?wait={wait:g}"
         response = await request(self._client, self._policy, "GET", url, headers=self._headers(auth))
         if response.status_code == 202:
             try:

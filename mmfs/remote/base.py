@@ -1,8 +1,10 @@
-"""Where bytes come from when no cache tier has them: one interface for the Hub and the backend.
+"""Where bytes come from when no cache tier has them: one interface for every upstream and the backend.
 
 The node daemon talks to the cluster backend (:mod:`mmfs.remote.backend`); the backend and
-an embedded node (no backend configured) talk to the Hub (:mod:`mmfs.remote.hub`). The
-fetch engine does not know which it has.
+an embedded node (no backend configured) talk to the upstream: the Hub (:mod:`mmfs.remote.hub`)
+and the object stores and local roots they serve (:mod:`mmfs.remote.store`), one remote per
+provider behind :class:`mmfs.remote.router.ProviderRemote`. The fetch engine does not know
+which it has.
 """
 
 from __future__ import annotations

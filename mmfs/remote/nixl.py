@@ -236,7 +236,7 @@ class NixlBackendRemote(BackendRemote):
 
     async def _fetch_nixl(self, plane: _Plane, source: FileSource, index: int, auth: str | None) -> FetchedChunk:
         start, end = source.entry.chunk_span(index)
-        url = f"{self.url}/v1/nixl/chunk/{source.repo}/{source.commit}/{quote(source.entry.path)}?index={index}"
+        url = f"{self.url}/v1/nixl/chunk/{source.repo.url_path}/{source.commit}/{quote(source.entry.path)}?index={index}"
         answer = await self._control("GET", url, auth)
         length, addr, lease_id = int(answer["length"]), int(answer["addr"]), str(answer["lease_id"])
         if length != end - start or length > plane.slot_size:
