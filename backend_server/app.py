@@ -700,8 +700,9 @@ class BackendApp:
         """The ``Authorization`` the engine sends upstream for ``repo`` (after :meth:`_listing`):
         the caller's, already checked, where our own token cannot read the repo; else none
         (the engine's own ``HF_TOKEN``), so one caller's bad token cannot fail the fetches
-        other callers share. Artifacts come from the backend's own blob store: none."""
-        if repo == ARTIFACTS:
+        other callers share. Artifacts come from the backend's own blob store, and stores are
+        read with the backend's own credentials: none."""
+        if repo == ARTIFACTS or repo.provider in STORE_PROVIDERS:
             return None
         return auth if self.access.is_restricted(repo) else None
 
