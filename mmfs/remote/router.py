@@ -19,7 +19,7 @@ from typing import Callable
 from ..chunkmap import ChunkMap
 from ..errors import InvalidName, NotFound
 from ..manifest import Manifest
-from ..names import STORE_PROVIDERS, RepoRef, check_repo_part, check_store_part
+from ..names import HUB_REPO_TYPES, STORE_PROVIDERS, RepoRef, check_repo_part, check_store_part
 from .base import FetchedChunk, FileSource, Remote
 from .store import StoreRemote
 
@@ -96,8 +96,9 @@ class ProviderRemote(Remote):
 
     def __init__(self, remotes: dict[str, Remote]) -> None:
         self.remotes = remotes
+        self._distinct = list({id(r): r for r in remotes.values()}.values())  # the Hub serves several
         hub = remotes.get("huggingface")
-        self.url = hub.url if hub is not None else ", ".join(r.url for r in remotes.values())
+        self.url = hub.url if hub is not None else ", ".join(r.url for r in self._distinct)
 
     def _for(self, repo: RepoRef) -> Remote:
         remote = self.remotes.get(repo.provider)
@@ -108,7 +109,7 @@ class ProviderRemote(Remote):
 
     @property
     def received_bytes(self) -> int:
-        return sum(r.received_bytes for r in self.remotes.values())
+        return sum(r.received_bytes for r in self._distinct)
 
     async def resolve(self, repo: RepoRef, revision: str, *, auth: str | None = None) -> str:
         return await self._for(repo).resolve(repo, revision, auth=auth)
@@ -123,10 +124,11 @@ class ProviderRemote(Remote):
         return await self._for(source.repo).fetch_map(source, wait=wait, auth=auth)
 
     async def aclose(self) -> None:
-        for remote in self.remotes.values():
+        for remote in self._distinct:
             await remote.aclose()
 
 
 def upstream(hub: Remote, stores: StoreConfig, chunk_size: int) -> ProviderRemote:
-    """The Hub and the configured stores; a provider not configured answers ``NotFound``."""
-    return ProviderRemote({"huggingface": hub, **stores.remotes(chunk_size)})
+    """The Hub (models and datasets) and the configured stores; a provider not configured
+    answers ``NotFound``."""
+    return ProviderRemote({**{provider: hub for provider in HUB_REPO_TYPES}, **stores.remotes(chunk_size)})
