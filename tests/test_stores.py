@@ -356,8 +356,9 @@ def test_file_provider_through_the_mount(model: dict[str, bytes], tmp_path: Path
         folder = mount.mountpoint / "file" / "weka" / PREFIX / "latest"
         assert sorted(os.listdir(folder)) == sorted({p.split("/")[0] for p in model})  # no escape.txt
         assert _errno_of(lambda: os.stat(mount.mountpoint / "file" / "other" / PREFIX / "latest")) == errno.ENOENT
-        # Rewritten after the listing, before anyone read it: that revision's read is refused.
-        (root / PREFIX / "config.json").write_bytes(b'{"changed": true}')
+        # Rewritten in place (same size) after the listing, before anyone read it: that
+        # revision's read is refused, not served the new bytes.
+        (root / PREFIX / "config.json").write_bytes(model["config.json"].upper())
         assert _errno_of(lambda: (folder / "config.json").read_bytes()) == errno.ESTALE
         rest = {p: d for p, d in model.items() if p != "config.json"}
         assert read_tree(folder, rest) == rest
