@@ -8,7 +8,7 @@ it holds. The reading side is :mod:`mmfs.remote.peer`; the backend's holder tabl
                                   engine.held_chunk: tiers, or a load already in flight
                                   verified copies only; never fetches for the asker
     heartbeat (every HEARTBEAT_INTERVAL s) ─ POST /v1/peers/heartbeat ─▶ backend
-                                  {node, url, labels, serving, held: {content:size: ranges}}
+                                  {node, labels, held: {content:chunk size: index ranges}}
 
 Only chunks verified against their file's map are served, so an honest node never passes
 on bytes it could not vouch for, and the reader checks them again anyway. The server also
@@ -155,9 +155,7 @@ class PeerServer:
 
     def heartbeat(self) -> dict[str, Any]:
         """What the backend's holder table needs from this node."""
-        return {"node": self.node_id, "url": self.node_id, "labels": self.options.labels,
-                "interval": HEARTBEAT_INTERVAL, "serving": self.counters.serving,
-                "held": held_ranges(self.engine.held_keys())}
+        return {"node": self.node_id, "labels": self.options.labels, "held": held_ranges(self.engine.held_keys())}
 
     async def _heartbeats(self) -> None:
         while True:
