@@ -60,12 +60,12 @@ def _read_at_once(ctx: Context, backend: Any, repo: str, n: int, sharing: bool) 
     listens: list[str] = []
     try:
         for i in range(n):
-            base = ctx.scratch(f"s9-node{i}")
+            base = ctx.scratch(f"s10-node{i}")
             extra, listen = _peer_flags(i) if sharing else (["--transport", "tcp"], "")
             listens.append(listen)
             mounts.append(h.start_mount(base / "mnt", base / "cache", cache_size=ctx.cfg.node_cache,
                                         memory_cache=ctx.cfg.node_memory, backend=backend.url, hub_url=ctx.hub.url,
-                                        name=f"s9-node{i}", extra=extra))
+                                        name=f"s10-node{i}", extra=extra))
         for mount in mounts:
             h.wait_mounted(mount)
         if sharing:
@@ -74,7 +74,7 @@ def _read_at_once(ctx: Context, backend: Any, repo: str, n: int, sharing: bool) 
         argvs = [["read", str(m.model_dir(repo)), "--threads", str(ctx.cfg.reader_threads)] for m in mounts]
         pids = {"backend": backend.pid, **{f"node{i}": m.pid for i, m in enumerate(mounts)}}
         with CpuMeter(pids) as meter:
-            t0, res = h.workers("s9-read", argvs)
+            t0, res = h.workers("s10-read", argvs)
             meter.settle()
         times = [r["end"] - t0 for r in res]
         counters = [prometheus(f"http://{listen}/metrics") for listen in listens if listen]
@@ -98,7 +98,7 @@ def run(ctx: Context) -> list[Scenario]:
     counts = (max(2, cfg.nodes // 2), cfg.nodes)
     s = Scenario("sharing", f"10. Node-to-node sharing: {counts[0]} and {counts[1]} nodes read a {size / 1e6:.0f} MB "
                             "model at once from a warm backend")
-    backend = ctx.backend("s9-backend")
+    backend = ctx.backend("s10-backend")
     runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
     try:
         ctx.hub.set_rate(None)
@@ -107,7 +107,7 @@ def run(ctx: Context) -> list[Scenario]:
             total = n * size
             for rep in range(cfg.repeats):
                 for variant in (("plain", "sharing") if rep % 2 == 0 else ("sharing", "plain")):
-                    ctx.log(f"s9 {n} nodes, repeat {rep + 1}/{cfg.repeats}: {variant}")
+                    ctx.log(f"s10 {n} nodes, repeat {rep + 1}/{cfg.repeats}: {variant}")
                     out = _read_at_once(ctx, backend, repo, n, variant == "sharing")
                     if any(b != size for b in out["bytes"]):
                         s.notes.append(f"WARNING: {n} nodes {variant} repeat {rep + 1}: nodes read {out['bytes']} "
