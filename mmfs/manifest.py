@@ -148,7 +148,10 @@ class FileEntry:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "FileEntry":
-        return cls(data["path"], int(data["size"]), data["hash_algo"], data["hash"], int(data["chunk_size"]),
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("path", "hash_algo", "hash")) \
+                or not all(type(data.get(k)) is int for k in ("size", "chunk_size")):
+            raise ValueError(f"malformed file entry {str(data)[:200]!r}")
+        return cls(data["path"], data["size"], data["hash_algo"], data["hash"], data["chunk_size"],
                    str(data.get("pin", "")))
 
 
@@ -209,6 +212,9 @@ class Manifest:
         """Parse and validate; raise ``ValueError`` (or ``InvalidName``) on anything malformed."""
         from .names import repo_of
 
+        if not isinstance(data, dict) or not isinstance(data.get("files"), list) \
+                or not all(isinstance(data.get(k), str) for k in ("repo", "provider", "commit")):
+            raise ValueError(f"malformed manifest {str(data)[:200]!r}")
         if data.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"unsupported manifest format {data.get('format')!r}")
         if not is_commit(str(data.get("commit", ""))):

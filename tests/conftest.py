@@ -11,6 +11,8 @@
   (not overlayfs, which the kernel refuses as a backing file's home); the same CI rule.
 - ``overlay_dir``: the merged folder of a fresh overlayfs mount (unmounted afterwards), for
   the fallback from passthrough; the same CI rule.
+- Hypothesis profiles (``tests/test_fuzz.py``): ``ci`` (the default: 60 examples per
+  property, a few seconds in all) and ``long`` (``HYPOTHESIS_PROFILE=long``: 5,000).
 """
 
 from __future__ import annotations
@@ -22,10 +24,16 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from mmfs.testing.hub import TestHub
 from mmfs.testing.mount import filesystem_type
 from mmfs.testing.models import populate_hub_root
+
+
+settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture
