@@ -194,7 +194,15 @@ class Cluster:
 
     def __init__(self, work: Path, seed: int) -> None:
         self.work = work
-        self.rng = random.Random(seed)
+        self._undo: list[Callable[[], object]] = []  # what close() takes down, last first
+        try:
+            self._start(seed)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, seed: int) -> None:
+        work = self.work
         self.hub_root = work / "hub"
         repo_dir = self.hub_root / REPO
         repo_dir.mkdir(parents=True)
@@ -206,21 +214,27 @@ class Cluster:
         self.node_disk = self._tmpfs("node-disk", 48 << 20)
         self.backend_disk = self._tmpfs("backend-disk", 64 << 20)
         self.hub = TestHub(self.hub_root, lfs_threshold=LFS_THRESHOLD).start()
+        self._undo.append(self.hub.stop)
         hub_port = int(self.hub.url.rsplit(":", 1)[1])
         self.upstream = FaultProxy(("127.0.0.1", hub_port))
+        self._undo.append(self.upstream.close)
         self.backend_url = ""
         self.start_backend()
+        self._undo.append(lambda: self.backend.stop())
         self.nodes = FaultProxy(_address(self.backend_url))
+        self._undo.append(self.nodes.close)
         self.mount = MountProcess(work / "mnt", self.node_disk / "cache", backend=self.nodes.url,
                                   args=["--cache-size", "16MiB", "--memory-cache", "4MiB", "--remote-timeout",
                                         str(REMOTE_TIMEOUT), "--passthrough", "off"],
                                   log_path=work / "mount.log")
+        self._undo.append(self.mount.stop)
         self.mount.start(60)
 
     def _tmpfs(self, name: str, size: int) -> Path:
         path = self.work / name
-        path.mkdir()
+        path.mkdir(parents=True)
         subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+        self._undo.append(lambda: subprocess.run(["umount", "-l", str(path)], capture_output=True))
         return path
 
     def start_backend(self) -> None:
@@ -239,13 +253,11 @@ class Cluster:
         return self.mount.mountpoint / "huggingface" / REPO / "main" / name
 
     def close(self) -> None:
-        for step in (self.mount.stop, self.backend.stop, self.nodes.close, self.upstream.close, self.hub.stop):
+        while self._undo:
             try:
-                step()
+                self._undo.pop()()
             except Exception:  # noqa: BLE001 - tear down as much as possible
                 pass
-        for disk in (self.node_disk, self.backend_disk):
-            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
         force_unmount(self.work / "mnt")
 
 
