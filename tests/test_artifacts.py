@@ -375,7 +375,7 @@ def test_torch_compile_cache_built_once_then_loaded_by_a_second_node(tmp_path: P
         assert found.stdout.startswith(str(node_b.mountpoint))
         worker = subprocess.run([sys.executable, "-m", "mmfs.testing.compile_worker",
                                  "--model", str(node_b.repo(REAL_REPO_ID)),
-                                 "--cache-in", str(Path(found.stdout.strip()) / "torch-compile-cache.bin")],
+                                 "--cache-in", found.stdout.strip()],
                                 capture_output=True, text=True, timeout=600, env=child_env({**os.environ, **env}))
         assert worker.returncode == 0, worker.stderr[-3000:]
         second = json.loads(worker.stdout.strip().splitlines()[-1])

@@ -3,13 +3,16 @@
 The model is all-MiniLM-L6-v2 (a BERT sentence encoder) written out in plain torch ops and
 loaded from ``model.safetensors`` of a model directory, so it reads the real weights
 through an mmfs mount; ``--layers`` keeps the first N encoder layers (a smaller graph
-compiles faster). The compile cache is torch's portable one
-(``torch.compiler.save_cache_artifacts``): one file, ``torch-compile-cache.bin``.
+compiles faster). The compile cache is inductor's cache folder (``TORCHINDUCTOR_CACHE_DIR``:
+the compiled kernels, the FX graph and AOT autograd caches, and the probes of the CPU's
+vector ISA), copied whole, as vLLM workers copy theirs. torch's portable single-file cache
+(``torch.compiler.save_cache_artifacts``) leaves the ISA probes out: a worker starting
+from it still runs a dozen small g++ compiles, which here cost more than the model's own.
 
     # as the builder of ``mmfs artifact build`` (MMFS_MODEL_PATH / MMFS_ARTIFACT_OUT set):
     python -m mmfs.testing.compile_worker
-    # as a worker that starts from a cache someone published:
-    python -m mmfs.testing.compile_worker --model DIR --cache-in DIR/torch-compile-cache.bin
+    # as a worker that starts from a cache someone published (copied to its local folder):
+    python -m mmfs.testing.compile_worker --model DIR --cache-in "$(mmfs artifact path ...)"
 
 It prints one JSON line: seconds from start to the first inference, the output's sha256,
 and inductor's FX graph cache hits and misses (a worker that loaded a usable cache
@@ -27,10 +30,10 @@ import argparse  # noqa: E402 - the clock starts before the imports a worker pay
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-CACHE_FILE = "torch-compile-cache.bin"
 #: Token ids of a short sentence ([CLS] ... [SEP]); no tokenizer needed.
 TOKENS = [101, 1996, 2944, 5371, 11650, 2005, 28937, 9324, 2015, 102]
 
@@ -39,7 +42,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=os.environ.get("MMFS_MODEL_PATH"),
                         help="the model directory (default: MMFS_MODEL_PATH)")
-    parser.add_argument("--cache-in", help="a torch compile cache to start from")
+    parser.add_argument("--cache-in", help="an inductor cache folder to start from (copied into the local one)")
     parser.add_argument("--cache-out", default=os.environ.get("MMFS_ARTIFACT_OUT"),
                         help="write the compile cache here (default: MMFS_ARTIFACT_OUT)")
     parser.add_argument("--layers", type=int, default=int(os.environ.get("MMFS_COMPILE_LAYERS", "6")),
@@ -47,18 +50,16 @@ def main() -> int:
     args = parser.parse_args()
     if not args.model:
         parser.error("--model or MMFS_MODEL_PATH is needed")
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="mmfs-inductor-"))
+    local_cache = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="mmfs-inductor-"))
+    loaded = 0
+    if args.cache_in:  # before torch is imported: inductor reads its folder from the start
+        shutil.copytree(args.cache_in, local_cache, dirs_exist_ok=True)
+        loaded = sum(p.stat().st_size for p in Path(args.cache_in).rglob("*") if p.is_file())
 
     import torch
     from safetensors import safe_open
 
     from torch._dynamo.utils import counters
-
-    loaded = 0
-    if args.cache_in:
-        data = Path(args.cache_in).read_bytes()
-        loaded = len(data)
-        torch.compiler.load_cache_artifacts(data)
     with safe_open(str(Path(args.model) / "model.safetensors"), framework="pt") as f:
         weights = {k: f.get_tensor(k) for k in f.keys()
                    if k.startswith("embeddings.") or any(k.startswith(f"encoder.layer.{i}.") for i in range(args.layers))}
@@ -69,11 +70,7 @@ def main() -> int:
         output = encoder(ids)
     first_inference = time.perf_counter() - STARTED
     if args.cache_out:
-        saved = torch.compiler.save_cache_artifacts()
-        if saved is None:
-            raise SystemExit("torch produced no compile cache to save")
-        Path(args.cache_out).mkdir(parents=True, exist_ok=True)
-        (Path(args.cache_out) / CACHE_FILE).write_bytes(saved[0])
+        shutil.copytree(local_cache, args.cache_out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("locks"))
     print(json.dumps({"first_inference_s": round(first_inference, 3), "layers": args.layers,
                       "output_sha256": hashlib.sha256(output.numpy().tobytes()).hexdigest(),
                       "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
