@@ -170,16 +170,20 @@ class ArtifactStore:
 
     # -- retention ------------------------------------------------------------------------
 
-    def reclaim(self, pinned: Callable[[RepoRef, str], bool]) -> list[str]:
+    def reclaim(self, pinned: Callable[[RepoRef, str], bool], *, dry_run: bool = False) -> list[str]:
         """Unpublish every artifact whose model commit is no longer ``pinned(repo, commit)``,
-        then delete the blobs no artifact references; return the ids removed. The join
-        with commit retention: call it with the retention policy's predicate."""
+        then delete the blobs no artifact references; return the ids removed (``dry_run``:
+        that would be). The join with commit retention: the backend's gc calls it with the
+        commits retention keeps live (:mod:`backend_server.versions`)."""
         removed = []
         for artifact_id, record in self.metadata.artifacts().items():
             key = ArtifactKey.from_json(record["key"])
             if not pinned(key.repo, key.commit):
-                self.metadata.delete_artifact(artifact_id, ARTIFACTS)
+                if not dry_run:
+                    self.metadata.delete_artifact(artifact_id, ARTIFACTS)
                 removed.append(artifact_id)
+        if dry_run:
+            return removed
         referenced = {f["sha256"] for r in self.metadata.artifacts().values() for f in r["files"]}
         for blob in self._blobs.glob("*/*"):
             if blob.name not in referenced:

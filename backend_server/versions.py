@@ -21,6 +21,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from mmfs.errors import InvalidName, MmfsError, NotFound
 from mmfs.names import RepoRef, check_revision, is_commit
 from mmfs.refwatch import RefWatcher, parse_ref_key, ref_key
@@ -120,8 +122,15 @@ class VersionRoutes:
 
     async def gc(self, request: Request, s: list[str]) -> Response:
         dry_run = (request.query_value("dry_run") or "").lower() in ("1", "true")
-        report = await self.retention.collect(self.pinned(), dry_run=dry_run)
-        return Response.json(report.to_json())
+        pinned = self.pinned()
+        report = await self.retention.collect(pinned, dry_run=dry_run)
+        answer = report.to_json()
+        artifacts = self.app.artifacts
+        if artifacts is not None:  # artifacts go with their model commit
+            live = self.retention.classify(pinned)[0]
+            answer["artifacts_unpublished"] = await trio.to_thread.run_sync(
+                lambda: artifacts.store.reclaim(lambda repo, commit: (repo, commit) in live, dry_run=dry_run))
+        return Response.json(answer)
 
     # -- the Hub's list_repo_refs --------------------------------------------------------
 

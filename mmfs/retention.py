@@ -8,6 +8,10 @@ shares it) is dropped from every tier by :meth:`Retention.collect` — ``mmfs gc
 backend's ``POST /v1/gc``, and the periodic sweep both run it. Content a live commit also
 uses stays: content addressing shares unchanged files between commits, so a retired
 commit costs only what changed.
+
+Derived artifacts (:mod:`mmfs.artifacts`, the pseudo repo ``ARTIFACTS``) are not commits
+of their own here: they live and retire with their model commit, which the backend's gc
+applies to them (``ArtifactStore.reclaim`` with :meth:`Retention.classify`'s live set).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import trio
 from .engine import FetchEngine
 from .errors import InvalidName
 from .manifest import Manifest
-from .names import RepoRef
+from .names import ARTIFACTS, RepoRef
 from .refwatch import parse_ref_key
 
 log = logging.getLogger(__name__)
@@ -80,7 +84,7 @@ class Retention:
                 found[(repo, commit)] = None
         for manifest in self.engine.known_manifests():
             found[(manifest.repo, manifest.commit)] = manifest
-        return found
+        return {commit: manifest for commit, manifest in found.items() if commit[0] != ARTIFACTS}
 
     def _ref_targets(self) -> set[Commit]:
         targets: set[Commit] = set()

@@ -381,3 +381,32 @@ def test_torch_compile_cache_built_once_then_loaded_by_a_second_node(tmp_path: P
         second = json.loads(worker.stdout.strip().splitlines()[-1])
         assert second["fxgraph_cache_hit"] >= 1 and second["fxgraph_cache_miss"] == 0
         assert second["output_sha256"] == first["output_sha256"]
+
+
+def test_gc_unpublishes_the_artifacts_of_retired_commits_only(tmp_path: Path, hub_root: Path) -> None:
+    """Retention: an artifact lives while its model commit does (a ref points at it, a node
+    pins it, or it is in its grace period), and goes with it in the backend's gc."""
+    repo = make_synthetic_model(hub_root / "org" / "tiny", 64 << 10, n_shards=1, seed=6)
+    with TestHub(hub_root) as hub, backend_testing.BackendProcess(
+            tmp_path / "backend", hub_url=hub.url, env={"MMFS_PUBLISH_TOKEN": TOKEN},
+            extra_args=["--retain", "0", "--ref-ttl", "1"]) as backend:
+        def push(kind: str, payload: bytes) -> str:
+            out = make_dir(tmp_path / kind, {"engine.bin": payload})
+            pushed = run("artifact", "push", str(out), "--kind", kind, "--model", MODEL, "--target", "cpu",
+                         "--backend", backend.url)
+            assert pushed.returncode == 0, pushed.stderr
+            return pushed.stdout.split()[0]
+
+        old = push("old-commit", b"built for the first commit")
+        (repo / "config.json").write_text('{"moved": true}\n')  # main moves to a new commit
+        time.sleep(1.5)  # past --ref-ttl: the backend resolves main afresh
+        new = push("new-commit", b"built for the second commit")
+        assert old != new
+        dry = httpx.post(f"{backend.url}/v1/gc?dry_run=1", timeout=60).json()
+        assert dry["artifacts_unpublished"] == [old]
+        assert {a["id"] for a in httpx.get(f"{backend.url}/v1/artifacts").json()["artifacts"]} == {old, new}
+        done = httpx.post(f"{backend.url}/v1/gc", timeout=60).json()
+        assert done["artifacts_unpublished"] == [old]
+        assert [a["id"] for a in httpx.get(f"{backend.url}/v1/artifacts").json()["artifacts"]] == [new]
+        blobs = {p.name for p in (backend.data_dir / "artifacts" / "blobs").glob("*/*")}
+        assert blobs == {hashlib.sha256(b"built for the second commit").hexdigest()}
