@@ -58,11 +58,12 @@ from mmfs.tiers.base import Chunk
 from mmfs.artifacts import ArtifactKey
 from mmfs.names import (ARTIFACTS, STORE_PROVIDERS, RepoRef, check_path, check_revision, hub_provider, is_commit,
                         make_repo)
-from mmfs.remote.backend import NODE_HEADER, PEER_HEADER, PEERS_HEADER, VERIFIED_HEADER
+from mmfs.remote.backend import ACCESS_HEADER, NODE_HEADER, PEER_HEADER, PEERS_HEADER, VERIFIED_HEADER
 from mmfs.remote.base import FileSource
+from mmfs.remote.hub import hub_path
 from mmfs.remote.replicas import ReplicaRemote
 
-from .access import AccessControl
+from .access import ADMIN_HEADER, GATED, PRIVATE, AccessControl, check_admin
 from .artifact_api import ArtifactApi
 from .artifact_store import ArtifactNotFound, ArtifactStore
 from .holders import HolderTable
@@ -108,15 +109,26 @@ class MethodNotAllowed(InvalidName):
     status = 405
 
 
+class RestrictedOverTcp(TransientError):
+    """A NIXL chunk request for a gated or private repo. The NIXL pool is registered whole
+    and READs are one-sided, so any node holding the backend's agent metadata can read
+    any slot: restricted bytes never enter it. The node fetches such chunks over TCP."""
+
+    @classmethod
+    def code(cls) -> str:
+        return "RestrictedOverTcp"
+
+
 class BackendApp:
     def __init__(self, engine: FetchEngine, access: AccessControl, metrics: Metrics, *,
                  upstream: str = "", data_dir: str = "", readahead_bytes: int = READAHEAD_BYTES,
                  stream_memory: int = STREAM_MEMORY, stream_wait: float = STREAM_WAIT,
                  stats: Callable[[], dict[str, int]] | None = None, nixl: NixlPlane | None = None,
                  holders: HolderTable | None = None, artifacts: ArtifactStore | None = None,
-                 publish_token: str | None = None) -> None:
+                 publish_token: str | None = None, admin_token: str | None = None) -> None:
         self.engine = engine
         self.holders = holders or HolderTable()
+        self.admin_token = admin_token
         self.nixl = nixl
         self.access = access
         self.metrics = metrics
@@ -263,15 +275,32 @@ class BackendApp:
         return Response.text(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def files(self, request: Request, s: list[str]) -> Response:
+        """What the caches hold. Entries of restricted repos only with the admin token
+        (when one is set): their paths and commits are not every caller's to see."""
         metadata = self.engine.metadata
         if metadata is None:
             return Response.json({"files": [], "refs": {}})
+        everything = bool(self.admin_token) and request.header(ADMIN_HEADER) is not None
+        if everything:
+            check_admin(self.admin_token, request.header(ADMIN_HEADER))
+
+        def shown(repo_id: str | None) -> bool:
+            return everything or (repo_id is not None and not self.access.is_restricted_id(repo_id))
 
         def collect() -> dict:
-            return {"files": [asdict(r) for r in metadata.files()],
-                    "refs": {k: asdict(v) for k, v in metadata.refs().items()}}
+            return {"files": [asdict(r) for r in metadata.files() if shown(self._repo_of_url(r.source_url))],
+                    "refs": {k: asdict(v) for k, v in metadata.refs().items()
+                             if shown(_hub_path_of_key(k.partition("@")[0]))}}
 
         return Response.json(await trio.to_thread.run_sync(collect))
+
+    def _repo_of_url(self, url: str) -> str | None:
+        """The repo's Hub path (``org/name``, ``datasets/org/name``) of an upstream
+        ``resolve`` URL the engine fetched from, else ``None``."""
+        base = self.upstream.rstrip("/") + "/"
+        if not url.startswith(base) or "/resolve/" not in url:
+            return None
+        return url[len(base):].split("/resolve/", 1)[0]
 
     # -- the node protocol --------------------------------------------------------------
 
@@ -346,16 +375,20 @@ class BackendApp:
         while held:
             self.stream_budget.release(held.pop())
 
-    async def _chunk(self, request: Request, s: list[str], held: list[int] | None = None
-                     ) -> tuple[FileSource, int, bytes, bool]:
+    async def _chunk(self, request: Request, s: list[str], held: list[int] | None = None, *,
+                     open_only: bool = False) -> tuple[FileSource, int, bytes, bool]:
         """One chunk for ``<provider>/<org>/<name>/<commit>/<path>?index=N`` (``s``), and
         whether its file is verified (its map exists). Not hashed here: nodes hash what
         they receive once and check it against the map (docs/datapath.md).
 
         With ``held``, the chunk's bytes are first taken from ``--stream-memory`` (waiting
         as streams do; :class:`TransientError` when they stay busy) and the share is
-        appended to ``held``: the caller gives it back once the response is over."""
+        appended to ``held``: the caller gives it back once the response is over.
+        ``open_only`` refuses chunks of restricted repos (:class:`RestrictedOverTcp`)."""
         source, auth = await self._file_of(request, s)
+        if open_only and self.access.is_restricted(source.repo):
+            raise RestrictedOverTcp(f"{source.repo.repo_id} is gated or private: its chunks go over TCP only "
+                                    "(/v1/chunk), never through the shared NIXL pool")
         raw_index = request.query_value("index")
         if raw_index is None or not _is_number(raw_index) or len(raw_index) > 12:
             raise InvalidName("the chunk endpoint needs ?index=N with N a chunk number (0, 1, ...)")
@@ -412,7 +445,7 @@ class BackendApp:
         plane = self._plane()
         held: list[int] = []  # the chunk counts against --stream-memory until it is in a slot
         try:
-            source, index, data, verified = await self._chunk(request, s[3:], held)
+            source, index, data, verified = await self._chunk(request, s[3:], held, open_only=True)
             start, end = source.entry.chunk_span(index)
             answer = await plane.lease(data, verified)
         finally:
@@ -431,16 +464,19 @@ class BackendApp:
         revision = check_revision(s[5])
         path = check_path("/".join(s[6:]))
         source, auth = await self._source(repo, revision, path, request.header("authorization"))
-        return await self._serve_file(request, source, auth)
+        response = await self._serve_file(request, source, auth)
+        response.headers.append((ACCESS_HEADER, self.access.kind(repo)))
+        return response
 
     async def v1_prefetch(self, request: Request, s: list[str]) -> Response:
+        check_admin(self.admin_token, request.header(ADMIN_HEADER))
         repo = _repo(s[2], s[3], s[4])
         revision = check_revision("/".join(s[5:]))
         patterns = request.query_values("include")
         for pattern in patterns:
             if not pattern or "\0" in pattern or len(pattern) > 1024:
                 raise InvalidName("include patterns must be 1 to 1024 characters without NUL")
-        manifest = await self._listing(repo, revision, request.header("authorization"))
+        manifest = await self._listing(repo, revision, request.header("authorization"), content=True)
         auth = self._upstream_auth(repo, request.header("authorization"))
         chosen = [f for f in manifest.files if not patterns or any(fnmatch.fnmatchcase(f.path, p) for p in patterns)]
         started = time.perf_counter()
@@ -469,7 +505,7 @@ class BackendApp:
         revision = check_revision("/".join(s[5:])) if len(s) > 4 else "main"
         manifest = await self._listing(repo, revision, request.header("authorization"))
         blobs = (request.query_value("blobs") or "").lower() in ("true", "1")
-        return Response.json(repo_info_json(manifest, blobs=blobs, gated=self.access.is_restricted(repo)),
+        return Response.json(repo_info_json(manifest, blobs=blobs, kind=self.access.kind(repo)),
                              headers=[("X-Repo-Commit", manifest.commit)])
 
     async def hub_tree(self, request: Request, s: list[str]) -> Response:
@@ -504,7 +540,7 @@ class BackendApp:
             repo = _repo(hub_provider("model"), s[0], s[1])
         revision = check_revision(s[3])
         path = check_path("/".join(s[4:]))
-        manifest = await self._listing(repo, revision, request.header("authorization"), path)
+        manifest = await self._listing(repo, revision, request.header("authorization"), path, content=True)
         entry = manifest.file(path)
         if entry is None:
             # The Hub names the commit even on a 404, so clients can cache the absence.
@@ -653,14 +689,16 @@ class BackendApp:
 
     # -- engine calls, with access checks and gated-repo bookkeeping ----------------------
 
-    async def _listing(self, repo: RepoRef, revision: str, auth: str | None, path: str = "") -> Manifest:
-        """The manifest of ``repo`` at ``revision``, once ``auth`` is known to may read the repo.
+    async def _listing(self, repo: RepoRef, revision: str, auth: str | None, path: str = "", *,
+                       content: bool = False) -> Manifest:
+        """The manifest of ``repo`` at ``revision``, once ``auth`` is known to may see the
+        repo (``content``: read its files).
 
         Asked with the backend's own token first (shared by every caller, and enough for
         public and gated repos, whose listings the Hub shows to all); with the caller's
         token only when ours is refused (a private repo). Cached or not, it is returned
         only after :meth:`AccessControl.check`, which also establishes whether the repo
-        is restricted for our token (:meth:`_upstream_auth` relies on that). ``path``, when
+        is restricted (:meth:`AccessControl.upstream_auth` relies on that). ``path``, when
         the repo has it, is the file the check asks about.
 
         An artifact (``repo`` is :data:`ARTIFACTS`, ``revision`` its id) is listed to those
@@ -688,13 +726,13 @@ class BackendApp:
             self.versions.watcher.touch(repo, revision)  # in use: checked once per --ref-ttl from now on
         probe = path if path and manifest.file(path) is not None else \
             (manifest.files[0].path if manifest.files else ".gitattributes")
-        await self.access.check(repo, manifest.commit, probe, auth, self.engine.nursery)
+        await self.access.check(repo, manifest.commit, probe, auth, self.engine.nursery, content=content)
         return manifest
 
     async def _check_artifact_reader(self, key: ArtifactKey, auth: str | None) -> None:
         """Readers of an artifact need read access to its model commit (checked upstream
         like any content: :meth:`_listing` of the model)."""
-        await self._listing(key.repo, key.commit, auth)
+        await self._listing(key.repo, key.commit, auth, content=True)
 
     def _upstream_auth(self, repo: RepoRef, auth: str | None) -> str | None:
         """The ``Authorization`` the engine sends upstream for ``repo`` (after :meth:`_listing`):
@@ -704,20 +742,21 @@ class BackendApp:
         read with the backend's own credentials: none."""
         if repo == ARTIFACTS or repo.provider in STORE_PROVIDERS:
             return None
-        return auth if self.access.is_restricted(repo) else None
+        return self.access.upstream_auth(repo, auth)
 
     async def _manifest(self, repo: RepoRef, revision: str, auth: str | None) -> Manifest:
         try:
             return await self.engine.manifest(repo, revision, auth=auth)
         except AccessDenied:
             if not auth:
-                self.access.mark_restricted(repo)
+                self.access.own_token_refused(repo)
             raise
 
     async def _source(self, repo: RepoRef, revision: str, path: str, auth: str | None
                       ) -> tuple[FileSource, str | None]:
-        """The file and the ``Authorization`` to read it with upstream (see :meth:`_upstream_auth`)."""
-        manifest = await self._listing(repo, revision, auth, path)
+        """The file and the ``Authorization`` to read it with upstream
+        (:meth:`AccessControl.upstream_auth`), once the caller's access to its content is checked."""
+        manifest = await self._listing(repo, revision, auth, path, content=True)
         entry = manifest.file(path)
         if entry is None:
             raise EntryNotFound(f"{path} does not exist in {repo.repo_id} at {manifest.commit}")
@@ -729,7 +768,7 @@ class BackendApp:
             return await self.engine.read_chunk(source, index, auth=auth, served=served)
         except AccessDenied:
             if not auth and source.repo.provider not in STORE_PROVIDERS:
-                self.access.mark_restricted(source.repo)
+                self.access.own_token_refused(source.repo)
             raise
         except BaseExceptionGroup as group:  # pragma: no cover - the engine unwraps its own groups
             error = first_error(group)
@@ -739,6 +778,17 @@ class BackendApp:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _hub_path_of_key(key: str) -> str | None:
+    """The Hub path of a metadata key ``provider/org/name``, ``None`` if it is not one."""
+    parts = key.split("/")
+    if len(parts) != 3:
+        return None
+    try:
+        return hub_path(RepoRef(*parts))
+    except InvalidName:
+        return key  # not a Hub repo: never restricted
 
 
 def _segments(path: str) -> list[str]:
@@ -837,7 +887,7 @@ def git_blob_id(entry: FileEntry) -> str:
     return hashlib.sha1(b"blob %d\0" % len(pointer) + pointer).hexdigest()
 
 
-def repo_info_json(manifest: Manifest, *, blobs: bool, gated: bool) -> dict:
+def repo_info_json(manifest: Manifest, *, blobs: bool, kind: str) -> dict:
     """``model_info``/``dataset_info`` as the Hub shapes them (the fields downloads read)."""
     siblings = []
     for entry in manifest.files:
@@ -851,9 +901,9 @@ def repo_info_json(manifest: Manifest, *, blobs: bool, gated: bool) -> dict:
     by_type = {"modelId": repo_id, "library_name": None, "spaces": []} \
         if manifest.repo.hub_repo_type == "model" else {"cardData": {}}
     return {"_id": hashlib.sha1(str(manifest.repo).encode()).hexdigest()[:24], "id": repo_id, **by_type,
-            "author": manifest.repo.org, "sha": manifest.commit, "private": False,
-            "gated": "manual" if gated else False, "disabled": False, "downloads": 0, "likes": 0, "tags": [],
-            "siblings": siblings, "usedStorage": manifest.total_size}
+            "author": manifest.repo.org, "sha": manifest.commit, "private": kind == PRIVATE,
+            "gated": "manual" if kind == GATED else False, "disabled": False, "downloads": 0, "likes": 0,
+            "tags": [], "siblings": siblings, "usedStorage": manifest.total_size}
 
 
 def tree_json(manifest: Manifest, path: str, recursive: bool) -> list[dict]:

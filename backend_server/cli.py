@@ -9,7 +9,9 @@
         [--replicas URL[,URL…] [--advertise HOST:PORT]] [--shared-dir DIR [--cold-compression zstd|none]] \\
         [--ref-ttl 60] [--warm-on-update auto] [--watch huggingface/<org>/<name>@<ref> ...] [--retain 3600]
 
-The upstream is the Hub at ``HF_ENDPOINT`` with ``HF_TOKEN``; ``HF_HUB_OFFLINE=1`` serves
+The upstream is the Hub at ``HF_ENDPOINT`` with ``HF_TOKEN`` (for fetching, never a way
+around a gated or private repo's rules: backend_server/access.py); ``MMFS_ADMIN_TOKEN``,
+when set, is required for admin actions (``POST /v1/prefetch``). ``HF_HUB_OFFLINE=1`` serves
 only what the data directory already holds. Under ``--data-dir`` (local storage: LMDB must
 not sit on a network filesystem): ``chunks/`` (the cold tier: content-addressed chunks
 indexed in LMDB; with ``--shared-dir`` the cold tier is there instead, see
@@ -116,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="forget a sharing node (mmfs mount --peer-listen) not heard from for this long (default 10)")
     serve.add_argument("--peer-max-load", type=options.positive_int, default=4, metavar="N",
                        help="chunks a sharing node is sent at once before the backend serves them itself (default 4)")
+    serve.add_argument("--access-ttl", type=options.seconds, default=60.0, metavar="SECONDS",
+                       help="how long a caller's access to a gated or private repo is trusted before it is "
+                            "asked upstream again (default 60): a revoked token stops reading within this")
     serve.add_argument("--grace", type=options.seconds, default=5.0, metavar="SECONDS",
                        help="on SIGTERM, how long requests in progress may take to finish (default 5)")
     serve.add_argument("--replicas", type=_replica_urls, default=None, metavar="URL[,URL…]",
@@ -199,7 +204,8 @@ async def serve(args: argparse.Namespace) -> int:
         replicas = ReplicaSet(args.replicas, always=Replica(self_id, f"http://{self_id}"))
         remote = ReplicaRemote(replicas, self_id=self_id, local=remote)
         log.info("replica %s of %s", self_id, ", ".join(r.id for r in replicas.members))
-    access = AccessControl(hub.url, os.environ.get("HF_TOKEN") or None, data_dir / "access.json")
+        access = AccessControl(hub.url, os.environ.get("HF_TOKEN") or None, data_dir / "access.json",
+                           caller_ttl=args.access_ttl)
     metrics = Metrics()
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
@@ -220,6 +226,7 @@ async def serve(args: argparse.Namespace) -> int:
                          stream_memory=args.stream_memory, stream_wait=2 * args.send_timeout, nixl=nixl,
                          holders=HolderTable(ttl=args.peer_ttl, max_load=args.peer_max_load),
                          artifacts=artifacts,
+                         admin_token=os.environ.get("MMFS_ADMIN_TOKEN") or None,
                          stats=lambda: {"connections": server.connections, "active_requests": server.active_requests})
         watcher = RefWatcher(engine, interval=args.ref_ttl, warm_all=args.warm_on_update == "on",
                              warmer=app.warm_commit if args.warm_on_update != "off" else None)

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebind-interval", type=options.seconds, default=5.0, help="seconds between checks for stale targets")
     p.add_argument("--fs-timeout", type=options.seconds, default=5.0, help="bound on any stat/readlink into the mount")
     p.add_argument("--prefetch-command", type=options.non_empty, default="mmfs", help="command run as '<cmd> prefetch …' for prefetch: \"true\"")
+    p.add_argument("--token-dir", type=options.absolute_path, default="/var/lib/mmfs/tokens",
+                   help="where per-volume tokens (nodePublishSecretRef) are written; the mmfs mount's --token-dir")
     p.add_argument("--workers", type=options.int_between(1, 1024), default=8, help="gRPC worker threads")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         fs_timeout=args.fs_timeout,
         prefetch_command=args.prefetch_command,
         kubelet_dir=args.kubelet_dir,
+        token_dir=args.token_dir,
     )
     driver = NodeDriver(config)
     log.info("%d published target(s) loaded from %s", len(driver.state.all()), args.state_dir)

@@ -24,7 +24,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -32,6 +32,7 @@ from mmfs.names import is_commit
 
 from . import mounts
 from .state import Published, StateStore
+from .tokens import TokenStore, token_of
 from .volumes import InvalidVolume, VolumeSpec, parse_volume_context
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class Config:
     prefetch_command: str = "mmfs"
     #: kubelet's root directory: targets are only accepted where kubelet puts them.
     kubelet_dir: str = "/var/lib/kubelet"
+    #: Where per-volume tokens are written (the daemon's ``--token-dir``; csi_driver/tokens.py).
+    token_dir: str = "/var/lib/mmfs/tokens"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,8 @@ class PublishRequest:
     has_capability: bool
     block: bool
     access_mode: int
+    #: ``nodePublishSecretRef``'s data: a ``token`` key makes the volume read with it.
+    secrets: dict[str, str] = field(default_factory=dict)
 
 
 class NodeDriver:
@@ -81,6 +86,7 @@ class NodeDriver:
         self.config = config
         self.mount_root = mounts.canonical(config.mount_root)
         self.state = StateStore(config.state_dir)
+        self.tokens = TokenStore(config.token_dir)
         self._busy: set[str] = set()
         self._background: set[str] = set()  # the part of _busy held by the re-bind loop
         self._busy_lock = threading.Lock()
@@ -226,7 +232,7 @@ class NodeDriver:
             problem = self.mount_problem()
             if problem:
                 raise CsiError(grpc.StatusCode.UNAVAILABLE, f"mmfs mount is down: {problem}")
-            commit, source = self._resolve(spec)
+            commit, source = self._resolve(spec, self._view_root(req.secrets))
             entry = Published(req.volume_id, target, source, spec.provider, spec.repo, spec.revision, commit, spec.sub_path)
             self._bind_new(entry)
             self.state.put(entry)
@@ -248,11 +254,27 @@ class NodeDriver:
         self._rebind(existing)
         return existing
 
-    def _resolve(self, spec: VolumeSpec) -> tuple[str, str]:
-        """``(commit, source directory)`` of *spec*: a branch or tag is read through its
-        symlink now, so every later publish of this target sees this commit."""
+    def _view_root(self, secrets: dict[str, str]) -> str:
+        """Where the volume is read from: the mount's root, or the view of the volume's
+        token (``<mount-root>/.access/<key>``, its token file written first)."""
+        token = token_of(secrets)
+        if token is None:
+            return self.mount_root
+        try:
+            key = self.tokens.put(token)
+        except ValueError as exc:
+            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, f"nodePublishSecretRef: {exc}") from None
+        except OSError as exc:
+            raise CsiError(grpc.StatusCode.INTERNAL, f"cannot write the volume's token under "
+                           f"{self.config.token_dir}: {exc.strerror}") from None
+        return os.path.join(self.mount_root, ".access", key)
+
+    def _resolve(self, spec: VolumeSpec, root: str) -> tuple[str, str]:
+        """``(commit, source directory)`` of *spec* under ``root`` (the mount root or a
+        token's view): a branch or tag is read through its symlink now, so every later
+        publish of this target sees this commit."""
         org, name = spec.repo.split("/", 1)  # a store model's prefix may hold "/"
-        repo_dir = os.path.join(self.mount_root, spec.provider, org, name)
+        repo_dir = os.path.join(root, spec.provider, org, name)
         self._fs(lambda: os.stat(repo_dir), f"repo {spec.provider}/{spec.repo}")
         rev_path = os.path.join(repo_dir, spec.revision)
         st = self._fs(lambda: os.lstat(rev_path), f"revision {spec.revision} of {spec.repo}")
@@ -342,6 +364,8 @@ class NodeDriver:
             except OSError as exc:
                 raise CsiError(grpc.StatusCode.INTERNAL, f"remove {target}: {exc.strerror}") from exc
             self.state.remove(target)
+            in_use = {part for entry in self.state.all() for part in entry.source.split("/")}
+            self.tokens.prune(in_use)
 
     # ---- stats ----
 

@@ -117,6 +117,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                 has_capability=has_cap,
                 block=has_cap and cap.WhichOneof("access_type") == "block",
                 access_mode=cap.access_mode.mode if has_cap and cap.HasField("access_mode") else 0,
+                secrets=dict(request.secrets),
             )
         )
         return pb.NodePublishVolumeResponse(), f"commit={commit} "

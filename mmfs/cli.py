@@ -83,6 +83,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="embedded mode: also serve this object store or local directory: s3:<bucket>, "
                             "azure:<container>, file:<name>=<path> (repeatable; also MMFS_STORES; "
                             "docs/providers.md)")
+    mount.add_argument("--token-file", metavar="FILE",
+                       help="the Hub token this mount reads with (default: HF_TOKEN); sent to --backend, which "
+                            "checks it for gated and private repos")
+    mount.add_argument("--token-dir", metavar="DIR", type=options.absolute_path,
+                       help="per-volume tokens: MOUNTPOINT/.access/<key>/ reads with the token in DIR/<key> "
+                            "(written by mmfs-csi; docs/node.md, \"Access\")")
+    mount.add_argument("--access-ttl", metavar="SECONDS", type=options.seconds, default=60.0,
+                       help="how long a token's access to a repo is trusted before it is checked again "
+                            "(default: 60): a revoked token stops reading cached bytes within this")
     mount.add_argument("--debug", action="store_true", help="debug logging (and FUSE debug output)")
 
     unmount = commands.add_parser("unmount", aliases=["umount"], help="unmount a running mmfs mount")
@@ -102,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="parallel readers, 1 to 1024 (default: 8)")
     prefetch.add_argument("--timeout", metavar="SECONDS", type=options.seconds, default=3600.0,
                           help="with --backend: give up after this long (default: 3600)")
+    prefetch.add_argument("--token-file", metavar="FILE",
+                          help="with --backend: the Hub token to send (default: HF_TOKEN), for gated and "
+                               "private repos; the admin token, if the backend has one, comes from MMFS_ADMIN_TOKEN")
     prefetch.add_argument("--debug", action="store_true")
 
     status = commands.add_parser("status", help="what a mount holds: repos, cache use, hit rates")
@@ -235,8 +247,18 @@ def _mount(args: argparse.Namespace) -> int:
         max_tasks=args.max_tasks, debug=args.debug, passthrough=args.passthrough, nonempty=args.nonempty,
         peers=peers, log_file=os.path.abspath(args.log_file) if args.log_file else None,
         ref_ttl=args.ref_ttl, warm_on_update=args.warm_on_update, retain=args.retain,
-        stores=tuple(args.store))
+        stores=tuple(args.store), token=_token(args.token_file), token_dir=args.token_dir,
+        access_ttl=args.access_ttl)
     return run(mount_options)
+
+
+def _token(token_file: str | None) -> str | None:
+    """The token of ``--token-file``, else ``HF_TOKEN`` (as the Hub's own clients read it)."""
+    if token_file:
+        from .access import read_token_file
+
+        return read_token_file(token_file)
+    return os.environ.get("HF_TOKEN") or None
 
 
 def _unmount(args: argparse.Namespace) -> int:
@@ -263,7 +285,8 @@ def _prefetch(args: argparse.Namespace) -> int:
         _setup_logging(True)
     target = warm.parse_target(args.model)
     if args.backend:
-        summary = warm.prefetch_backend(args.backend, target, args.include, args.jobs, args.timeout)
+        summary = warm.prefetch_backend(args.backend, target, args.include, args.jobs, args.timeout,
+                                        token=_token(args.token_file))
         print(summary.line(f"{target} warmed in {args.backend}"), flush=True)
     else:
         mountpoint = warm.find_mount(args.mount)

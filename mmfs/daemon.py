@@ -39,6 +39,7 @@ import trio
 
 from . import mountutil
 from .background import READY_PREFIX
+from .access import Credentials
 from .engine import EngineConfig, FetchEngine
 from .errors import CacheError, MmfsError
 from .fuse_ops import Operations
@@ -114,6 +115,12 @@ class MountOptions:
     #: ``MMFS_STORES``; :class:`~mmfs.remote.router.StoreConfig`). With a backend, the
     #: backend's own list applies.
     stores: tuple[str, ...] = ()
+    #: The Hub token this mount reads with (``--token-file`` or ``HF_TOKEN``).
+    token: str | None = None
+    #: Where per-volume tokens are (``.access/<key>`` views; mmfs/access.py).
+    token_dir: str | None = None
+    #: Seconds a token's access to a repo is trusted before it is checked again.
+    access_ttl: float = 60.0
     debug: bool = False
 
 
@@ -190,19 +197,23 @@ def make_remote(options: MountOptions, transport: TransportChoice | None = None)
             if transport.kind == "nixl":
                 log.warning("NIXL reads from one backend only: chunks come over TCP from the replicas %s",
                             ", ".join(r.id for r in replicas.members))
-            remote = ReplicaRemote(replicas, policy=policy)
+            remote = ReplicaRemote(replicas, policy=policy, auth=_bearer(options.token))
             return PeeringRemote(remote, peer_url(options.peers)) if options.peers is not None else remote
         if transport.kind == "nixl":
             from .remote.nixl import NixlBackendRemote
 
             return NixlBackendRemote(options.backend, policy=policy, auto=transport.requested == "auto",
-                                     reason=transport.reason)
-        backend = BackendRemote(options.backend, policy=policy)
+                                     reason=transport.reason, auth=_bearer(options.token))
+        backend = BackendRemote(options.backend, policy=policy, auth=_bearer(options.token))
         if options.peers is not None:
             return PeeringRemote(backend, peer_url(options.peers))
         return backend
-    hub = HubRemote(chunk_size=options.chunk_size, policy=policy)
+    hub = HubRemote(chunk_size=options.chunk_size, policy=policy, token=options.token or "")
     return upstream(hub, StoreConfig.from_env(list(options.stores)), options.chunk_size)
+
+
+def _bearer(token: str | None) -> str | None:
+    return f"Bearer {token}" if token else None
 
 
 def peer_url(peers: PeerOptions) -> str:
@@ -306,7 +317,7 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
     transport = choose_transport(options) if options.backend else None
     engine = make_engine(options, cache_problems, transport)
     started = time.time()
-    config = VfsConfig(remote_timeout=options.remote_timeout,
+    config = VfsConfig(remote_timeout=options.remote_timeout, access_ttl=options.access_ttl,
                        read_ahead=ReadAheadConfig(initial_chunks=options.read_ahead_chunks[0],
                                                   max_chunks=options.read_ahead_chunks[1]))
 
@@ -380,8 +391,10 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
                                    warmer=warmer)
         elif not engine.config.offline:
             watcher = RefWatcher(engine, interval=options.ref_ttl, warm_all=True, warmer=warmer)
+        credentials = Credentials(options.token, Path(options.token_dir) if options.token_dir else None)
         vfs = Vfs(engine, config, describe=lambda: {**describe(), "versions": versions()},
-                  controls={"gc.json": lambda: gc(False), "gc-dry-run.json": lambda: gc(True)})
+                  controls={"gc.json": lambda: gc(False), "gc-dry-run.json": lambda: gc(True)},
+                  credentials=credentials, access_state=Path(options.cache_dir) / "access.json")
         operations = Operations(vfs, passthrough=options.passthrough != "off")
         if options.passthrough == "on" and operations.passthrough_why_not is not None:
             raise MmfsError(f"--passthrough on: FUSE passthrough cannot be used: {operations.passthrough_why_not}")

@@ -26,6 +26,7 @@ that is cancelled never cancels a fetch other readers wait on.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import os
@@ -35,13 +36,13 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import trio
 
 from .budget import ByteBudget
 from .chunkmap import ChunkMap, block_digests, map_key
-from .errors import CacheError, IntegrityError, MmfsError, NotFound, UpstreamError, first_error
+from .errors import AccessDenied, CacheError, IntegrityError, MmfsError, NotFound, UpstreamError, first_error
 from .manifest import ChunkKey, FileEntry, Manifest
 from .metadata import MetadataStore, RefMove
 from .names import RepoRef, is_commit
@@ -158,7 +159,7 @@ class FetchEngine:
         self.config = config
         self._fetch_limiter = trio.CapacityLimiter(config.max_concurrent_fetches)
         self._fetch_budget = ByteBudget(config.max_fetch_bytes, "fetch budget")
-        self._chunk_flights: SingleFlight[ChunkKey, Chunk] = SingleFlight()
+        self._chunk_flights: SingleFlight[Hashable, Chunk] = SingleFlight()
         self._meta_flights: SingleFlight[tuple, object] = SingleFlight()
         self._refs: dict[tuple[RepoRef, str], tuple[str, float]] = {}
         #: Refs a watcher (:mod:`mmfs.refwatch`) checks every ``ref_ttl``: a reader trusts
@@ -448,7 +449,24 @@ class FetchEngine:
 
         A file's last chunk only once the file's map exists, verified, and only when every
         provisional chunk this reader got (``served``) matches the map; other chunks may be
-        provisional (noted in ``served``)."""
+        provisional (noted in ``served``).
+
+        The work readers share (a chunk's fetch, a whole file's check) runs with the
+        credentials of whoever asked first. When the upstream refuses those (a token
+        revoked meanwhile), a reader with credentials of its own tries again once, so that
+        it fails only if its own token is refused too."""
+        try:
+            return await self._read_chunk(source, index, auth, served)
+        except AccessDenied:
+            if auth is None or _solo.get() is not None:
+                raise
+            token = _solo.set(_auth_id(auth))  # shared only with readers of the same token now
+            try:
+                return await self._read_chunk(source, index, auth, served)
+            finally:
+                _solo.reset(token)
+
+    async def _read_chunk(self, source: FileSource, index: int, auth: str | None, served: Served | None) -> Chunk:
         entry = source.entry
         if index == entry.chunk_count - 1:
             chunk_map = await self.chunk_map(source, wait=True, auth=auth)
@@ -521,11 +539,11 @@ class FetchEngine:
     async def _load_shared(self, source: FileSource, index: int, auth: str | None) -> Chunk:
         key = source.entry.chunk_key(index)
         try:
-            return await self._chunk_flights.run(key, lambda: self._load(source, index, auth), self.nursery)
+            return await self._chunk_flights.run(_scoped(key), lambda: self._load(source, index, auth), self.nursery)
         except _PurgedWhileLoading:
             # Joined a load whose file failed verification meanwhile: its bytes are
             # suspect, but this reader asked afterwards; load the chunk afresh, once.
-            return await self._chunk_flights.run(key, lambda: self._load(source, index, auth), self.nursery)
+            return await self._chunk_flights.run(_scoped(key), lambda: self._load(source, index, auth), self.nursery)
 
     async def _load(self, source: FileSource, index: int, auth: str | None) -> Chunk:
         """Find a chunk in the tiers below the first, or fetch it; write it back up."""
@@ -740,11 +758,11 @@ class FetchEngine:
             # "not verified yet" is trusted until the poll interval has passed.
             if ("map", key, False) not in self._meta_flights and self._next_map_ask.get(key, 0.0) > time.monotonic():
                 return None
-            return await self._meta_flights.run(("map", key, False), lambda: self._ask_map(source, auth, 0.0),
+            return await self._meta_flights.run(_scoped(("map", key, False)), lambda: self._ask_map(source, auth, 0.0),
                                                 self.nursery)  # type: ignore[return-value]
         last_progress, since = -1, time.monotonic()
         while True:
-            answer = await self._meta_flights.run(("map", key, True),
+            answer = await self._meta_flights.run(_scoped(("map", key, True)),
                                                   lambda: self._ask_map(source, auth, self.config.map_wait),
                                                   self.nursery)
             if isinstance(answer, ChunkMap):
@@ -912,7 +930,7 @@ class FetchEngine:
             chunk_map = ChunkMap(entry.content_id, entry.size, entry.chunk_size, b"".join(state.digests))
             await self._adopt(source, chunk_map, verified_here=True)
 
-        await self._meta_flights.run(("verify", entry.content_id, entry.chunk_size), verify, self.nursery)
+        await self._meta_flights.run(_scoped(("verify", entry.content_id, entry.chunk_size)), verify, self.nursery)
 
     def _published_map(self, entry: FileEntry) -> ChunkMap | None:
         """A map of the file that a replica sharing a tier with this one made (it verified the
@@ -930,7 +948,7 @@ class FetchEngine:
             chunk = await tier.get(key)
             if chunk is not None:
                 return chunk
-        return await self._chunk_flights.run(key, lambda: self._load(source, index, auth), self.nursery)
+        return await self._chunk_flights.run(_scoped(key), lambda: self._load(source, index, auth), self.nursery)
 
     async def _forget(self, source: FileSource, why: str) -> None:
         """The file failed verification (here or at the remote): every copy of it goes."""
@@ -978,6 +996,18 @@ class FetchEngine:
 
 class _PurgedWhileLoading(IntegrityError):
     """A chunk load outlived by a failed verification of its file."""
+
+
+#: Set while a reader retries with its own credentials (see :meth:`FetchEngine.read_chunk`):
+#: the work it starts or joins is shared only with readers of the same credentials. Tasks
+#: started meanwhile (single-flight work) inherit it.
+_solo: contextvars.ContextVar[str | None] = contextvars.ContextVar("mmfs_solo", default=None)
+
+
+def _scoped(key: Hashable) -> Hashable:
+    """A single-flight key, narrowed to the credentials of a retrying reader (:data:`_solo`)."""
+    solo = _solo.get()
+    return key if solo is None else (key, solo)
 
 
 def _auth_id(auth: str | None) -> str | None:

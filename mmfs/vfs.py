@@ -4,6 +4,8 @@ The namespace, looked up lazily::
 
     /                                   root
     ├── .mmfs/status.json               daemon state as JSON, regenerated on each open
+    ├── .access/<key>/huggingface/…     the same namespace read with another token
+    │                                   (one view per CSI volume token: mmfs/access.py)
     ├── .mmfs/gc.json, gc-dry-run.json  ``mmfs gc``: opening one runs it (retention.py)
     ├── .artifacts/<id>/<path…>         published derived artifacts (mmfs.artifacts): a
     │                                   commit directory of the pseudo repo ARTIFACTS
@@ -34,6 +36,11 @@ random names cannot grow the table. A provisional org becomes permanent once a r
 under it resolves or it shows in a listing. An inode the LRU dropped while the kernel
 still held it answers ESTALE, after which the kernel looks the name up afresh.
 
+Content is gated per view: a file opens only once its view's token was checked for its
+repo (:class:`~mmfs.access.AccessGate`, cached for a bounded time and checked again on a
+read after that), and listings of a repo known to be restricted are asked of the remote
+with the view's token. Views never share inodes, so never the kernel's page cache.
+
 Every call raises :class:`~mmfs.errors.MmfsError` children; the FUSE adapter
 (:mod:`mmfs.fuse_ops`) maps them to errnos. Calls that may reach the remote are bounded by
 ``VfsConfig.remote_timeout``: a reader gets EIO after it, never a hang (the fetch itself
@@ -51,10 +58,13 @@ import stat
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from functools import partial
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import trio
 
+from .access import ACCESS_DIR, AccessGate, Credentials
 from .chunkmap import ChunkMap
 from .engine import FetchEngine, Served
 from .errors import IntegrityError, InvalidName, MmfsError, NotFound, RevisionNotFound, UpstreamError, first_error
@@ -114,6 +124,8 @@ class VfsConfig:
     #: Most organisations held while no repo under them has resolved (see the module
     #: docstring): bounds what looking up random org names costs.
     max_provisional_orgs: int = 1024
+    #: Seconds a view's access to a repo is trusted before the remote is asked again.
+    access_ttl: float = 60.0
     #: Read-ahead knobs for every open file.
     read_ahead: ReadAheadConfig = ReadAheadConfig()
     #: Owner reported for every entry (the daemon's by default).
@@ -134,6 +146,8 @@ class Kind(Enum):
     STATUS = "status"  # .mmfs/status.json and the other control files
     REFS = "refs"  # <repo>/refs and <repo>/refs/<kind>: folders of revisions with slashes
     ARTIFACTS = "artifacts"  # .artifacts: one commit directory per published artifact
+    ACCESS = "access"  # .access: one view per token
+    VIEW = "view"  # .access/<key>: a root read with that token
 
     @property
     def is_dir(self) -> bool:
@@ -153,6 +167,8 @@ class Node:
     #: Path inside the commit (DIR, FILE), or the revision name (REF).
     path: str = ""
     entry: FileEntry | None = None
+    #: The access view this node belongs to ("": the mount's own token).
+    view: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +240,7 @@ class _Handle:
     served: Served | None = None
     data: bytes = b""  # virtual files: content fixed at open
     passthrough: bool = False  # the kernel serves its reads from a backing file
+    auth: str | None = None  # the view's credentials, checked at open
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,9 +318,13 @@ class Vfs:
 
     def __init__(self, engine: FetchEngine, config: VfsConfig = VfsConfig(), *,
                  describe: Callable[[], dict[str, Any]] | None = None,
-                 controls: dict[str, Callable[[], Awaitable[dict[str, Any]]]] | None = None) -> None:
+                 controls: dict[str, Callable[[], Awaitable[dict[str, Any]]]] | None = None,
+                 credentials: Credentials = Credentials(), access_state: Path | None = None) -> None:
         self.engine = engine
         self.config = config
+        self.credentials = credentials
+        self.gate = AccessGate(engine.remote, lambda: engine.nursery, access_state, ttl=config.access_ttl,
+                               answer_timeout=config.remote_timeout / 2)
         self._describe = describe or (lambda: {})
         #: ``.mmfs/<name>`` files beside status.json whose opening runs an action and
         #: shows its JSON result (``mmfs gc``).
@@ -358,7 +379,8 @@ class Vfs:
             return node
         inode = self._next_inode
         self._next_inode += 1
-        inherited = {"provider": parent.provider, "org": parent.org, "repo": parent.repo, "commit": parent.commit}
+        inherited = {"provider": parent.provider, "org": parent.org, "repo": parent.repo, "commit": parent.commit,
+                     "view": parent.view}
         node = Node(inode, kind, parent.inode, name, **{**inherited, **fields})
         self._nodes[inode] = node
         if node.entry is not None:
@@ -449,13 +471,14 @@ class Vfs:
                                 f"within {timeout:g} s") from None
         return result[0]
 
-    async def _manifest(self, repo: RepoRef, commit: str) -> Manifest:
-        return await self._bounded(f"{repo}@{commit}", self.engine.manifest, repo, commit)
+    async def _manifest(self, repo: RepoRef, commit: str, view: str) -> Manifest:
+        return await self._bounded(f"{repo}@{commit}", partial(self.engine.manifest, auth=self.credentials.auth(view)),
+                                   repo, commit)
 
-    async def _tree(self, repo: RepoRef, commit: str) -> _Tree:
+    async def _tree(self, repo: RepoRef, commit: str, view: str) -> _Tree:
         tree = self._trees.get((repo, commit))
         if tree is None:
-            manifest = await self._manifest(repo, commit)
+            manifest = await self._manifest(repo, commit, view)
             tree = self._trees[(repo, commit)] = _Tree(manifest)
         return tree
 
@@ -497,18 +520,23 @@ class Vfs:
             raise NotADirectory(f"{self.path_of(parent)} is not a directory")
         if name in (".", ".."):
             raise NotFound(name)  # the kernel resolves these itself
-        if kind is Kind.ROOT:
+        if kind in (Kind.ROOT, Kind.VIEW):
             if name in PROVIDERS:
                 return self._child(parent, name, Kind.PROVIDER, provider=name)
-            if name == CONTROL_DIR:
+            if name == CONTROL_DIR and kind is Kind.ROOT:
                 return self._child(parent, name, Kind.CONTROL)
-            if name == ARTIFACTS_DIR:
+            if name == ARTIFACTS_DIR and kind is Kind.ROOT:
                 return self._child(parent, name, Kind.ARTIFACTS, repo=ARTIFACTS)
+            if name == ACCESS_DIR and kind is Kind.ROOT and self.credentials.token_dir is not None:
+                return self._child(parent, name, Kind.ACCESS)
             raise NotFound(f"no provider {name!r}")
+        if kind is Kind.ACCESS:
+            self.credentials.auth(name)  # NotFound unless a token file exists for this view
+            return self._child(parent, name, Kind.VIEW, view=name)
         if kind is Kind.ARTIFACTS:
             if not is_commit(name):
                 raise NotFound(f"no artifact {name!r}: artifacts are named by their 40-hex id")
-            await self._tree(ARTIFACTS, name)  # NotFound until it is published
+            await self._tree(ARTIFACTS, name, parent.view)  # NotFound until it is published
             return self._child(parent, name, Kind.COMMIT, commit=name)
         if kind is Kind.CONTROL:
             if name == STATUS_FILE or name in self._controls:
@@ -531,7 +559,7 @@ class Vfs:
         if kind is Kind.ORG:
             _valid(check_repo_part, name, "repo name")
             repo = RepoRef(parent.provider, parent.org, name)
-            await self._check_repo(repo)
+            await self._check_repo(repo, parent.view)
             if self._nodes.get(parent.inode) is not parent:
                 # Dropped while the remote answered: the kernel looks the org up afresh.
                 raise StaleInode(f"organisation {parent.org!r} was forgotten meanwhile")
@@ -541,19 +569,19 @@ class Vfs:
             revision = _join(parent.path, name)
             _valid(check_revision, revision, "revision")
             if kind is Kind.REPO and is_commit(name):
-                await self._tree(parent.repo, name)
+                await self._tree(parent.repo, name, parent.view)
                 return self._child(parent, name, Kind.COMMIT, commit=name)
             if revision == "refs" or (kind is Kind.REFS and "/" not in parent.path):
                 # refs/, refs/pr/, refs/convert/: folders; the revision is refs/<kind>/<name>
                 return self._child(parent, name, Kind.REFS, path=revision)
-            commit = await self._resolve(parent.repo, revision)
-            await self._tree(parent.repo, commit)
+            commit = await self._resolve(parent.repo, revision, parent.view)
+            await self._tree(parent.repo, commit, parent.view)
             if self._nodes.get(parent.inode) is not parent:
                 raise StaleInode(f"{parent.repo} was forgotten meanwhile")
             return self._child(parent, name, Kind.REF, path=revision)
         if kind in (Kind.COMMIT, Kind.DIR):
             assert parent.repo is not None
-            tree = await self._tree(parent.repo, parent.commit)
+            tree = await self._tree(parent.repo, parent.commit, parent.view)
             folder = parent.path
             children = tree.children.get(folder, {})
             if name not in children:
@@ -564,18 +592,26 @@ class Vfs:
             return self._child(parent, name, Kind.FILE, path=entry.path, entry=entry)
         raise NotFound(name)
 
-    async def _check_repo(self, repo: RepoRef) -> None:
-        """A repo exists once anything about it is known here, or the remote knows it."""
+    async def _check_repo(self, repo: RepoRef, view: str) -> None:
+        """A repo exists once anything about it is known here, or the remote knows it. A
+        repo known to be restricted is asked of the remote with the view's token (a
+        private repo's listing is not every view's to see)."""
         refs, commits = self._known()
-        if repo in refs or repo in commits:
+        restricted = self.gate.kind(repo) not in (None, "open", "gated")  # gated listings are public
+        if not restricted and (repo in refs or repo in commits):
             return
         try:
-            await self._resolve(repo, "main")
+            if restricted:
+                await self._bounded(f"{repo}", partial(self.engine.remote.resolve, auth=self.credentials.auth(view)),
+                                    repo, "main")
+            else:
+                await self._resolve(repo, "main", view)
         except RevisionNotFound:
             pass  # the repo exists, it just has no "main"
 
-    async def _resolve(self, repo: RepoRef, revision: str) -> str:
-        return await self._bounded(f"{repo}@{revision}", self.engine.resolve, repo, revision)
+    async def _resolve(self, repo: RepoRef, revision: str, view: str) -> str:
+        return await self._bounded(f"{repo}@{revision}", partial(self.engine.resolve, auth=self.credentials.auth(view)),
+                                   repo, revision)
 
     # -- attributes ---------------------------------------------------------------------
 
@@ -609,7 +645,7 @@ class Vfs:
         if node.kind is not Kind.REF:
             raise NotALink(f"{self.path_of(node)} is not a symbolic link")
         assert node.repo is not None
-        commit = await self._resolve(node.repo, node.path)
+        commit = await self._resolve(node.repo, node.path, node.view)
         return "../" * node.path.count("/") + commit  # relative: refs/pr/1 -> ../../<commit>
 
     # -- directories --------------------------------------------------------------------
@@ -621,10 +657,13 @@ class Vfs:
             raise NotADirectory(f"{self.path_of(node)} is not a directory")
         names: list[tuple[str, Kind, dict[str, Any]]] = []
         kind = node.kind
-        if kind is Kind.ROOT:
+        if kind in (Kind.ROOT, Kind.VIEW):
             names = [(p, Kind.PROVIDER, {"provider": p}) for p in PROVIDERS]
-            names.append((CONTROL_DIR, Kind.CONTROL, {}))
-            names.append((ARTIFACTS_DIR, Kind.ARTIFACTS, {"repo": ARTIFACTS}))
+            if kind is Kind.ROOT:
+                names.append((CONTROL_DIR, Kind.CONTROL, {}))
+                names.append((ARTIFACTS_DIR, Kind.ARTIFACTS, {"repo": ARTIFACTS}))
+        elif kind is Kind.ACCESS:
+            names = []  # views are not listed: a key is a hash of a token
         elif kind is Kind.CONTROL:
             names = [(n, Kind.STATUS, {}) for n in (STATUS_FILE, *sorted(self._controls))]
         elif kind is Kind.ARTIFACTS:
@@ -660,7 +699,7 @@ class Vfs:
                         names.append((commit, Kind.COMMIT, {"commit": commit}))
         else:
             assert node.repo is not None
-            tree = await self._tree(node.repo, node.commit)
+            tree = await self._tree(node.repo, node.commit, node.view)
             for name, entry in tree.children.get(node.path, {}).items():
                 if entry is None:
                     names.append((name, Kind.DIR, {"path": _join(node.path, name)}))
@@ -695,8 +734,11 @@ class Vfs:
             log.error("open of %s refused: %s", self.path_of(node), exc)
             raise
         source = FileSource(node.repo, node.commit, entry)
+        auth = self.credentials.auth(node.view)
+        if node.repo != ARTIFACTS:  # artifacts: the backend checks their model's access itself
+            await self._bounded(f"access to {node.repo}", self.gate.check, source, auth)
         state = _Handle(node, source, ReadAhead(entry.chunk_size, entry.chunk_count, self.config.read_ahead),
-                        served=_HandleServed(inode, self._page_record))
+                        served=_HandleServed(inode, self._page_record), auth=auth)
         backing_id = await self._passthrough(node)
         if backing_id:
             state.passthrough = True
@@ -824,10 +866,12 @@ class Vfs:
             return state.data[offset:offset + size]
         source = state.source
         self._file_reads += 1
+        if source.repo != ARTIFACTS and not self.gate.fresh(state.auth, source.repo):  # held open past the answer's time
+            await self._bounded(f"access to {source.repo}", self.gate.check, source, state.auth)
         ahead = state.read_ahead.on_read(offset, size) if state.read_ahead is not None else range(0)
         if ahead:
             self._ra_requested += len(ahead)
-            self.engine.prefetch(source, ahead)
+            self.engine.prefetch(source, ahead, auth=state.auth)
         cached = self.engine.read_cached(source, offset, size, state.served)
         if cached is not None:
             self._read_bytes += len(cached)
@@ -854,7 +898,7 @@ class Vfs:
 
     async def _read_through(self, state: _Handle, offset: int, size: int) -> bytes | memoryview:
         assert state.source is not None
-        return await self.engine.read(state.source, offset, size, served=state.served)
+        return await self.engine.read(state.source, offset, size, served=state.served, auth=state.auth)
 
     def _content_failed(self, content_id: str) -> None:
         """Bytes of ``content_id`` that readers may have turned out wrong: every inode

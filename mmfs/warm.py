@@ -231,16 +231,17 @@ def _read_all(work: list[tuple[Path, int, int, bool]], jobs: int, progress: Prog
 
 
 async def _prefetch_backend(url: str, target: Target, include: Sequence[str], jobs: int,
-                            progress_factory: Callable[[int, int], Progress]) -> Summary:
+                            progress_factory: Callable[[int, int], Progress], token: str | None = None) -> Summary:
     import httpx
 
     from .remote._http import error_from_response
-    from .remote.backend import BackendRemote
+    from .remote.backend import ADMIN_HEADER, BackendRemote
     from .remote.base import FileSource
     from .remote.wire import proxy_url
 
     started = time.monotonic()
-    remote = BackendRemote(url)
+    auth = f"Bearer {token}" if token else None
+    remote = BackendRemote(url, auth=auth)
     try:
         commit = await remote.resolve(target.repo, target.revision)
         manifest = await remote.manifest(target.repo, commit)
@@ -253,8 +254,11 @@ async def _prefetch_backend(url: str, target: Target, include: Sequence[str], jo
         async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT), trust_env=False,
                                      proxy=proxy_url(url)) as client:
             try:
+                headers = {"Authorization": auth} if auth else {}
+                if os.environ.get("MMFS_ADMIN_TOKEN"):
+                    headers[ADMIN_HEADER] = os.environ["MMFS_ADMIN_TOKEN"]
                 response = await client.post(f"{url.rstrip('/')}/v1/prefetch/{target.repo.url_path}/{commit}",
-                                             params=[("include", p) for p in include])
+                                             params=[("include", p) for p in include], headers=headers)
             except httpx.ConnectTimeout:
                 raise UpstreamError(f"cannot connect to {url} within {CONNECT_TIMEOUT:g} s") from None
             except httpx.HTTPError:
@@ -290,22 +294,25 @@ async def _prefetch_backend(url: str, target: Target, include: Sequence[str], jo
 
 
 async def _bounded_prefetch_backend(url: str, target: Target, include: Sequence[str], jobs: int,
-                                    progress_factory: Callable[[int, int], Progress], timeout: float) -> Summary:
+                                    progress_factory: Callable[[int, int], Progress], timeout: float,
+                                    token: str | None = None) -> Summary:
     try:
         with trio.fail_after(timeout):
-            return await _prefetch_backend(url, target, include, jobs, progress_factory)
+            return await _prefetch_backend(url, target, include, jobs, progress_factory, token)
     except trio.TooSlowError:
         raise UpstreamError(f"{target}: {url} did not finish warming within {timeout:g} s (raise --timeout to "
                             "wait longer; the backend may still be fetching)") from None
 
 
 def prefetch_backend(url: str, target: Target, include: Sequence[str] = (), jobs: int = 8,
-                     timeout: float = DEFAULT_BACKEND_TIMEOUT) -> Summary:
-    """Warm the backend at ``url``; :class:`~mmfs.errors.UpstreamError` after ``timeout`` seconds."""
+                     timeout: float = DEFAULT_BACKEND_TIMEOUT, *, token: str | None = None) -> Summary:
+    """Warm the backend at ``url``, sending ``token`` (for gated and private repos) and
+    ``MMFS_ADMIN_TOKEN`` (the backend's admin token, if it has one); :class:`~mmfs.errors.UpstreamError`
+    after ``timeout`` seconds."""
     from .errors import first_error
 
     try:
-        return trio.run(_bounded_prefetch_backend, url, target, include, jobs, Progress, timeout)
+        return trio.run(_bounded_prefetch_backend, url, target, include, jobs, Progress, timeout, token)
     except BaseExceptionGroup as group:
         error = first_error(group)
         if error is None:

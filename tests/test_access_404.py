@@ -2,7 +2,7 @@
 
 The Hub names every 404 (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``); a proxy
 or another server may not. A 404 that does not say the repo exists proves no access: the
-caller is refused, and for the backend's own token the repo counts as restricted.
+caller is refused, and for the anonymous probe the repo counts as restricted (private).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from backend_server.access import AccessControl
-from mmfs.errors import AccessDenied
+from mmfs.errors import AccessDenied, MmfsError, RepoNotFound
 from mmfs.names import RepoRef
 
 REPO = RepoRef("huggingface", "org", "private")
@@ -59,12 +59,12 @@ def upstream() -> Iterator[Upstream]:
 
 async def check(upstream: Upstream, state: Path, caller: str | None) -> None:
     access = AccessControl(f"http://127.0.0.1:{upstream.server_address[1]}", "own-token", state)
-    refused: list[AccessDenied] = []
+    refused: list[MmfsError] = []
     try:
         async with trio.open_nursery() as nursery:  # where the check's shared probes run
             try:
                 await access.check(REPO, COMMIT, "model.safetensors", caller, nursery)
-            except AccessDenied as exc:
+            except (AccessDenied, RepoNotFound) as exc:
                 refused.append(exc)
     finally:
         await access.aclose()
@@ -81,7 +81,8 @@ async def check(upstream: Upstream, state: Path, caller: str | None) -> None:
 ])
 async def test_a_callers_404_counts_as_access_only_when_it_shows_the_repo(
         upstream: Upstream, tmp_path: Path, caller_answer: tuple[int, dict[str, str]], allowed: bool) -> None:
-    upstream.answers = {OWN: (401, {"X-Error-Code": "GatedRepo"}), "Bearer caller": caller_answer}
+    upstream.answers = {None: (401, {"X-Error-Code": "GatedRepo"}), OWN: (401, {"X-Error-Code": "GatedRepo"}),
+                        "Bearer caller": caller_answer}
     if allowed:
         await check(upstream, tmp_path / "access.json", "Bearer caller")
     else:
@@ -89,10 +90,10 @@ async def test_a_callers_404_counts_as_access_only_when_it_shows_the_repo(
             await check(upstream, tmp_path / "access.json", "Bearer caller")
 
 
-async def test_a_404_without_a_code_for_our_own_token_makes_the_repo_restricted(upstream: Upstream,
-                                                                                tmp_path: Path) -> None:
+async def test_a_404_without_a_code_for_the_anonymous_probe_makes_the_repo_private(upstream: Upstream,
+                                                                                  tmp_path: Path) -> None:
     upstream.answers = {OWN: (404, {}), None: (404, {})}
-    with pytest.raises(AccessDenied, match="gated or private"):
+    with pytest.raises(RepoNotFound, match="private"):
         await check(upstream, tmp_path / "access.json", None)  # no token: refused, not served
-    upstream.answers = {OWN: (404, {"X-Error-Code": "EntryNotFound"})}
+    upstream.answers = {None: (404, {"X-Error-Code": "EntryNotFound"})}
     await check(upstream, tmp_path / "fresh.json", None)  # the repo shows, a file is missing: open

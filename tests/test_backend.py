@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -248,26 +252,26 @@ def test_prefetch_endpoint_warms_without_sending_data(hub: TestHub, hub_root: Pa
 
 def test_gated_repo_needs_the_callers_own_access(hub: TestHub, hub_root: Path, tmp_path: Path,
                                                  start_backend) -> None:
-    repo_dir = synthetic(hub_root, "gated", 1 << 20)
-    (repo_dir / ".hub").mkdir()
-    (repo_dir / ".hub" / "gated").write_text("tok-sesame-1234")
-    files = tree_files(repo_dir)
+    files = restricted(hub_root, "gated", "tok-sesame-1234")
     backend = start_backend()  # no HF_TOKEN of its own
     url = f"{backend.url}/v1/file/huggingface/org/gated/main/{SHARD}"
     good = {"Authorization": "Bearer tok-sesame-1234"}
 
     denied = httpx.get(url)
     assert denied.status_code == 403 and denied.headers["X-Error-Code"] == "GatedRepo"
-    assert "gated or private" in denied.json()["error"]
+    assert "gated" in denied.json()["error"]
     allowed = httpx.get(url, headers=good)
     assert allowed.status_code == 200 and allowed.content == files[SHARD]
+    assert httpx.head(url, headers=good).headers["X-Mmfs-Access"] == "gated"
     # Now cached, and still not served to callers without access.
     for headers in ({}, {"Authorization": "Bearer wrong-token"}):
         response = httpx.get(url, headers=headers)
         assert response.status_code == 403, headers
         assert response.content != files[SHARD]
-    assert httpx.get(f"{backend.url}/v1/manifest/huggingface/org/gated/main").status_code == 403
-    assert httpx.get(f"{backend.url}/v1/manifest/huggingface/org/gated/main", headers=good).status_code == 200
+    # A gated repo's metadata is public, as on the Hub: only content needs the grant.
+    manifest = httpx.get(f"{backend.url}/v1/manifest/huggingface/org/gated/main")
+    assert manifest.status_code == 200 and SHARD in manifest.text
+    assert httpx.get(f"{backend.url}/api/models/org/gated").json()["gated"] == "manual"
 
     # The official client, both ways.
     with pytest.raises(GatedRepoError):
@@ -279,15 +283,16 @@ def test_gated_repo_needs_the_callers_own_access(hub: TestHub, hub_root: Path, t
     assert "org/gated" in json.loads((backend.data_dir / "access.json").read_text())["restricted"]
 
 
-def gated(hub_root: Path, name: str, token: str, size: int = 1 << 20) -> dict[str, bytes]:
+def restricted(hub_root: Path, name: str, *tokens: str, kind: str = "gated", size: int = 1 << 20) -> dict[str, bytes]:
+    """A synthetic repo that only ``tokens`` may read (``kind``: ``gated`` or ``private``)."""
     repo_dir = synthetic(hub_root, name, size)
     (repo_dir / ".hub").mkdir()
-    (repo_dir / ".hub" / "gated").write_text(token)
+    (repo_dir / ".hub" / kind).write_text("\n".join(tokens))
     return tree_files(repo_dir)
 
 
-def test_gated_listings_are_checked_even_when_cached(hub: TestHub, hub_root: Path, start_backend) -> None:
-    gated(hub_root, "listed", "tok-listed")
+def test_private_listings_are_checked_even_when_cached(hub: TestHub, hub_root: Path, start_backend) -> None:
+    restricted(hub_root, "listed", "tok-listed", kind="private")
     backend = start_backend()  # no HF_TOKEN of its own
     commit = hub.commit("org/listed")
     good = {"Authorization": "Bearer tok-listed"}
@@ -298,61 +303,142 @@ def test_gated_listings_are_checked_even_when_cached(hub: TestHub, hub_root: Pat
     for target in listings:
         response = httpx.get(backend.url + target, headers=good)
         assert response.status_code == 200, target
-    assert httpx.get(f"{backend.url}/api/models/org/listed", headers=good).json()["gated"] == "manual"
-    # Callers without access get none of it, cached or not.
+    assert httpx.get(f"{backend.url}/api/models/org/listed", headers=good).json()["private"] is True
+    # Callers without access get none of it, cached or not: the repo does not exist for them.
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         for target in listings:
             response = httpx.get(backend.url + target, headers=headers)
-            assert response.status_code == 403 and response.headers["X-Error-Code"] == "GatedRepo", target
+            assert response.status_code == 404 and response.headers["X-Error-Code"] == "RepoNotFound", target
             assert commit not in response.text and SHARD not in response.text
         # Nor file names through prefetch errors, nor a file's absence through resolve.
         response = httpx.post(f"{backend.url}/v1/prefetch/huggingface/org/listed/main", headers=headers)
-        assert response.status_code == 403 and SHARD not in response.text
+        assert response.status_code == 404 and SHARD not in response.text
         response = httpx.head(f"{backend.url}/org/listed/resolve/main/nope.bin", headers=headers)
-        assert response.status_code == 403 and "X-Repo-Commit" not in response.headers
+        assert response.status_code == 404 and "X-Repo-Commit" not in response.headers
+        response = httpx.get(f"{backend.url}/v1/file/huggingface/org/listed/main/{SHARD}", headers=headers)
+        assert response.status_code == 404 and response.headers["X-Error-Code"] == "RepoNotFound"
+    # Nor the cache's own listing, which shows restricted repos to the admin token only.
+    httpx.get(f"{backend.url}/v1/file/huggingface/org/listed/main/config.json", headers=good).raise_for_status()
+    listing = httpx.get(f"{backend.url}/v1/files", headers=good).text
+    assert "org/listed" not in listing and commit not in listing
 
 
 def test_access_fails_closed_when_the_upstream_cannot_answer(hub: TestHub, hub_root: Path, start_backend) -> None:
-    files = gated(hub_root, "closed", "tok-closed")
-    commit = hub.commit("org/closed")
+    files = restricted(hub_root, "closed", "tok-closed", "tok-backend")
+    public = tree_files(synthetic(hub_root, "public", 1 << 20))
+    commit, public_commit = hub.commit("org/closed"), hub.commit("org/public")
+    good = {"Authorization": "Bearer tok-closed"}
 
-    def url(backend: BackendProcess) -> str:
-        return f"{backend.url}/v1/file/huggingface/org/closed/{commit}/config.json"
+    def url(backend: BackendProcess, repo: str = "closed", at: str = commit) -> str:
+        return f"{backend.url}/v1/file/huggingface/org/{repo}/{at}/config.json"
 
-    # A backend whose own token reads the repo serves it to anyone, and caches it.
-    first = start_backend("data", env={"HF_TOKEN": "tok-closed"})
-    assert httpx.get(url(first)).content == files["config.json"]
+    # A backend whose own token reads the gated repo still serves it only to callers with access.
+    first = start_backend("data", env={"HF_TOKEN": "tok-backend"})
+    assert httpx.get(url(first)).status_code == 403
+    assert httpx.get(url(first), headers=good).content == files["config.json"]
+    assert httpx.get(url(first, "public", public_commit)).content == public["config.json"]
     first.stop()
     hub.stop()
-    # The Hub is down. The same token was seen to read the repo: still served.
-    same = start_backend("data", env={"HF_TOKEN": "tok-closed"})
-    assert httpx.get(url(same)).content == files["config.json"]
-    same.stop()
-    # Another token (here none) has no answer for the repo: nothing is served until one comes.
-    other = start_backend("data")
-    response = httpx.get(url(other))
-    assert response.status_code == 503 and response.headers["X-Error-Code"] == "TransientError"
-    assert response.content != files["config.json"]
+    # The Hub is down, the backend restarted. The public repo was seen open: still served.
+    again = start_backend("data", env={"HF_TOKEN": "tok-backend"})
+    assert httpx.get(url(again, "public", public_commit)).content == public["config.json"]
+    # The gated repo stays restricted: nobody's token can be checked, nobody gets its bytes.
+    for headers in ({}, good):
+        response = httpx.get(url(again), headers=headers, timeout=60)
+        assert response.status_code in (403, 502, 503), headers
+        assert response.content != files["config.json"]
+    again.stop()
+    # A backend with no answer at all about a repo serves nothing of it until one comes.
+    other = start_backend("other")
+    response = httpx.get(url(other, "public", public_commit), timeout=60)
+    assert response.status_code in (502, 503) and response.content != public["config.json"]
 
 
-def test_a_bad_token_on_an_open_repo_fails_no_reader(hub: TestHub, hub_root: Path, start_backend) -> None:
+def test_the_backends_own_token_is_for_warming_not_a_bypass(hub: TestHub, hub_root: Path, start_backend) -> None:
     repo_dir = make_synthetic_model(hub_root / "org" / "shared", 8 << 20, n_shards=2)
     (repo_dir / ".hub").mkdir()
-    (repo_dir / ".hub" / "gated").write_text("tok-shared")
+    (repo_dir / ".hub" / "gated").write_text("tok-backend\ntok-a\ntok-b")
     files = tree_files(repo_dir)
     first, second = sorted(p for p in files if p.endswith(".safetensors"))
-    backend = start_backend(chunk_size="256KiB", env={"HF_TOKEN": "tok-shared"})  # the repo is open for us
+    backend = start_backend(chunk_size="256KiB", env={"HF_TOKEN": "tok-backend"})
     url = f"{backend.url}/v1/file/huggingface/org/shared/main/"
-    junk = {"Authorization": "Bearer junk"}
-    # The backend reads open repos with its own token: a caller's junk token is not sent upstream...
-    response = httpx.get(url + first, headers=junk, timeout=60)
+    junk, a, b = ({"Authorization": f"Bearer {t}"} for t in ("junk", "tok-a", "tok-b"))
+    # The backend's token reads the repo; callers without their own access still get nothing.
+    for headers in ({}, junk):
+        response = httpx.get(url + first, headers=headers, timeout=60)
+        assert response.status_code == 403 and response.content != files[first]
+    response = httpx.get(url + first, headers=a, timeout=60)
     assert response.status_code == 200 and response.content == files[first]
-    # ...so it cannot fail the fetches other callers join.
+    # Callers with access share one upstream fetch made with the backend's own token, so a
+    # caller whose token is refused fails alone.
     hub.set_rate("40MB/s")  # slow enough that the readers share the cold fetches
-    callers = [junk, {}, junk, {}]
+    callers = [a, junk, b, {}, a]
     with ThreadPoolExecutor(len(callers)) as pool:
         answers = list(pool.map(lambda headers: httpx.get(url + second, headers=headers, timeout=60), callers))
     for headers, response in zip(callers, answers):
-        assert response.status_code == 200, (headers, response.text[:200])
-        assert response.content == files[second]
+        if headers in (a, b):
+            assert response.status_code == 200 and response.content == files[second], headers
+        else:
+            assert response.status_code == 403 and response.content != files[second], headers
     assert hub.stats().bytes_served == len(files[first]) + len(files[second])
+
+
+def test_a_revoked_token_stops_reading_cached_bytes_within_the_access_ttl(hub: TestHub, hub_root: Path,
+                                                                        start_backend) -> None:
+    files = restricted(hub_root, "revoked", "tok-a", "tok-b")
+    ttl = 1.0
+    backend = start_backend(extra_args=["--access-ttl", str(ttl)])
+    url = f"{backend.url}/v1/file/huggingface/org/revoked/main/{SHARD}"
+    a, b = ({"Authorization": f"Bearer {t}"} for t in ("tok-a", "tok-b"))
+    assert httpx.get(url, headers=a).content == files[SHARD]  # cached now
+    (hub_root / "org" / "revoked" / ".hub" / "gated").write_text("tok-b")  # tok-a revoked upstream
+    time.sleep(ttl)  # the longest an answer is trusted (--access-ttl); then it is asked again
+    response = httpx.get(url, headers=a)
+    assert response.status_code == 403 and response.content != files[SHARD]
+    assert httpx.get(url, headers=b).content == files[SHARD]
+
+
+def test_admin_actions_need_the_admin_token(hub: TestHub, hub_root: Path, start_backend, tmp_path: Path) -> None:
+    files = restricted(hub_root, "warmable", "tok-w")
+    backend = start_backend(env={"MMFS_ADMIN_TOKEN": "adm-secret"})
+    target = f"{backend.url}/v1/prefetch/huggingface/org/warmable/main"
+    caller = {"Authorization": "Bearer tok-w"}
+    for headers in (caller, {**caller, "X-Mmfs-Admin-Token": "wrong"}):
+        response = httpx.post(target, headers=headers, timeout=60)
+        assert response.status_code == 401 and response.headers["X-Error-Code"] == "AdminRequired"
+    assert hub.stats().bytes_served == 0
+    # The admin token alone is not access to a gated repo: the caller's token is still checked.
+    response = httpx.post(target, headers={"X-Mmfs-Admin-Token": "adm-secret"}, timeout=60)
+    assert response.status_code == 403 and hub.stats().bytes_served == 0
+    # mmfs prefetch --backend sends both: the token (--token-file) and MMFS_ADMIN_TOKEN.
+    token_file = tmp_path / "token"
+    token_file.write_text("tok-w\n")
+    command = [sys.executable, "-m", "mmfs", "prefetch", "huggingface/org/warmable", "--backend", backend.url,
+               "--token-file", str(token_file)]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "MMFS_ADMIN_TOKEN")}
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert refused.returncode != 0 and "admin token" in refused.stderr and "Traceback" not in refused.stderr
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                          env={**env, "MMFS_ADMIN_TOKEN": "adm-secret"})
+    assert done.returncode == 0, done.stderr
+    assert hub.stats().bytes_served == sum(map(len, files.values()))
+
+
+
+def test_memory_and_disk_tiers_keep_their_bounds_and_the_memory_ttl(hub: TestHub, hub_root: Path,
+                                                                    start_backend) -> None:
+    """--memory-cache and --disk-cache bound what the backend keeps (reading more than
+    either holds), and --memory-ttl hands memory back with no request touching the tier."""
+    data = (synthetic(hub_root, "bounded", 12 << 20) / SHARD).read_bytes()
+    memory, disk, ttl = 2 << 20, 4 << 20, 1.0
+    backend = start_backend(chunk_size="256KiB", memory_cache="2MiB", memory_ttl=str(ttl),
+                            extra_args=["--disk-cache", "4MiB"])
+    url = f"{backend.url}/v1/file/huggingface/org/bounded/main/{SHARD}"
+    assert httpx.get(url, timeout=60).content == data
+    tiers = json.loads(backend.get("/healthz"))["tiers"]
+    assert tiers["memory"]["limit_bytes"] == memory and 0 < tiers["memory"]["used_bytes"] <= memory
+    assert tiers["disk"]["limit_bytes"] == disk and 0 < tiers["disk"]["used_bytes"] <= disk
+    # The sweep runs every max(1 s, ttl / 4): after ttl and one sweep, memory is empty.
+    time.sleep(ttl + max(1.0, ttl / 4))
+    assert json.loads(backend.get("/healthz"))["tiers"]["memory"]["used_bytes"] == 0
+    assert httpx.get(url, timeout=60).content == data  # and the file reads as before

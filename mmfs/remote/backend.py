@@ -35,6 +35,11 @@ from ._http import RetryPolicy, make_client, request
 from .base import FetchedChunk, FileSource, Remote
 
 VERIFIED_HEADER = "X-Mmfs-Verified"
+#: On content answers: ``open``, ``gated`` or ``private`` (backend_server/access.py).
+ACCESS_HEADER = "X-Mmfs-Access"
+#: Carries the backend's admin token (``MMFS_ADMIN_TOKEN``) on admin requests;
+#: ``Authorization`` carries the caller's Hub token.
+ADMIN_HEADER = "X-Mmfs-Admin-Token"
 #: Sent with chunk requests by nodes that share with peers: who asks (its peer URL) ...
 NODE_HEADER = "X-Mmfs-Node"
 #: ... and ``ok`` when it may be sent to a peer for this chunk (it holds the file's map).
@@ -130,6 +135,13 @@ class BackendRemote(Remote):
             return ChunkMap(entry.content_id, entry.size, entry.chunk_size, bytes(response.content))
         except ValueError as exc:
             raise UpstreamError(f"backend {self.url} sent an unusable chunk map for {entry.path}: {exc}") from exc
+
+    async def check_access(self, source: FileSource, *, auth: str | None = None) -> str:
+        """``HEAD /v1/file/...``: the backend checks the token as for any content request
+        and names the repo's kind in ``X-Mmfs-Access``."""
+        url = f"{self.url}/v1/file/{source.repo}/{source.commit}/{quote(source.entry.path)}"
+        response = await request(self._client, self._policy, "HEAD", url, headers=self._headers(auth))
+        return response.headers.get(ACCESS_HEADER) or "open"
 
     @property
     def received_bytes(self) -> int:

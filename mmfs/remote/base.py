@@ -81,5 +81,12 @@ class Remote(ABC):
         :class:`~mmfs.errors.IntegrityError` when the file failed its check there."""
         raise NotImplementedError(f"{type(self).__name__} does not verify files; the engine does")
 
+    @abstractmethod
+    async def check_access(self, source: FileSource, *, auth: str | None = None) -> str:
+        """Whether ``auth`` (``None``: the remote's own credentials) may read ``source``'s
+        content: returns the repo's kind (``open``, ``gated`` or ``private``), raises
+        :class:`~mmfs.errors.AccessDenied` or a ``NotFound`` child when refused, and
+        :class:`~mmfs.errors.UpstreamError` when no answer came (not a refusal)."""
+
     async def aclose(self) -> None:
         """Release connections."""

@@ -15,7 +15,7 @@ import os
 from typing import Any, Mapping
 from urllib.parse import quote
 
-from ..errors import AccessDenied, InvalidName, NotFound, RevisionNotFound, UpstreamError
+from ..errors import AccessDenied, InvalidName, NotFound, RepoNotFound, RevisionNotFound, UpstreamError
 from ..manifest import DEFAULT_CHUNK_SIZE, GIT_SHA1, SHA256, FileEntry, Manifest
 from ..names import RepoRef, check_path, is_commit
 from ._http import RetryPolicy, make_client, request
@@ -155,6 +155,19 @@ class HubRemote(Remote):
         except (ValueError, AttributeError) as exc:
             raise UpstreamError(f"{self.url} sent an unusable ref listing for {repo}: {exc}") from exc
         return answer
+    async def check_access(self, source: FileSource, *, auth: str | None = None) -> str:
+        """A ``HEAD`` of the file's ``resolve`` URL anonymously (the repo's kind), then, for
+        a gated or private repo, with ``auth`` (or our own token)."""
+        url = f"{self.url}/{hub_path(source.repo)}/resolve/{source.commit}/{quote(source.entry.path)}"
+        try:
+            await request(self._client, self._policy, "HEAD", url, headers={"User-Agent": "mmfs/0.1"})
+            return "open"
+        except AccessDenied:
+            kind = "gated"
+        except RepoNotFound:
+            kind = "private"
+        await request(self._client, self._policy, "HEAD", url, headers=self._headers(auth))
+        return kind
 
     @property
     def received_bytes(self) -> int:

@@ -17,8 +17,10 @@ that expired before the release — fetches that chunk with ``BackendRemote.fetc
 over TCP. Each kind of failure is logged once. A backend without NIXL disables the plane
 for good; other setup failures, and three failed READs in a row, switch it off for
 ``RETRY_AFTER`` seconds, after which the agent metadata is fetched again (a restarted
-backend has a new one). Errors about the chunk itself (not found, access, integrity)
-are raised as TCP would raise them.
+backend has a new one). Chunks of gated and private repos always come
+over TCP: the backend keeps them out of its registered pool, which any node holding its
+agent metadata could READ (``RestrictedOverTcp``). Errors about the chunk itself (not
+found, access, integrity) are raised as TCP would raise them.
 
 When NIXL is worth it. ``mmfs mount --transport auto`` (the default) builds this remote
 only where NIXL can beat TCP: an RDMA device on this node (:func:`rdma_devices`), and then
@@ -263,6 +265,8 @@ class NixlBackendRemote(BackendRemote):
             raise _Fallback("control", f"control request failed: {exc}") from None
         if not response.is_success:
             error = error_from_response(response)
+            if response.headers.get("X-Error-Code") == "RestrictedOverTcp":  # gated/private: never in the pool
+                raise _Fallback("restricted", str(error))
             if isinstance(error, TransientError):  # 503: no free slot; 5xx/429 from a proxy
                 raise _Fallback("busy", f"backend answered {response.status_code}: {error}")
             raise error

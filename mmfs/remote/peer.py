@@ -110,6 +110,9 @@ class PeeringRemote(Remote):
     async def fetch_map(self, source: FileSource, *, wait: float = 0.0, auth: str | None = None) -> ChunkMap | int:
         return await self.backend.fetch_map(source, wait=wait, auth=auth)
 
+    async def check_access(self, source: FileSource, *, auth: str | None = None) -> str:
+        return await self.backend.check_access(source, auth=auth)
+
     @property
     def received_bytes(self) -> int:
         return self.backend.received_bytes + self._client.received_bytes

@@ -251,6 +251,11 @@ class ReplicaRemote(Remote):
             return await self.local.manifest(repo, commit, auth=auth)
         return await self._route(f"repo:{repo}", lambda r: r.manifest(repo, commit, auth=auth))
 
+    async def check_access(self, source: FileSource, *, auth: str | None = None) -> str:
+        if self.local is not None:
+            return await self.local.check_access(source, auth=auth)
+        return await self._route(f"repo:{source.repo}", lambda r: r.check_access(source, auth=auth))
+
     async def fetch_chunk(self, source: FileSource, index: int, *, auth: str | None = None) -> FetchedChunk:
         local = self.local
 

@@ -120,6 +120,9 @@ class ProviderRemote(Remote):
     async def fetch_chunk(self, source: FileSource, index: int, *, auth: str | None = None) -> FetchedChunk:
         return await self._for(source.repo).fetch_chunk(source, index, auth=auth)
 
+    async def check_access(self, source: FileSource, *, auth: str | None = None) -> str:
+        return await self._for(source.repo).check_access(source, auth=auth)
+
     async def fetch_map(self, source: FileSource, *, wait: float = 0.0, auth: str | None = None) -> ChunkMap | int:
         return await self._for(source.repo).fetch_map(source, wait=wait, auth=auth)
 

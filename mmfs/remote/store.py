@@ -167,6 +167,12 @@ class StoreRemote(Remote):
         files.sort(key=lambda f: f.path)
         return Manifest(repo, commit, tuple(files))
 
+    async def check_access(self, source: FileSource, *, auth: str | None = None) -> str:
+        """Stores are read with this process's own credentials, the same for every caller
+        (docs/providers.md): whoever may use the mount may read what it serves."""
+        self._check_allowed(source.repo)
+        return "open"
+
     async def fetch_chunk(self, source: FileSource, index: int, *, auth: str | None = None) -> FetchedChunk:
         self._check_allowed(source.repo)
         start, end = source.entry.chunk_span(index)

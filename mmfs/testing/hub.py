@@ -6,11 +6,20 @@ dataset routes (``/api/datasets/...``, ``/datasets/<org>/<name>/resolve/...``). 
 starting with ``.hub`` and ``.git`` folders are not repo content (``.gitattributes`` is).
 Optional control files:
 
-- ``ROOT/<org>/<name>/.hub/gated``: the repo is gated; the file holds the one token that
-  may download it. As on the Hub, metadata (model info, tree) stays public; ``resolve``
-  answers 401 ``GatedRepo`` without ``Authorization: Bearer <token>``, 403 with a wrong one.
+- ``ROOT/<org>/<name>/.hub/gated``: the repo is gated; the file holds the tokens that
+  may download it, one per line (rewrite it to revoke one). As on the Hub, metadata
+  (model info, tree) stays public; ``resolve`` answers 401 ``GatedRepo`` without
+  ``Authorization: Bearer <token>``, 403 ``GatedRepo`` with a token not on the list.
   Unknown repos answer ``RepoNotFound`` with 401 to anonymous callers and 404 to callers
   with a token, as the Hub does.
+- ``ROOT/<org>/<name>/.hub/private``: the repo is private; the file holds the tokens that
+  may see it, one per line. To anyone else it does not exist, metadata included: it
+  answers exactly as an unknown repo does (the Hub does not tell private from missing).
+- ``ROOT/<org>/<name>/.hub/xet``: the repo is Xet-backed, as most on the Hub are since
+  2025: ``resolve`` answers of LFS files carry ``X-Xet-Hash`` and a
+  ``Link: <…/xet-read-token/<commit>>; rel="xet-auth"``, trees carry ``xetHash``, and the
+  read-token route answers with a CAS URL that nothing listens on (a client sent around
+  a proxy to the CAS fails, as it would where the CAS is out of reach).
 - ``ROOT/<org>/<name>/.hub/refs.json``: a JSON list of extra branch/tag names (``"v1.0"``,
   ``"refs/pr/1"``) that, like ``main``, resolve to the current commit.
 - ``ROOT/.hub/users.json``: ``{"<token>": "<user name>"}``, the tokens ``/api/whoami-v2``
@@ -54,6 +63,11 @@ reads the file's metadata from the 302 when it points elsewhere, so a second ori
 what makes the client behave exactly as against huggingface.co (auth header dropped
 on the CDN request included).
 
+**Errors** carry the Hub's ``X-Error-Code`` values and statuses, defined here and not
+taken from mmfs's own error classes, so that the product is tested against the Hub's
+behaviour and not against itself. **Rate limits**: the ``throttle_next`` fault answers
+the next N API and content requests ``429`` with ``Retry-After: <retry_after>``.
+
 **Control.** Counters (:class:`HubStats`), fault injection (:class:`Faults`) and the
 rate cap are reachable in-process (:class:`TestHub`) and over HTTP, for a hub run as a
 separate process (:class:`HubProcess`, ``python -m mmfs.testing.hub``)::
@@ -75,6 +89,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -95,8 +110,6 @@ from types import TracebackType
 from typing import Any, Mapping
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
-from ..errors import AccessDenied, EntryNotFound, MmfsError, NotFound, RepoNotFound, RevisionNotFound
-from ..names import check_path, check_repo_part, check_revision, is_commit
 from ..remote.hub import refs_json
 from ..sizes import parse_rate
 from .process import child_env, start_until_ready, stop
@@ -114,6 +127,87 @@ TREE_PAGE_EXPANDED = 50
 #: The Hub's repo types with the path prefix their web routes take.
 REPO_TYPES = {"model": "", "dataset": "datasets/"}
 
+
+#: Control files under ``<repo>/.hub/`` (a change to any makes a new snapshot).
+CONTROL_FILES = ("gated", "private", "xet", "refs.json")
+#: Where Xet-backed repos send clients for bytes: nothing listens there (port 9, discard).
+XET_CAS_URL = "http://127.0.0.1:9"
+
+
+# ---------------------------------------------------------------------------------------
+# Errors and names, as the Hub has them (independent of mmfs's own tables and rules)
+
+
+class HubError(Exception):
+    """An error answer: ``status``, the Hub's ``X-Error-Code`` (``None``: no header)."""
+
+    status = 400
+    code: str | None = None
+
+
+class RepoNotFound(HubError):
+    status, code = 404, "RepoNotFound"  # 401 to anonymous callers (see _Handler._error)
+
+
+class RevisionNotFound(HubError):
+    status, code = 404, "RevisionNotFound"
+
+
+class EntryNotFound(HubError):
+    status, code = 404, "EntryNotFound"
+
+
+class GatedRepo(HubError):
+    status, code = 403, "GatedRepo"
+
+
+class NotLoggedIn(GatedRepo):
+    """A gated repo asked for without a token: the Hub says 401, not 403."""
+
+    status = 401
+
+
+class NoRoute(HubError):
+    status = 404
+
+
+class BadName(HubError):
+    status = 400
+
+
+# The Hub's repo names: letters, digits, '-', '_', '.', not starting or ending with '-'
+# or '.', no '--' or '..', at most 96 characters.
+_REPO_PART = re.compile(r"^(?!.*(?:--|\.\.))[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
+
+
+def _check_repo_part(part: str) -> None:
+    if not _REPO_PART.match(part):
+        raise BadName(f"Repository name part {part[:100]!r} is not valid")
+
+
+def _check_revision(revision: str) -> None:
+    if not revision or len(revision) > 255 or ".." in revision or revision.startswith("/") or "\0" in revision:
+        raise RevisionNotFound(f"Invalid rev id: {revision[:100]}")
+
+
+def _check_path(path: str) -> None:
+    parts = path.split("/")
+    if not path or len(path) > 4096 or "\0" in path or any(p in ("", ".", "..") for p in parts):
+        raise EntryNotFound(f"invalid path {path[:100]!r}")
+
+
+def _is_commit(revision: str) -> bool:
+    return len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)
+
+
+def _tokens(text: str | None) -> frozenset[str]:
+    return frozenset(line.strip() for line in (text or "").splitlines() if line.strip())
+
+
+def xet_hash(sha256: str) -> str:
+    """A stand-in Xet hash of an LFS file: 64 hex digits, fixed per content (the real one
+    is a Merkle hash over Xet chunks; nothing here reads it, it only has to be there)."""
+    return hashlib.sha256(f"xet\0{sha256}".encode()).hexdigest()
 
 # ---------------------------------------------------------------------------------------
 # Records
@@ -149,9 +243,11 @@ class RepoSnapshot:
     commit: str
     files: Mapping[str, HubFile]  # sorted by path
     last_modified: float
-    gated_token: str | None
+    gated_token: str | None  # the gated file's text: the tokens allowed, one per line
     refs: tuple[str, ...]  # names that follow the working tree (.hub/refs.json)
     repo_type: str = "model"
+    private_tokens: str | None = None  # the private file's text, likewise
+    xet: bool = False
 
     @property
     def hub_path(self) -> str:
@@ -187,13 +283,17 @@ class Faults:
     fail_status: int = 503
     reset_next: int = 0
     latency_s: float = 0.0
+    throttle_next: int = 0
+    retry_after: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "corrupt", tuple(self.corrupt))
         if self.fail_status not in (500, 502, 503, 504):
             raise ValueError(f"fail_status must be 500, 502, 503 or 504, not {self.fail_status}")
-        if self.fail_next < 0 or self.reset_next < 0 or self.latency_s < 0 or self.corrupt_bytes < 0:
-            raise ValueError("fail_next, reset_next, latency_s and corrupt_bytes must not be negative")
+        if min(self.fail_next, self.reset_next, self.latency_s, self.corrupt_bytes, self.throttle_next,
+               self.retry_after) < 0:
+            raise ValueError("fail_next, reset_next, latency_s, corrupt_bytes, throttle_next and retry_after "
+                             "must not be negative")
 
     def corrupts(self, repo_id: str, entry: HubFile) -> bool:
         return bool(self.corrupt) and not {"*", entry.path, f"{repo_id}/{entry.path}", entry.blob_id,
@@ -390,6 +490,14 @@ class Hub:
                 return "reset"
         return None
 
+    def take_throttle(self) -> int | None:
+        """For one API or content request: the ``Retry-After`` seconds of a 429, or ``None``."""
+        with self._faults_lock:
+            if not self._faults.throttle_next:
+                return None
+            self._faults = replace(self._faults, throttle_next=self._faults.throttle_next - 1)
+            return self._faults.retry_after
+
     def take_corruption(self, repo_id: str, entry: HubFile, length: int) -> bool:
         """Whether a response of ``length`` bytes of ``entry`` goes out corrupted, using up
         ``corrupt_bytes`` when that is set."""
@@ -407,8 +515,8 @@ class Hub:
 
     def snapshot(self, org: str, name: str, repo_type: str = "model") -> RepoSnapshot:
         """The repo ``org/name`` of ``repo_type`` at its current commit; :class:`RepoNotFound` if absent."""
-        check_repo_part(org, "organisation")
-        check_repo_part(name)
+        _check_repo_part(org)
+        _check_repo_part(name)
         repo_id = f"{org}/{name}"
         hub_path = REPO_TYPES[repo_type] + repo_id
         repo_dir = self.root / hub_path
@@ -419,7 +527,7 @@ class Hub:
         with repo_lock:
             listing = self._scan(repo_dir)
             key = tuple((rel, st.st_size, st.st_mtime_ns, st.st_ino) for rel, _, st in listing)
-            key += tuple(self._control_file(repo_dir / ".hub" / name) for name in ("gated", "refs.json"))
+            key += tuple(self._control_file(repo_dir / ".hub" / name) for name in CONTROL_FILES)
             cached = self._snapshots.get(hub_path)
             if cached and cached[0] == key:
                 return cached[1]
@@ -456,11 +564,11 @@ class Hub:
         """The repo of ``snap`` (its ``main``) at ``revision``: a branch, a ref made by
         :meth:`push`, or a commit whose bytes are still readable; :class:`RevisionNotFound`
         otherwise."""
-        check_revision(revision)
+        _check_revision(revision)
         if revision in ("main", snap.commit) or revision in snap.refs:
             return snap
         with self._lock:
-            commit = self._pushed.get(snap.hub_path, {}).get(revision) or (revision if is_commit(revision) else "")
+            commit = self._pushed.get(snap.hub_path, {}).get(revision) or (revision if _is_commit(revision) else "")
             found = self._history.get(snap.hub_path, {}).get(commit)
         if found is None or not all(self.readable(entry) for entry in found.files.values()):
             raise RevisionNotFound(f"Invalid rev id: {revision}")
@@ -502,9 +610,9 @@ class Hub:
         ref (``refs/pr/1``): the commit is made beside the tree, which does not change."""
         org, _, name = repo_id.partition("/")
         base = self.snapshot(org, name, repo_type)
-        check_revision(ref)
+        _check_revision(ref)
         for path in files:
-            check_path(path)
+            _check_path(path)
             if any(_is_hidden(part) for part in path.split("/")):
                 raise ValueError(f"{path!r} is not repo content")
         self.objects.mkdir(exist_ok=True)
@@ -613,12 +721,15 @@ class Hub:
             pointer_size = len(lfs_pointer(sha256, st.st_size)) if sha256 else None
             files[rel] = HubFile(rel, path, st.st_size, st.st_mtime_ns, blob_id, sha256, pointer_size)
         commit = commit_id(files)
-        gated = repo_dir / ".hub" / "gated"
+        control = repo_dir / ".hub"
+        gated, private = (control / name for name in ("gated", "private"))
         token = gated.read_text().strip() if gated.is_file() else None
-        refs_file = repo_dir / ".hub" / "refs.json"
+        refs_file = control / "refs.json"
         refs = tuple(json.loads(refs_file.read_text())) if refs_file.is_file() else ()
         last_modified = max((st.st_mtime for _, _, st in listing), default=repo_dir.stat().st_mtime)
-        return RepoSnapshot(repo_id, commit, files, last_modified, token, refs)
+        return RepoSnapshot(repo_id, commit, files, last_modified, token, refs,
+                            private_tokens=private.read_text() if private.is_file() else None,
+                            xet=(control / "xet").exists())
 
 
 def commit_id(files: Mapping[str, HubFile]) -> str:
@@ -651,7 +762,7 @@ def model_info_json(snap: RepoSnapshot, blobs: bool) -> dict[str, Any]:
         "sha": snap.commit,
         "lastModified": _iso(snap.last_modified),
         "createdAt": _iso(snap.last_modified),
-        "private": False,
+        "private": snap.private_tokens is not None,
         "gated": "manual" if snap.gated_token else False,
         "disabled": False,
         "downloads": 0,
@@ -687,6 +798,8 @@ def path_entries(snap: RepoSnapshot, paths: list[str], expand: bool) -> list[dic
             item: dict[str, Any] = {"type": "file", "oid": entry.blob_id, "size": entry.size, "path": entry.path}
             if entry.sha256:
                 item["lfs"] = {"oid": entry.sha256, "size": entry.size, "pointerSize": entry.pointer_size}
+                if snap.xet:
+                    item["xetHash"] = xet_hash(entry.sha256)
         elif path in directories:
             inside = sorted(f.blob_id for p, f in snap.files.items() if p.startswith(path + "/"))
             oid = hashlib.sha1(f"{path}\0{''.join(inside)}".encode()).hexdigest()
@@ -753,12 +866,6 @@ class _Server(ThreadingHTTPServer):
                 pass
 
 
-class _NotLoggedIn(AccessDenied):
-    """A gated repo asked for without a token: the Hub says 401, not 403."""
-
-    status = 401
-
-
 class _Reset(Exception):
     """The connection was reset on purpose (fault injection)."""
 
@@ -806,10 +913,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._head(status, {"Content-Type": "application/json; charset=utf-8", "Content-Length": len(body),
                             **(headers or {})}, body)
 
-    def _error(self, err: MmfsError, headers: Mapping[str, str | int] | None = None) -> None:
+    def _error(self, err: HubError, headers: Mapping[str, str | int] | None = None) -> None:
         message = str(err)
         extra: dict[str, str | int] = {"X-Error-Message": message.encode("ascii", "replace").decode()}
-        extra["X-Error-Code"] = err.code()  # the Hub's codes: RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo
+        if err.code:
+            extra["X-Error-Code"] = err.code
         status = err.status
         if isinstance(err, RepoNotFound) and not self.headers.get("Authorization"):
             status = 401  # as the Hub: an anonymous caller cannot tell missing from private
@@ -847,7 +955,12 @@ class _Handler(BaseHTTPRequestHandler):
             if latency:
                 time.sleep(latency)
             if kind == "other" or (self.command == "POST") != (kind == "paths_info"):
-                raise NotFound(f"no route for {self.command} {url.path}")
+                raise NoRoute(f"no route for {self.command} {url.path}")
+            retry_after = hub.take_throttle()
+            if retry_after is not None:
+                hub.counters.fault("throttled")
+                return self._json(429, {"error": "You have exceeded our rate limit. Retry later."},
+                                  {"Retry-After": retry_after})
             if kind in ("lfs_head", "lfs_get"):
                 return self._lfs(segments[1], query)
             if kind == "whoami":
@@ -861,7 +974,7 @@ class _Handler(BaseHTTPRequestHandler):
             repo_type = "dataset" if segments[0] == "datasets" else "model"
             web = segments[1:] if repo_type == "dataset" else segments
             return self._resolve(repo_type, web[0], web[1], web[3], "/".join(web[4:]))
-        except MmfsError as err:
+        except HubError as err:
             self._error(err)
         except (ConnectionError, _Reset):
             self.close_connection = True
@@ -878,7 +991,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return f"{segments[1][:-1]}_info"
             if rest == ["refs"]:
                 return "refs"
-            kinds = {"tree": "tree", "paths-info": "paths_info", "commits": "commits"}
+            kinds = {"tree": "tree", "paths-info": "paths_info", "commits": "commits", "xet-read-token": "xet_token"}
             return kinds.get(rest[0], "other") if len(rest) >= 2 else "other"
         web = segments[1:] if segments[:1] == ["datasets"] else segments
         if len(web) >= 5 and web[2] == "resolve":
@@ -919,7 +1032,7 @@ class _Handler(BaseHTTPRequestHandler):
             if route == ("GET", "info"):
                 return self._json(200, {"root": str(hub.root), "cdn_url": self.server.cdn_origin,
                                         "rate": hub.limiter.rate, "lfs_threshold": hub.lfs_threshold})
-        except (ValueError, TypeError, KeyError, MmfsError) as err:
+        except (ValueError, TypeError, KeyError, HubError) as err:
             return self._json(400, {"error": str(err)})
         self._json(404, {"error": f"no control route {route[0]} /_hub/{route[1]}"})
 
@@ -927,13 +1040,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _at(self, snap: RepoSnapshot, revision: str) -> RepoSnapshot:
         found = self.server.hub.at(snap, revision)
-        if not is_commit(revision):
+        if not _is_commit(revision):
             self.server.hub.counters.ref_check(f"{snap.hub_path}@{revision}")
         return found
 
     def _api(self, repo_type: str, org: str, name: str, rest: list[str], query: Mapping[str, Any]) -> None:
         hub = self.server.hub
         snap = hub.snapshot(org, name, repo_type)
+        self._check_private(snap)
+        if rest[0:1] == ["xet-read-token"]:
+            return self._xet_token(snap, rest[1])
         if rest == ["refs"]:
             return self._json(200, refs_json(hub.refs(snap), str(query.get("include_prs", "")) in ("1", "true")))
         if not rest or rest[0] == "revision":
@@ -950,7 +1066,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(200, path_entries(snap, [p.strip("/") for p in query.get("paths", [])], expand))
         path = "/".join(rest[2:]).strip("/")
         if path:
-            check_path(path)
+            _check_path(path)
         entries = tree_json(snap, path, str(query.get("recursive", "false")).lower() in ("true", "1"), expand)
         self._paged(entries, TREE_PAGE_EXPANDED if expand else TREE_PAGE, query)
 
@@ -979,10 +1095,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _resolve(self, repo_type: str, org: str, name: str, revision: str, path: str) -> None:
         hub = self.server.hub
         snap = hub.snapshot(org, name, repo_type)
+        self._check_private(snap)
         self._check_gate(snap)
         snap = self._at(snap, revision)
         commit = snap.commit
-        check_path(path)
+        _check_path(path)
         entry = snap.files.get(path)
         if entry is None:
             return self._error(EntryNotFound(f"{path} does not exist on {commit}"), {"X-Repo-Commit": commit})
@@ -994,19 +1111,40 @@ class _Handler(BaseHTTPRequestHandler):
                 {"repo": snap.hub_path, "path": entry.path, "sig": hub.sign(entry.sha256)})
             headers.update({"Location": target, "ETag": f'"{entry.sha256}"', "X-Linked-Etag": f'"{entry.sha256}"',
                             "X-Linked-Size": entry.size, "Content-Length": 0})
+            if snap.xet:
+                api = f"http://{self.headers.get('Host') or host}/api/{snap.repo_type}s/{snap.repo_id}"
+                headers.update({"X-Xet-Hash": xet_hash(entry.sha256),
+                                "Link": f'<{api}/xet-read-token/{commit}>; rel="xet-auth"'})
             return self._head(302, headers)
         headers["ETag"] = f'"{entry.blob_id}"'
         self._serve_file(snap.hub_path, entry, headers)
 
+    def _presented(self, tokens: str | None) -> bool:
+        auth = self.headers.get("Authorization") or ""
+        return any(hmac.compare_digest(auth.encode(), f"Bearer {t}".encode()) for t in _tokens(tokens))
+
+    def _check_private(self, snap: RepoSnapshot) -> None:
+        if snap.private_tokens is not None and not self._presented(snap.private_tokens):
+            raise RepoNotFound(f"Repository {snap.repo_id} not found")
+
     def _check_gate(self, snap: RepoSnapshot) -> None:
         if snap.gated_token is None:
             return
-        auth = self.headers.get("Authorization")
-        if auth is None:
-            raise _NotLoggedIn(f"Access to {snap.repo_type} {snap.repo_id} is restricted. You must have access to it and be "
-                               "authenticated to access it. Please log in.")
-        if not hmac.compare_digest(auth.encode(), f"Bearer {snap.gated_token}".encode()):
-            raise AccessDenied(f"Access to {snap.repo_type} {snap.repo_id} is restricted and you are not in the authorized list.")
+        if self.headers.get("Authorization") is None:
+            raise NotLoggedIn(f"Access to {snap.repo_type} {snap.repo_id} is restricted. You must have access to it "
+                              "and be authenticated to access it. Please log in.")
+        if not self._presented(snap.gated_token):
+            raise GatedRepo(f"Access to {snap.repo_type} {snap.repo_id} is restricted and you are not in the "
+                            "authorized list.")
+
+    def _xet_token(self, snap: RepoSnapshot, revision: str) -> None:
+        """The Xet read-token route: a token for a CAS nobody serves here."""
+        self._check_gate(snap)
+        snap = self._at(snap, revision)
+        expires = int(time.time()) + 3600
+        self._json(200, {"accessToken": "xet-test-token", "exp": expires, "casUrl": XET_CAS_URL},
+                   {"X-Xet-Cas-Url": XET_CAS_URL, "X-Xet-Access-Token": "xet-test-token",
+                    "X-Xet-Token-Expiration": expires})
 
     def _lfs(self, sha256: str, query: Mapping[str, str]) -> None:
         hub = self.server.hub
