@@ -204,7 +204,7 @@ async def serve(args: argparse.Namespace) -> int:
         replicas = ReplicaSet(args.replicas, always=Replica(self_id, f"http://{self_id}"))
         remote = ReplicaRemote(replicas, self_id=self_id, local=remote)
         log.info("replica %s of %s", self_id, ", ".join(r.id for r in replicas.members))
-        access = AccessControl(hub.url, os.environ.get("HF_TOKEN") or None, data_dir / "access.json",
+    access = AccessControl(hub.url, os.environ.get("HF_TOKEN") or None, data_dir / "access.json",
                            caller_ttl=args.access_ttl)
     metrics = Metrics()
     try:

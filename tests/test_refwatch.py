@@ -39,6 +39,9 @@ class CountingRemote(Remote):
     async def fetch_chunk(self, source: FileSource, index: int, *, auth: str | None = None) -> FetchedChunk:
         raise AssertionError("no chunk is read here")
 
+    async def check_access(self, source: FileSource, *, auth: str | None = None) -> str:
+        raise AssertionError("no file is opened here")
+
 
 @pytest.fixture
 async def setup(tmp_path: Path):
