@@ -42,7 +42,7 @@ from urllib.parse import quote
 import httpx
 import trio
 
-from mmfs.errors import AccessDenied, MmfsError, RepoNotFound, TransientError, UpstreamError
+from mmfs.errors import AccessDenied, InvalidName, MmfsError, RepoNotFound, TransientError, UpstreamError
 from mmfs.names import RepoRef
 from mmfs.remote._http import error_from_response
 from mmfs.remote.backend import ADMIN_HEADER
@@ -85,8 +85,12 @@ _VISIBLE_404 = ("EntryNotFound", "RevisionNotFound")
 
 
 def _key(repo: RepoRef) -> str:
-    """How a repo is named in the answers kept here, in ``access.json`` and upstream."""
-    return hub_path(repo)
+    """How a repo is named in the answers kept here, in ``access.json`` and upstream.
+    Repos that are not the Hub's (stores, artifacts) are never asked about, so never restricted."""
+    try:
+        return hub_path(repo)
+    except InvalidName:
+        return str(repo)
 
 
 class AdminRequired(AccessDenied):
