@@ -336,6 +336,11 @@ def test_store_errors_in_the_client(store: Store, model: dict[str, bytes], tmp_p
         monkeypatch.setenv(key, value)
     with pytest.raises(AccessDenied, match=store.bucket):
         get(store.repo_id())
+    # What an earlier download left in the cache is found without asking the store.
+    cached = modelmanager_download(DownloadInfo(repo_id=store.repo_id(), filename="config.json", host=None,
+                                                provider=store.provider), cache_dir=tmp_path / "cache",
+                                   local_files_only=True)
+    assert Path(cached).read_bytes() == model["config.json"]
     with pytest.raises(ValueError, match="provider"):
         modelmanager_download(DownloadInfo(repo_id=store.repo_id(), filename="x", provider="gcs"))
 
