@@ -168,6 +168,9 @@ class FetchEngine:
         #: Refs whose revision the remote no longer knows: served at their last commit.
         self.gone: set[tuple[RepoRef, str]] = set()
         self._ref_listeners: list[Callable[[RefMove], None]] = []
+        #: (repo, commit) -> when it was last listed or opened: use keeps a commit from
+        #: being retired (:mod:`mmfs.retention`) even when no ref points at it.
+        self.commit_used: dict[tuple[RepoRef, str], float] = {}
         self._manifests: dict[tuple[RepoRef, str], Manifest] = {}
         self._file_hashes: OrderedDict[str, _FileHash] = OrderedDict()  # map key -> running hash
         self._maps: OrderedDict[str, ChunkMap] = OrderedDict()  # map key -> map (LRU by bytes)
@@ -336,6 +339,7 @@ class FetchEngine:
     async def manifest(self, repo: RepoRef, revision: str, *, auth: str | None = None) -> Manifest:
         """The manifest of the commit ``revision`` resolves to (cached for good per commit)."""
         commit = await self.resolve(repo, revision, auth=auth)
+        self.commit_used[(repo, commit)] = time.time()
         found = self._manifests.get((repo, commit))
         if found is not None:
             return found

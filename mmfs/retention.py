@@ -2,7 +2,8 @@
 
 A commit is *live* while a ref points at it, while it is pinned (a CSI volume publishes
 it: a bind mount of its directory; a file of it is open; on the backend, a node reports
-either), and for ``grace`` seconds after the last time it was live. Commits the metadata
+either), and for ``grace`` seconds after the last time it was live or used (listed, or a
+file of it opened: a client reading a commit by its hash keeps it). Commits the metadata
 DB knows that are none of that are *retired*: the content only they use (no live commit
 shares it) is dropped from every tier by :meth:`Retention.collect` — ``mmfs gc``, the
 backend's ``POST /v1/gc``, and the periodic sweep both run it. Content a live commit also
@@ -109,7 +110,8 @@ class Retention:
         for commit in self._known_commits():
             if commit in current:
                 continue
-            if now - self._last_live.get(commit, self._started) < self.grace:
+            last = max(self._last_live.get(commit, self._started), self.engine.commit_used.get(commit, 0.0))
+            if now - last < self.grace:
                 grace.add(commit)
                 live.add(commit)
             else:

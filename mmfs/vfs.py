@@ -737,6 +737,7 @@ class Vfs:
         auth = self.credentials.auth(node.view)
         if node.repo != ARTIFACTS:  # artifacts: the backend checks their model's access itself
             await self._bounded(f"access to {node.repo}", self.gate.check, source, auth)
+        self.engine.commit_used[(node.repo, node.commit)] = time.time()
         state = _Handle(node, source, ReadAhead(entry.chunk_size, entry.chunk_count, self.config.read_ahead),
                         served=_HandleServed(inode, self._page_record), auth=auth)
         backing_id = await self._passthrough(node)

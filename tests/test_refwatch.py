@@ -120,3 +120,20 @@ async def test_a_move_told_twice_at_once_is_recorded_once(setup) -> None:
             nursery.start_soon(lambda: engine.note_ref(REPO, "main", NEW, detected_by="test"))
     assert [(m.from_commit, m.to_commit) for m in engine.metadata.ref_history()] == [(OLD, NEW)]
     assert watcher.moves == 1
+
+
+async def test_a_commit_in_use_is_not_retired_while_no_ref_points_at_it(setup) -> None:
+    """A client reading a commit by its hash keeps it for the grace period after each use."""
+    from mmfs.retention import Retention
+
+    engine, remote, watcher = setup
+    retention = Retention(engine, grace=3600.0)
+    retention._started = 0.0  # long ago: only use keeps a commit now
+    await engine.manifest(REPO, "main")
+    remote.commit = NEW
+    assert await engine.check_ref(REPO, "main") == NEW
+    live, _, in_grace, retired = retention.classify(())
+    assert (REPO, OLD) in in_grace and not retired  # used a moment ago (listed through main)
+    engine.commit_used[(REPO, OLD)] = 0.0
+    live, _, in_grace, retired = retention.classify(())
+    assert retired == {(REPO, OLD)}
