@@ -233,7 +233,7 @@ async def serve(args: argparse.Namespace) -> int:
         for repo, revision in args.watch:
             watcher.watch(repo, revision, reason="--watch", warm=True, persist=False)
         retention = Retention(engine, grace=args.retain)
-        app.versions = VersionRoutes(app, watcher, retention, warm_published=args.warm_on_update != "off")
+        app.versions = VersionRoutes(app, watcher, retention, warm_published=args.warm_on_update != "off", hub=hub)
         server = HTTPServer(app.handle, observer=lambda req, resp, sent, secs, done:
                             metrics.observe(resp.route, req.method, resp.status, sent, done),
                             max_connections=args.max_connections, send_timeout=args.send_timeout)

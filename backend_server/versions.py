@@ -26,7 +26,7 @@ import trio
 from mmfs.errors import InvalidName, MmfsError, NotFound
 from mmfs.names import RepoRef, check_revision, is_commit
 from mmfs.refwatch import RefWatcher, parse_ref_key, ref_key
-from mmfs.remote.hub import refs_json
+from mmfs.remote.hub import HubRemote, refs_json
 from mmfs.retention import Retention
 
 from .http import Request, Response
@@ -43,8 +43,10 @@ PIN_REPORT_TTL = 3 * MAX_POLL_WAIT
 
 
 class VersionRoutes:
-    def __init__(self, app: BackendApp, watcher: RefWatcher, retention: Retention, *, warm_published: bool) -> None:
+    def __init__(self, app: BackendApp, watcher: RefWatcher, retention: Retention, *, warm_published: bool,
+                 hub: HubRemote | None = None) -> None:
         self.app = app
+        self.hub = hub  # lists a Hub repo's refs (list_repo_refs)
         self.watcher = watcher
         self.retention = retention
         self.warm_published = warm_published
@@ -143,11 +145,11 @@ class VersionRoutes:
         auth = request.header("authorization")
         include_prs = (request.query_value("include_prs") or "").lower() in ("1", "true")
         await self.app._listing(repo, "main", auth)
-        list_refs = getattr(self.app.engine.remote, "list_refs", None)
         answer: dict[str, Any] | None = None
-        if list_refs is not None:
+        if self.hub is not None:
             try:
-                answer = await list_refs(repo, include_prs=include_prs, auth=self.app._upstream_auth(repo, auth))
+                answer = await self.hub.list_refs(repo, include_prs=include_prs,
+                                                  auth=self.app._upstream_auth(repo, auth))
             except NotFound:
                 raise
             except MmfsError as exc:

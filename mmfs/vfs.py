@@ -675,13 +675,13 @@ class Vfs:
             if kind is Kind.PROVIDER:
                 orgs = sorted({r.org for r in repos if r.provider == node.provider})
                 names = [(o, Kind.ORG, {"org": o}) for o in orgs]
-            else:
+            elif kind is not Kind.REFS:
                 # Repos right below this folder: a store's key prefixes nest (a/b, a/b/c).
                 base = f"{node.repo.name}/" if node.repo is not None else ""
                 found = sorted({r.name[len(base):].split("/")[0] for r in repos if r.provider == node.provider
                                 and r.org == node.org and r.name.startswith(base) and r.name != base[:-1]})
                 names = [(n, Kind.REPO, {"repo": RepoRef(node.provider, node.org, base + n)}) for n in found]
-            if kind is Kind.REPO:
+            if kind in (Kind.REPO, Kind.REFS):
                 assert node.repo is not None
                 prefix = f"{node.path}/" if kind is Kind.REFS else ""
                 below: set[str] = set()

@@ -209,8 +209,10 @@ def test_revisions_with_slashes_on_the_mount_and_through_the_hub_api(tmp_path: P
         with pytest.raises(RevisionNotFoundError):
             hf_hub_download(REPO, "config.json", revision="refs/pr/9", endpoint=backend.url,
                             cache_dir=str(tmp_path / "hf"))
+        parquet = hub.push(REPO, {"data.parquet": b"PAR1"}, ref="refs/convert/parquet")  # known upstream only
         refs = HfApi(endpoint=backend.url).list_repo_refs(REPO, include_pull_requests=True)
         assert [(r.ref, r.target_commit) for r in refs.pull_requests] == [("refs/pr/1", pr)]
+        assert [(r.ref, r.target_commit) for r in refs.converts] == [("refs/convert/parquet", parquet)]
         assert [(r.name, r.target_commit) for r in refs.branches] == [("main", hub.commit(REPO))]
         # the PR is closed upstream: its last commit keeps serving, with a warning
         hub.delete_ref(REPO, "refs/pr/1")
