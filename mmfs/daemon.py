@@ -41,7 +41,7 @@ from . import mountutil
 from .background import READY_PREFIX
 from .access import Credentials
 from .engine import EngineConfig, FetchEngine
-from .errors import CacheError, MmfsError
+from .errors import CacheError, InvalidName, MmfsError
 from .fuse_ops import Operations
 from .manifest import DEFAULT_CHUNK_SIZE
 from .metadata import MetadataStore
@@ -49,7 +49,7 @@ from .manifest import FileEntry
 from .names import RepoRef, is_commit
 from .peer_server import PeerOptions, PeerServer
 from .prefetch import ReadAheadConfig
-from .refwatch import DEFAULT_REF_TTL, RefFollower, RefWatcher
+from .refwatch import DEFAULT_REF_TTL, RefFollower, RefWatcher, parse_ref_key
 from .retention import DEFAULT_GRACE, Retention
 from .remote._http import RetryPolicy
 from .remote.backend import BackendRemote
@@ -271,8 +271,12 @@ def published_commits(mountpoint: str) -> set[tuple[RepoRef, str]]:
         return found
     for info in binds:
         parts = info.root.strip("/").split("/")
-        if ours is not None and info.device == ours.device and len(parts) >= 4 and is_commit(parts[3]):
-            found.add((RepoRef(*parts[:3]), parts[3]))
+        if ours is None or info.device != ours.device:
+            continue
+        # <provider>/<org>/<name…>/<commit>: a store model's name may hold "/"
+        at = next((i for i in range(3, len(parts)) if is_commit(parts[i])), None)
+        if at is not None:
+            found.add((RepoRef(parts[0], parts[1], "/".join(parts[2:at])), parts[at]))
     return found
 
 
@@ -459,10 +463,10 @@ async def watch_known_refs(watcher: RefWatcher) -> None:
     while True:
         started = trio.current_time()
         for key in engine.metadata.refs() if engine.metadata is not None else {}:
-            repo_text, _, revision = key.partition("@")
-            parts = repo_text.split("/")
-            if len(parts) == 3 and not is_commit(revision):
-                watcher.touch(RepoRef(*parts), revision)
+            try:
+                watcher.touch(*parse_ref_key(key))
+            except InvalidName:
+                continue  # a record of another mmfs version: nothing to check
         await watcher.check_all()
         await trio.sleep_until(started + watcher.interval)
 

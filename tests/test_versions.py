@@ -270,3 +270,20 @@ def test_watch_command_and_bad_input(tmp_path: Path, hub: TestHub) -> None:
             assert len(result.stderr.strip().splitlines()) == 1
         gone = httpx.post(f"{backend.url}/v1/refs/watch", content=b"not json")
         assert gone.status_code == 400 and gone.headers["X-Error-Code"] == "InvalidName"
+
+
+def test_a_store_models_latest_is_followed_like_a_branch(tmp_path: Path) -> None:
+    """The watcher is provider-agnostic: a file store's ``latest`` (the digest of its listing)
+    moves when a file changes, and an embedded node notes it with nobody reading."""
+    root = tmp_path / "weka"
+    (root / "org" / "tiny").mkdir(parents=True)
+    (root / "org" / "tiny" / "config.json").write_bytes(b'{"v": 1}')
+    with MountProcess(tmp_path / "mnt", tmp_path / "cache",
+                      args=["--store", f"file:weka={root}", "--ref-ttl", TTL]) as node:
+        latest = node.mountpoint / "file" / "weka" / "org" / "tiny" / "latest"
+        old = os.readlink(latest)
+        assert (latest / "config.json").read_bytes() == b'{"v": 1}'
+        (root / "org" / "tiny" / "config.json").write_bytes(b'{"v": 2}')
+        wait_for("the node notes latest moved", lambda: any(
+            m["ref"] == "file/weka/org/tiny@latest" and m["from"] == old for m in node.status()["versions"]["moves"]))
+        assert os.readlink(latest) != old and (latest / "config.json").read_bytes() == b'{"v": 2}'

@@ -618,18 +618,10 @@ class Hub:
         self.objects.mkdir(exist_ok=True)
         if ref == "main":
             repo_dir = self.root / base.hub_path
-            for path, data in files.items():
-                old = base.files.get(path)
-                if old is not None:
-                    self._keep(old)
-                target = repo_dir / path
-                if data is None:
-                    target.unlink(missing_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                scratch = target.with_name(f".hub-push-{secrets.token_hex(4)}")
-                scratch.write_bytes(data)
-                os.replace(scratch, target)
+            with self._lock:
+                repo_lock = self._repo_locks.setdefault(base.hub_path, threading.Lock())
+            with repo_lock:  # a snapshot sees all the changes or none: no half-pushed commit
+                self._replace(repo_dir, base, files)
             return self.snapshot(org, name, repo_type).commit
         entries = dict(base.files)
         for path, data in files.items():
@@ -657,6 +649,21 @@ class Hub:
         with self._lock:
             if self._pushed.get(REPO_TYPES[repo_type] + repo_id, {}).pop(ref, None) is None:
                 raise RevisionNotFound(f"no ref {ref} in {repo_id}")
+
+    def _replace(self, repo_dir: Path, base: RepoSnapshot, files: Mapping[str, bytes | None]) -> None:
+        """Apply a push to the working tree, each replaced file's bytes kept first."""
+        for path, data in files.items():
+            old = base.files.get(path)
+            if old is not None:
+                self._keep(old)
+            target = repo_dir / path
+            if data is None:
+                target.unlink(missing_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            scratch = target.with_name(f".hub-push-{secrets.token_hex(4)}")
+            scratch.write_bytes(data)
+            os.replace(scratch, target)
 
     def _keep(self, entry: HubFile) -> None:
         """Keep the bytes of ``entry`` under :attr:`objects` before its file is replaced."""
