@@ -342,6 +342,8 @@ class BackendApp:
         if not node:
             return None
         source, _ = await self._file_of(request, s)  # access is checked before any redirect
+        if self.access.is_restricted(source.repo):
+            return None  # peers serve without tokens: restricted chunks come from here only
         raw_index = request.query_value("index") or ""
         if not raw_index.isdigit() or int(raw_index) >= source.entry.chunk_count:
             return None  # _chunk answers the error

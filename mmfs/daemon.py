@@ -399,6 +399,8 @@ async def serve(options: MountOptions, *, ready: Any = None) -> None:
         vfs = Vfs(engine, config, describe=lambda: {**describe(), "versions": versions()},
                   controls={"gc.json": lambda: gc(False), "gc-dry-run.json": lambda: gc(True)},
                   credentials=credentials, access_state=Path(options.cache_dir) / "access.json")
+        if peer_server is not None:
+            peer_server.shareable = vfs.shareable  # open repos only (mmfs/peer_server.py)
         operations = Operations(vfs, passthrough=options.passthrough != "off")
         if options.passthrough == "on" and operations.passthrough_why_not is not None:
             raise MmfsError(f"--passthrough on: FUSE passthrough cannot be used: {operations.passthrough_why_not}")

@@ -11,7 +11,11 @@ it holds. The reading side is :mod:`mmfs.remote.peer`; the backend's holder tabl
                                   {node, labels, held: {content:chunk size: index ranges}}
 
 Only chunks verified against their file's map are served, so an honest node never passes
-on bytes it could not vouch for, and the reader checks them again anyway. The server also
+on bytes it could not vouch for, and the reader checks them again anyway. Only chunks of
+repos known to be open are offered or served (:attr:`PeerServer.shareable`): a peer asks
+by content id, which for a gated repo anyone can read in its public listing, and carries
+no token, so restricted content never leaves a node this way (the backend does not send
+nodes to peers for it either). The server also
 answers ``GET /metrics`` (this node's sharing counters, Prometheus text) and ``/healthz``.
 
 The HTTP server is the backend's (:mod:`backend_server.http`): same keep-alive, zero-copy
@@ -23,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import trio
 
@@ -96,6 +100,9 @@ class PeerServer:
         self.options = options
         self.counters: PeerCounters = remote.counters
         self._http = HTTPServer(self.handle, max_connections=256)
+        #: Whether a content id may go to peers: set to the VFS's answer once it exists
+        #: (only content every repo of which is known open); nothing until then.
+        self.shareable: Callable[[str], bool] = lambda content_id: False
 
     @property
     def node_id(self) -> str:
@@ -127,6 +134,9 @@ class PeerServer:
             key = _chunk_key(request)
         except ValueError as exc:
             return _error(400, "InvalidName", str(exc))
+        if not self.shareable(key.content_id):  # restricted (or unknown): as if not held
+            self.counters.serve_misses += 1
+            return _error(404, "NotFound", f"chunk {key.index} of {key.content_id} is not held here")
         if self.counters.serving >= MAX_SERVING:
             return _error(503, "TransientError", f"{MAX_SERVING} chunks are being sent to peers; ask the backend")
         self.counters.serving += 1
@@ -155,7 +165,8 @@ class PeerServer:
 
     def heartbeat(self) -> dict[str, Any]:
         """What the backend's holder table needs from this node."""
-        return {"node": self.node_id, "labels": self.options.labels, "held": held_ranges(self.engine.held_keys())}
+        held = {key for key in self.engine.held_keys() if self.shareable(key.content_id)}
+        return {"node": self.node_id, "labels": self.options.labels, "held": held_ranges(held)}
 
     async def _heartbeats(self) -> None:
         while True:

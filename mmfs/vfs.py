@@ -933,6 +933,14 @@ class Vfs:
         if state is not None and state.node.kind is Kind.FILE:
             self._closed(state)
 
+    def shareable(self, content_id: str) -> bool:
+        """Whether ``content_id`` may be offered to other nodes: it shows here only in repos
+        known to be open (never restricted content, never content of unknown provenance)."""
+        inodes = self._by_content.get(content_id)
+        return bool(inodes) and all(
+            (node := self._nodes.get(inode)) is not None and node.repo is not None
+            and self.gate.kind(node.repo) == "open" for inode in inodes)
+
     # -- observability ------------------------------------------------------------------
 
     def statistics(self) -> VfsStatistics:

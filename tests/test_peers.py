@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
@@ -172,3 +173,41 @@ def test_sharing_through_two_replicas(tmp_path: Path, hub_root: Path) -> None:
             assert counters["chunks_from_peers"] > counters["chunks_from_backend"], counters
         redirects = [p.metrics()["mmfs_backend_peer_redirects_total"] for p in replicas.processes]
         assert all(r > 0 for r in redirects), redirects  # both owners sent nodes to peers
+
+
+def test_restricted_content_never_goes_through_peers(tmp_path: Path, hub_root: Path) -> None:
+    """Peers ask by content id (public in a gated repo's listing) and carry no token: a
+    gated repo's chunks are neither offered to, nor redirected to, nor served to peers."""
+    repo = make_synthetic_model(hub_root / "org" / "gated", 2 << 20, n_shards=1, seed=9)
+    (repo / ".hub").mkdir()
+    (repo / ".hub" / "gated").write_text("tok-g")
+    with ExitStack() as stack:
+        hub = stack.enter_context(TestHub(hub_root))
+        backend = stack.enter_context(backend_testing.BackendProcess(tmp_path / "backend", hub_url=hub.url,
+                                                                     chunk_size=CHUNK))
+        nodes = []
+        for n in (1, 2):
+            address = f"127.0.0.{n + 30}"
+            mount = MountProcess(tmp_path / f"mnt{n}", tmp_path / f"cache{n}", backend=backend.url,
+                                 args=["--peer-listen", f"{address}:{free_port(address)}", "--transport", "tcp"],
+                                 env={"HF_TOKEN": "tok-g"})
+            nodes.append(stack.enter_context(mount))
+            wait_until_known(backend, mount)
+        first, second = nodes
+        data = (repo / SHARD).read_bytes()
+        beats = peers(first)["heartbeats"]
+        assert (first.repo("org/gated") / SHARD).read_bytes() == data
+        while peers(first)["heartbeats"] < beats + 2:  # a heartbeat sent after the read: what it holds is known
+            time.sleep(0.1)
+        assert (second.repo("org/gated") / SHARD).read_bytes() == data
+        assert peers(second)["chunks_from_peers"] == 0 and peers(first)["chunks_served"] == 0
+        held = {node["node"]: node.get("held", {}) for node in json.loads(backend.get("/v1/peers"))["nodes"]}
+        files = json.loads(backend.get("/v1/manifest/huggingface/org/gated/main"))["files"]
+        shard = next(f for f in files if f["path"] == SHARD)
+        content = f"{shard['hash_algo']}-{shard['hash']}"
+        assert not any(content in str(h) for h in held.values())
+        # Asked directly by content id, without any token: as if it were not there.
+        url = f"http://{peer_url(first)}/v1/peer/chunk?content={content}&chunk_size={256 << 10}&index=0"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=10)
+        assert refused.value.code == 404
