@@ -42,6 +42,7 @@ from urllib.parse import quote
 import httpx
 import trio
 
+from mmfs.artifacts import PUBLISH_TOKEN_HEADER
 from mmfs.errors import AccessDenied, InvalidName, MmfsError, RepoNotFound, TransientError, UpstreamError
 from mmfs.names import RepoRef
 from mmfs.remote._http import error_from_response
@@ -53,9 +54,6 @@ from mmfs.singleflight import SingleFlight
 log = logging.getLogger(__name__)
 
 OPEN, GATED, PRIVATE = "open", "gated", "private"
-#: The header a publisher presents ``MMFS_PUBLISH_TOKEN`` in (``Authorization`` stays the
-#: caller's upstream credential, as on every other route).
-PUBLISH_TOKEN_HEADER = "X-Mmfs-Publish-Token"
 
 
 class PublishRefused(AccessDenied):
@@ -79,6 +77,8 @@ def check_publisher(presented: str | None, expected: str | None) -> None:
                              "mmfs reads it from MMFS_PUBLISH_TOKEN)")
     if not hmac.compare_digest(presented.encode(), expected.encode()):
         raise PublishRefused("the publish token is wrong")
+
+
 _MAX_CALLER_ENTRIES = 10_000
 #: 404 codes that say the repo is visible and only the file or revision is missing.
 _VISIBLE_404 = ("EntryNotFound", "RevisionNotFound")

@@ -24,11 +24,11 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from mmfs.artifacts import ArtifactKey
+from mmfs.artifacts import PUBLISH_TOKEN_HEADER, ArtifactKey
 from mmfs.errors import InvalidName, MmfsError
 from mmfs.names import RepoRef
 
-from .access import PUBLISH_TOKEN_HEADER, check_publisher
+from .access import check_publisher
 from .artifact_store import ArtifactNotFound, ArtifactStore, Conflict, check_sha256, parse_files
 from .builds import BuildLeases
 from .http import MAX_BODY_BYTES, Request, Response

@@ -34,14 +34,14 @@ from urllib.parse import quote
 
 import httpx
 
-from .artifacts import ArtifactKey, artifact_dir, scan_dir
+from .artifacts import PUBLISH_TOKEN_HEADER, ArtifactKey, artifact_dir, scan_dir
 from .errors import InvalidName, MmfsError, TransientError, UpstreamError, from_http
 from .names import is_commit
+from .remote.wire import proxy_url
 
 log = logging.getLogger(__name__)
 
 PUBLISH_TOKEN_ENV = "MMFS_PUBLISH_TOKEN"
-PUBLISH_TOKEN_HEADER = "X-Mmfs-Publish-Token"
 #: Seconds a build lease lasts without renewal (the builder renews every third of it).
 DEFAULT_LEASE_TTL = 30.0
 #: Seconds between a waiter's asks.
@@ -74,7 +74,7 @@ class ArtifactClient:
         headers = {PUBLISH_TOKEN_HEADER: token} if token else {}
         if os.environ.get("HF_TOKEN"):
             headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
-        self._http = httpx.Client(timeout=timeout, headers=headers, trust_env=False)
+        self._http = httpx.Client(timeout=timeout, headers=headers, trust_env=False, proxy=proxy_url(self.url))
 
     def close(self) -> None:
         self._http.close()
@@ -93,7 +93,7 @@ class ArtifactClient:
                     return response.json()
                 message = response.headers.get("X-Error-Message") or response.text[:500]
                 error = from_http(response.status_code, message, response.headers.get("X-Error-Code"))
-                error.status = response.status_code
+                error.status = response.status_code  # the exact status (push resumes on a 409)
                 if response.status_code < 500:
                     raise error
             if attempt + 1 < self._retries:

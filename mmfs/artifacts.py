@@ -25,6 +25,9 @@ from .names import RepoRef, check_path, is_commit, parse_repo_id
 
 #: The directory at the mount's root holding published artifacts, one folder per id.
 ARTIFACTS_DIR = ".artifacts"
+#: The header a publisher presents ``MMFS_PUBLISH_TOKEN`` in (``Authorization`` stays the
+#: caller's upstream credential, as on every other route of the backend).
+PUBLISH_TOKEN_HEADER = "X-Mmfs-Publish-Token"
 #: The builder version when none is given.
 DEFAULT_BUILDER = "unversioned"
 #: Kinds, targets and builder versions: names that fit in a path component and a log line.
@@ -126,5 +129,5 @@ def scan_dir(directory: Path) -> list[LocalFile]:
     return sorted(found, key=lambda f: f.path)
 
 
-__all__ = ["ARTIFACTS_DIR", "ArtifactKey", "DEFAULT_BUILDER", "LocalFile", "artifact_dir", "check_label",
+__all__ = ["ARTIFACTS_DIR", "ArtifactKey", "DEFAULT_BUILDER", "LocalFile", "PUBLISH_TOKEN_HEADER", "artifact_dir", "check_label",
            "scan_dir"]

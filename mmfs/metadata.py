@@ -22,8 +22,8 @@ Seven tables:
 * ``artifacts`` (the backend): artifact id -> its key (model repo and *commit*, kind,
   target, builder), files and size (:mod:`mmfs.artifacts`). Its manifest goes into
   ``manifests`` in the same transaction, so an artifact is visible whole or not at all.
-  Retention joins here: :meth:`MetadataStore.artifacts_of` finds the artifacts of a
-  model commit, :meth:`MetadataStore.delete_artifact` removes one.
+  Retention joins on the model commit each record names (``ArtifactStore.reclaim``);
+  :meth:`MetadataStore.delete_artifact` removes one.
 """
 
 from __future__ import annotations
@@ -319,12 +319,6 @@ class MetadataStore:
         with self._env.begin(db=self._artifacts) as txn:
             keys = [k.decode() for k in txn.cursor().iternext(keys=True, values=False)]
         return {k: r for k in keys if (r := self.get_artifact(k)) is not None}
-
-    def artifacts_of(self, repo: RepoRef, commit: str) -> list[str]:
-        """Ids of the artifacts derived from ``repo`` at ``commit`` (retention's join)."""
-        return sorted(i for i, r in self.artifacts().items()
-                      if r.get("key", {}).get("commit") == commit
-                      and f"{r['key'].get('provider')}/{r['key'].get('repo')}" == str(repo))
 
     def delete_artifact(self, artifact_id: str, manifest_repo: RepoRef) -> None:
         """Unpublish (retention): the record and its manifest go together."""
