@@ -177,10 +177,13 @@ def test_sharing_through_two_replicas(tmp_path: Path, hub_root: Path) -> None:
 
 def test_restricted_content_never_goes_through_peers(tmp_path: Path, hub_root: Path) -> None:
     """Peers ask by content id (public in a gated repo's listing) and carry no token: a
-    gated repo's chunks are neither offered to, nor redirected to, nor served to peers."""
-    repo = make_synthetic_model(hub_root / "org" / "gated", 2 << 20, n_shards=1, seed=9)
-    (repo / ".hub").mkdir()
-    (repo / ".hub" / "gated").write_text("tok-g")
+    gated repo's chunks are neither offered to, nor redirected to, nor served to peers,
+    while an open repo's chunks read by the same nodes are (the control that shows the
+    gated ones are kept out by the access rule, not by a setup that shares nothing)."""
+    gated = make_synthetic_model(hub_root / "org" / "gated", 2 << 20, n_shards=1, seed=9)
+    (gated / ".hub").mkdir()
+    (gated / ".hub" / "gated").write_text("tok-g")
+    public = make_synthetic_model(hub_root / REPO, 2 << 20, n_shards=1, seed=5)
     with ExitStack() as stack:
         hub = stack.enter_context(TestHub(hub_root))
         backend = stack.enter_context(backend_testing.BackendProcess(tmp_path / "backend", hub_url=hub.url,
@@ -190,24 +193,43 @@ def test_restricted_content_never_goes_through_peers(tmp_path: Path, hub_root: P
             address = f"127.0.0.{n + 30}"
             mount = MountProcess(tmp_path / f"mnt{n}", tmp_path / f"cache{n}", backend=backend.url,
                                  args=["--peer-listen", f"{address}:{free_port(address)}", "--transport", "tcp"],
-                                 env={"HF_TOKEN": "tok-g"})
+                                 env={"HF_TOKEN": "tok-g"})  # both nodes are granted: only peers are at issue
             nodes.append(stack.enter_context(mount))
             wait_until_known(backend, mount)
         first, second = nodes
-        data = (repo / SHARD).read_bytes()
+        contents = {repo: content_id(backend, repo) for repo in ("org/gated", REPO)}
         beats = peers(first)["heartbeats"]
-        assert (first.repo("org/gated") / SHARD).read_bytes() == data
-        while peers(first)["heartbeats"] < beats + 2:  # a heartbeat sent after the read: what it holds is known
+        for repo, files in (("org/gated", gated), (REPO, public)):
+            assert (first.repo(repo) / SHARD).read_bytes() == (files / SHARD).read_bytes()
+        while peers(first)["heartbeats"] < beats + 2:  # a heartbeat sent after the reads: what it holds is known
             time.sleep(0.1)
-        assert (second.repo("org/gated") / SHARD).read_bytes() == data
-        assert peers(second)["chunks_from_peers"] == 0 and peers(first)["chunks_served"] == 0
-        held = {node["node"]: node.get("held", {}) for node in json.loads(backend.get("/v1/peers"))["nodes"]}
-        files = json.loads(backend.get("/v1/manifest/huggingface/org/gated/main"))["files"]
-        shard = next(f for f in files if f["path"] == SHARD)
-        content = f"{shard['hash_algo']}-{shard['hash']}"
-        assert not any(content in str(h) for h in held.values())
+        held = {n["node"]: n["held_chunks"] for n in json.loads(backend.get("/v1/peers"))["nodes"]}[
+            f"http://{peer_url(first)}"]
+        assert f"{contents[REPO]}:{256 << 10}" in held  # offered
+        assert not any(contents["org/gated"] in name for name in held)  # never offered
+
         # Asked directly by content id, without any token: as if it were not there.
-        url = f"http://{peer_url(first)}/v1/peer/chunk?content={content}&chunk_size={256 << 10}&index=0"
         with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(url, timeout=10)
+            urllib.request.urlopen(peer_chunk_url(first, contents["org/gated"]), timeout=10)
         assert refused.value.code == 404
+        with urllib.request.urlopen(peer_chunk_url(first, contents[REPO]), timeout=10) as response:
+            assert response.read() == (public / SHARD).read_bytes()[:256 << 10]
+
+        # The backend does not send the second node to a peer for the gated file ...
+        assert (second.repo("org/gated") / SHARD).read_bytes() == (gated / SHARD).read_bytes()
+        counters = peers(second)
+        assert counters["redirects"] == 0 and counters["chunks_from_peers"] == 0, counters
+        # ... and does for the open one.
+        assert (second.repo(REPO) / SHARD).read_bytes() == (public / SHARD).read_bytes()
+        assert peers(second)["chunks_from_peers"] > 0, peers(second)
+
+
+def content_id(backend: backend_testing.BackendProcess, repo: str) -> str:
+    """The shard's content id, as a gated repo's public listing shows it to anyone."""
+    files = json.loads(backend.get(f"/v1/manifest/huggingface/{repo}/main"))["files"]
+    shard = next(f for f in files if f["path"] == SHARD)
+    return f"{shard['hash_algo']}-{shard['hash']}"
+
+
+def peer_chunk_url(mount: MountProcess, content: str, index: int = 0) -> str:
+    return f"http://{peer_url(mount)}/v1/peer/chunk?content={content}&chunk_size={256 << 10}&index={index}"
