@@ -215,7 +215,12 @@ def test_restricted_content_never_goes_through_peers(tmp_path: Path, hub_root: P
         with urllib.request.urlopen(peer_chunk_url(first, contents[REPO]), timeout=10) as response:
             assert response.read() == (public / SHARD).read_bytes()[:256 << 10]
 
-        # The backend does not send the second node to a peer for the gated file ...
+        # The backend does not send the second node to a peer for the gated file, even to
+        # one that offers it (a node of another version, or one that lies) ...
+        liar = f"http://127.0.0.35:{free_port('127.0.0.35')}"
+        beat = {"node": liar, "labels": {}, "held": {f"{contents['org/gated']}:{256 << 10}": [[0, 8]]}}
+        urllib.request.urlopen(urllib.request.Request(f"{backend.url}/v1/peers/heartbeat", json.dumps(beat).encode(),
+                                                      {"Content-Type": "application/json"}), timeout=10).close()
         assert (second.repo("org/gated") / SHARD).read_bytes() == (gated / SHARD).read_bytes()
         counters = peers(second)
         assert counters["redirects"] == 0 and counters["chunks_from_peers"] == 0, counters
