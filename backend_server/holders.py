@@ -20,6 +20,10 @@ A redirect counts as load on its peer for the time a chunk takes at ``PEER_RATE`
 table does not wait for the peer's report. A node reported for bytes that did not match
 the chunk map is banned for ``BAN_SECONDS``; one reported unreachable is forgotten until
 its next heartbeat. Reports are trusted as sent: the peer port belongs on a cluster network.
+
+Only chunks of open repos come here (``BackendApp._peer_for`` serves a restricted repo's
+chunks itself, after the access check): peers serve without tokens, and what nodes offer
+is trusted for where to send askers, never for who may read.
 """
 
 from __future__ import annotations
