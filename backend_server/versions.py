@@ -26,7 +26,7 @@ import trio
 from mmfs.errors import InvalidName, MmfsError, NotFound
 from mmfs.names import RepoRef, check_revision, is_commit
 from mmfs.refwatch import RefWatcher, parse_ref_key, ref_key
-from mmfs.remote.hub import HubRemote, refs_json
+from mmfs.remote.hub import HubRemote, git_ref, refs_json
 from mmfs.retention import Retention
 
 from .http import Request, Response
@@ -168,7 +168,7 @@ class VersionRoutes:
         for key, record in (metadata.refs() if metadata is not None else {}).items():
             if key.startswith(prefix) and not is_commit(key[len(prefix):]):
                 revision = key[len(prefix):]
-                refs[revision] = self.app.engine.known_ref(repo, revision) or record.commit
+                refs[git_ref(revision)] = self.app.engine.known_ref(repo, revision) or record.commit
         return refs_json(refs, include_prs)
 
     async def _note(self, repo: RepoRef, answer: dict[str, Any]) -> None:

@@ -281,9 +281,13 @@ def test_a_changed_file_moves_main_to_a_new_commit(hub: TestHub, hub_root: Path,
 
 def test_refs_file_adds_tags(hub: TestHub, hub_root: Path, client: httpx.Client) -> None:
     (hub_root / REPO / ".hub").mkdir()
-    (hub_root / REPO / ".hub" / "refs.json").write_text(json.dumps(["v1.0", "refs/pr/1"]))
+    (hub_root / REPO / ".hub" / "refs.json").write_text(json.dumps(["v1.0", "refs/tags/v0.9", "refs/pr/1"]))
     commit = hub.commit(REPO)
     assert client.get(f"/api/models/{REPO}/revision/v1.0").json()["sha"] == commit
+    assert client.get(f"/api/models/{REPO}/revision/v0.9").json()["sha"] == commit
+    refs = HfApi(endpoint=hub.url).list_repo_refs(REPO)
+    assert [r.ref for r in refs.branches] == ["refs/heads/main", "refs/heads/v1.0"]
+    assert [(r.name, r.ref) for r in refs.tags] == [("v0.9", "refs/tags/v0.9")]
     assert client.get(f"/{REPO}/resolve/refs%2Fpr%2F1/config.json").headers["X-Repo-Commit"] == commit
     assert HfApi(endpoint=hub.url).model_info(REPO, revision="refs/pr/1").sha == commit
 
@@ -305,13 +309,21 @@ def test_pull_request_and_convert_refs_as_on_the_hub(hub: TestHub, client: httpx
     main = hub.commit(REPO)
     pr = hub.push(REPO, {"config.json": b'{"pr": 1}'}, ref="refs/pr/1")
     parquet = hub.push(REPO, {"data.parquet": b"PAR1"}, ref="refs/convert/parquet")
-    assert hub.commit(REPO) == main and len({main, pr, parquet}) == 3  # the tree did not change
+    tag = hub.push(REPO, {"config.json": b'{"tag": 2}'}, ref="refs/tags/v2")
+    assert hub.commit(REPO) == main and len({main, pr, parquet, tag}) == 4  # the tree did not change
     api = HfApi(endpoint=hub.url)
     refs = api.list_repo_refs(REPO, include_pull_requests=True)
     assert [(r.name, r.ref, r.target_commit) for r in refs.branches] == [("main", "refs/heads/main", main)]
-    assert [(r.ref, r.target_commit) for r in refs.pull_requests] == [("refs/pr/1", pr)]
+    assert [(r.name, r.ref, r.target_commit) for r in refs.tags] == [("v2", "refs/tags/v2", tag)]
+    assert [(r.name, r.ref, r.target_commit) for r in refs.pull_requests] == [("1", "refs/pr/1", pr)]
     assert [(r.name, r.ref, r.target_commit) for r in refs.converts] == [("parquet", "refs/convert/parquet", parquet)]
     assert api.list_repo_refs(REPO).pull_requests is None
+    # the Hub's exact JSON: four groups of {name, ref, targetCommit}; pullRequests only when asked
+    raw = client.get(f"/api/models/{REPO}/refs", params={"include_prs": 1}).json()
+    assert raw["pullRequests"] == [{"name": "1", "ref": "refs/pr/1", "targetCommit": pr}]
+    assert set(raw) == {"branches", "tags", "converts", "pullRequests"}
+    assert set(client.get(f"/api/models/{REPO}/refs").json()) == {"branches", "tags", "converts"}
+    assert api.model_info(REPO, revision="v2").sha == tag  # a tag is addressed by its name
     path = hf_hub_download(REPO, "config.json", revision="refs/pr/1", endpoint=hub.url, cache_dir=str(tmp_path))
     assert Path(path).read_bytes() == b'{"pr": 1}'
     assert client.get(f"/{REPO}/resolve/refs%2Fpr%2F1/config.json").headers["X-Repo-Commit"] == pr

@@ -211,9 +211,12 @@ def test_revisions_with_slashes_on_the_mount_and_through_the_hub_api(tmp_path: P
                             cache_dir=str(tmp_path / "hf"))
         parquet = hub.push(REPO, {"data.parquet": b"PAR1"}, ref="refs/convert/parquet")  # known upstream only
         refs = HfApi(endpoint=backend.url).list_repo_refs(REPO, include_pull_requests=True)
-        assert [(r.ref, r.target_commit) for r in refs.pull_requests] == [("refs/pr/1", pr)]
-        assert [(r.ref, r.target_commit) for r in refs.converts] == [("refs/convert/parquet", parquet)]
-        assert [(r.name, r.target_commit) for r in refs.branches] == [("main", hub.commit(REPO))]
+        assert [(r.name, r.ref, r.target_commit) for r in refs.pull_requests] == [("1", "refs/pr/1", pr)]
+        assert [(r.name, r.ref, r.target_commit) for r in refs.converts] == [("parquet", "refs/convert/parquet",
+                                                                            parquet)]
+        assert [(r.name, r.ref, r.target_commit) for r in refs.branches] == [("main", "refs/heads/main",
+                                                                            hub.commit(REPO))]
+        assert refs.tags == []
         # the PR is closed upstream: its last commit keeps serving, with a warning
         hub.delete_ref(REPO, "refs/pr/1")
         wait_for("the backend noticed the ref is gone", lambda: any(

@@ -46,21 +46,28 @@ def api_path(repo: RepoRef) -> str:
     """The repo's path on the Hub's API routes: ``models/org/name``, ``datasets/org/name``."""
     return f"{repo.hub_repo_type}s/{repo.repo_id}"
 
-def refs_json(refs: Mapping[str, str], include_prs: bool) -> dict[str, Any]:
-    """``GET /api/models/<repo>/refs`` as the Hub shapes it."""
-    found: dict[str, list[dict[str, str]]] = {"branches": [], "converts": [], "tags": []}
-    if include_prs:
-        found["pullRequests"] = []
-    for name, commit in sorted(refs.items()):
-        if name.startswith("refs/pr/"):
-            if include_prs:
-                found["pullRequests"].append({"name": name, "ref": name, "targetCommit": commit})
-        elif name.startswith("refs/convert/"):
-            found["converts"].append({"name": name.removeprefix("refs/convert/"), "ref": name, "targetCommit": commit})
-        else:
-            found["branches"].append({"name": name, "ref": f"refs/heads/{name}", "targetCommit": commit})
-    return found
+#: A git ref's prefix -> its group in the Hub's ``GET /api/models/<repo>/refs`` answer.
+_REF_GROUPS = (("refs/heads/", "branches"), ("refs/tags/", "tags"), ("refs/convert/", "converts"),
+               ("refs/pr/", "pullRequests"))
 
+
+def git_ref(revision: str) -> str:
+    """The full git ref a revision names: a ``refs/...`` name as it is, any other a branch."""
+    return revision if revision.startswith("refs/") else f"refs/heads/{revision}"
+
+
+def refs_json(refs: Mapping[str, str], include_prs: bool) -> dict[str, Any]:
+    """``GET /api/models/<repo>/refs`` as the Hub shapes it, from full git refs -> commits:
+    each entry is ``{"name", "ref", "targetCommit"}``, the name being the ref without its
+    group's prefix (``main``, ``v1.0``, ``parquet``, ``1`` for ``refs/pr/1``);
+    ``pullRequests`` only with ``include_prs``, as ``huggingface_hub`` asks."""
+    found: dict[str, list[dict[str, str]]] = {group: [] for _, group in _REF_GROUPS
+                                              if include_prs or group != "pullRequests"}
+    for ref, commit in sorted(refs.items()):
+        for prefix, group in _REF_GROUPS:
+            if ref.startswith(prefix) and group in found:
+                found[group].append({"name": ref[len(prefix):], "ref": ref, "targetCommit": commit})
+    return found
 
 
 class HubRemote(Remote):

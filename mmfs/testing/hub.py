@@ -20,8 +20,8 @@ Optional control files:
   ``Link: <…/xet-read-token/<commit>>; rel="xet-auth"``, trees carry ``xetHash``, and the
   read-token route answers with a CAS URL that nothing listens on (a client sent around
   a proxy to the CAS fails, as it would where the CAS is out of reach).
-- ``ROOT/<org>/<name>/.hub/refs.json``: a JSON list of extra branch/tag names (``"v1.0"``,
-  ``"refs/pr/1"``) that, like ``main``, resolve to the current commit.
+- ``ROOT/<org>/<name>/.hub/refs.json``: a JSON list of extra refs (a branch ``"v1.0"``, a
+  tag ``"refs/tags/v1.0"``, ``"refs/pr/1"``) that, like ``main``, resolve to the current commit.
 - ``ROOT/.hub/users.json``: ``{"<token>": "<user name>"}``, the tokens ``/api/whoami-v2``
   knows (any other token, or none, is 401 as on the Hub).
 
@@ -46,7 +46,8 @@ answers 404 ``RevisionNotFound``).
 pull request does (``refs/convert/parquet`` likewise; any other name is a branch, and
 ``refs/tags/<t>`` a tag addressed as ``<t>``); ``delete_ref`` removes one.
 ``GET /api/models/<repo>/refs[?include_prs=1]`` lists them as the Hub does
-(``branches``, ``tags``, ``converts``, ``pullRequests``). Revisions with a slash arrive
+(``branches``, ``tags``, ``converts``, ``pullRequests``; each ``{name, ref, targetCommit}``,
+e.g. ``{"name": "1", "ref": "refs/pr/1", ...}``). Revisions with a slash arrive
 percent-encoded in one path segment (``refs%2Fpr%2F1``), as ``huggingface_hub`` sends them.
 ``/api/models/<repo>/revision/<rev>?expand=sha`` answers only ``_id``, ``id`` and ``sha``
 (the Hub's ``expand``): the cheapest way to ask where a ref points. ``HubStats.ref_checks``
@@ -110,7 +111,7 @@ from types import TracebackType
 from typing import Any, Mapping
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
-from ..remote.hub import refs_json
+from ..remote.hub import git_ref, refs_json
 from ..sizes import parse_rate
 from .process import child_env, start_until_ready, stop
 
@@ -465,7 +466,7 @@ class Hub:
         self._lock = threading.Lock()
         self._repo_locks: dict[str, threading.Lock] = {}
         self._history: dict[str, dict[str, RepoSnapshot]] = {}  # repo id -> commit -> snapshot
-        self._pushed: dict[str, dict[str, str]] = {}  # repo id -> ref made by push -> commit
+        self._pushed: dict[str, dict[str, str]] = {}  # repo id -> git ref made by push -> commit
         self.objects = self.root / ".hub-objects"  # bytes of replaced files, by etag
 
     # -- faults
@@ -565,20 +566,22 @@ class Hub:
         :meth:`push`, or a commit whose bytes are still readable; :class:`RevisionNotFound`
         otherwise."""
         _check_revision(revision)
-        if revision in ("main", snap.commit) or revision in snap.refs:
+        refs = self.refs(snap)
+        commit = next((refs[ref] for ref in (git_ref(revision), f"refs/tags/{revision}") if ref in refs),
+                      revision if _is_commit(revision) else "")
+        if commit == snap.commit:
             return snap
         with self._lock:
-            commit = self._pushed.get(snap.hub_path, {}).get(revision) or (revision if _is_commit(revision) else "")
             found = self._history.get(snap.hub_path, {}).get(commit)
         if found is None or not all(self.readable(entry) for entry in found.files.values()):
             raise RevisionNotFound(f"Invalid rev id: {revision}")
         return found
 
     def refs(self, snap: RepoSnapshot) -> dict[str, str]:
-        """Every ref of the repo (``main`` included) -> its commit."""
+        """Every ref of the repo (``refs/heads/main`` included), as a full git ref -> its commit."""
         with self._lock:
             pushed = dict(self._pushed.get(snap.hub_path, {}))
-        return {"main": snap.commit, **{name: snap.commit for name in snap.refs}, **pushed}
+        return {git_ref(name): snap.commit for name in ("main", *snap.refs)} | pushed
 
     def readable(self, entry: HubFile) -> Path | None:
         """Where the bytes of ``entry`` are now: its file while unchanged, else the copy
@@ -616,7 +619,7 @@ class Hub:
             if any(_is_hidden(part) for part in path.split("/")):
                 raise ValueError(f"{path!r} is not repo content")
         self.objects.mkdir(exist_ok=True)
-        if ref == "main":
+        if git_ref(ref) == "refs/heads/main":
             repo_dir = self.root / base.hub_path
             with self._lock:
                 repo_lock = self._repo_locks.setdefault(base.hub_path, threading.Lock())
@@ -641,13 +644,13 @@ class Hub:
         snap = replace(base, commit=commit_id(ordered), files=ordered, last_modified=time.time(), refs=())
         self._remember(snap)
         with self._lock:
-            self._pushed.setdefault(snap.hub_path, {})[ref] = snap.commit
+            self._pushed.setdefault(snap.hub_path, {})[git_ref(ref)] = snap.commit
         return snap.commit
 
     def delete_ref(self, repo_id: str, ref: str, repo_type: str = "model") -> None:
         """Remove a ref made by :meth:`push` (its commit stays readable by hash)."""
         with self._lock:
-            if self._pushed.get(REPO_TYPES[repo_type] + repo_id, {}).pop(ref, None) is None:
+            if self._pushed.get(REPO_TYPES[repo_type] + repo_id, {}).pop(git_ref(ref), None) is None:
                 raise RevisionNotFound(f"no ref {ref} in {repo_id}")
 
     def _replace(self, repo_dir: Path, base: RepoSnapshot, files: Mapping[str, bytes | None]) -> None:
