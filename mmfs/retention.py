@@ -8,7 +8,8 @@ DB knows that are none of that are *retired*: the content only they use (no live
 shares it) is dropped from every tier by :meth:`Retention.collect` — ``mmfs gc``, the
 backend's ``POST /v1/gc``, and the periodic sweep both run it. Content a live commit also
 uses stays: content addressing shares unchanged files between commits, so a retired
-commit costs only what changed.
+commit costs only what changed. Between two sweeps, :meth:`Retention.mark` tells the tiers
+which contents those are, so a cache that needs room evicts them before anything else.
 
 Derived artifacts (:mod:`mmfs.artifacts`, the pseudo repo ``ARTIFACTS``) are not commits
 of their own here: they live and retire with their model commit, which the backend's gc
@@ -26,7 +27,7 @@ import trio
 
 from .engine import FetchEngine
 from .errors import InvalidName
-from .manifest import Manifest
+from .manifest import FileEntry, Manifest
 from .names import ARTIFACTS, RepoRef
 from .refwatch import parse_ref_key
 
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: Default seconds a commit stays after it was last live (``--retain``).
 DEFAULT_GRACE = 3600.0
+#: Seconds between two markings of retired content (:meth:`Retention.mark`) by the sweep.
+MARK_EVERY = 60.0
 
 Commit = tuple[RepoRef, str]
 
@@ -125,27 +128,50 @@ class Retention:
             found = self.engine.metadata.get_manifest(repo, sha)
         return found
 
-    async def collect(self, pinned: Iterable[Commit], *, dry_run: bool = False) -> GcReport:
-        """Drop from every tier the content only retired commits use (``dry_run``: say what)."""
-        started = time.perf_counter()
-        live, pinned_set, grace, retired = self.classify(pinned)
+    async def _retired_only(self, live: set[Commit], retired: set[Commit]) -> tuple[list[FileEntry], set[str]]:
+        """The files of retired commits no live commit shares, and the content ids of those
+        it does share."""
         keep: set[str] = set()
         for commit in live:
             manifest = await self._manifest(commit)
             if manifest is not None:
                 keep.update(entry.content_id for entry in manifest.files)
+        only: list[FileEntry] = []
+        for commit in retired:
+            manifest = await self._manifest(commit)
+            only.extend(entry for entry in (manifest.files if manifest is not None else ())
+                        if entry.content_id not in keep)
+        return only, keep
+
+    async def mark(self, pinned: Iterable[Commit]) -> int:
+        """Tell every tier which contents only retired commits use (:meth:`ChunkTier.retire`):
+        under space pressure they go first, before the next :meth:`collect` drops them.
+        Returns how many contents are marked."""
+        live, _, _, retired = self.classify(pinned)
+        only, _ = await self._retired_only(live, retired)
+        content_ids = {entry.content_id for entry in only}
+        for tier in self.engine.tiers:
+            tier.retire(content_ids)
+        return len(content_ids)
+
+    async def collect(self, pinned: Iterable[Commit], *, dry_run: bool = False) -> GcReport:
+        """Drop from every tier the content only retired commits use (``dry_run``: say what)."""
+        started = time.perf_counter()
+        live, pinned_set, grace, retired = self.classify(pinned)
+        only, keep = await self._retired_only(live, retired)
         doomed: dict[str, int] = {}  # content id -> bytes held
+        for entry in only:
+            held = sum(entry.chunk_span(i)[1] - entry.chunk_span(i)[0] for i in range(entry.chunk_count)
+                       if any(tier.contains(entry.chunk_key(i)) for tier in self.engine.tiers))
+            doomed[entry.content_id] = max(doomed.get(entry.content_id, 0), held)
         shared = set()
         for commit in retired:
             manifest = await self._manifest(commit)
-            for entry in manifest.files if manifest is not None else ():
-                if entry.content_id in keep:
-                    shared.add(entry.content_id)
-                    continue
-                held = sum(entry.chunk_span(i)[1] - entry.chunk_span(i)[0] for i in range(entry.chunk_count)
-                           if any(tier.contains(entry.chunk_key(i)) for tier in self.engine.tiers))
-                doomed[entry.content_id] = max(doomed.get(entry.content_id, 0), held)
+            shared.update(entry.content_id for entry in (manifest.files if manifest is not None else ())
+                          if entry.content_id in keep)
         if not dry_run:
+            for tier in self.engine.tiers:
+                tier.retire(doomed)  # fetched again before the next sweep: evicted first
             for content_id in doomed:
                 for tier in self.engine.tiers:
                     await tier.discard(content_id)
@@ -161,11 +187,18 @@ class Retention:
                         sorted(map(name, grace)))
 
     async def sweep(self, pinned: Callable[[], Iterable[Commit]]) -> None:
-        """Reclaim retired commits' content periodically (every quarter of the grace period,
-        between one minute and an hour), until cancelled."""
+        """Until cancelled: mark retired commits' content every :data:`MARK_EVERY` seconds
+        (tiers evict it first when they need room) and reclaim it every quarter of the
+        grace period (between one minute and an hour)."""
+        collect_every = min(max(self.grace / 4, MARK_EVERY), 3600.0)
+        next_collect = trio.current_time() + collect_every
         while True:
-            await trio.sleep(min(max(self.grace / 4, 60.0), 3600.0))
-            await self.collect(pinned())
+            await trio.sleep(MARK_EVERY)
+            if trio.current_time() >= next_collect:
+                next_collect += collect_every
+                await self.collect(pinned())
+            else:
+                await self.mark(pinned())
 
     def status(self, pinned: Iterable[Commit]) -> dict[str, Any]:
         live, pinned_set, grace, retired = self.classify(pinned)

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 import trio
 
+from mmfs.chunkmap import BLOCK_SIZE, block_digests
+
 from mmfs.engine import EngineConfig, FetchEngine
 from mmfs.errors import NotFound, RevisionNotFound
-from mmfs.manifest import Manifest
+from mmfs.manifest import SHA256, FileEntry, Manifest
 from mmfs.metadata import MetadataStore
 from mmfs.names import RepoRef, parse_repo_id
 from mmfs.refwatch import RefWatcher, parse_ref_key
 from mmfs.remote.base import FetchedChunk, FileSource, Remote
+from mmfs.retention import Retention
+from mmfs.tiers.base import Chunk
+from mmfs.tiers.disk import DiskTier
+from mmfs.tiers.memory import MemoryTier
 
 REPO = parse_repo_id("acme/tiny")
 OLD, NEW = "a" * 40, "b" * 40
+CHUNK = 4 * BLOCK_SIZE
 
 
 class CountingRemote(Remote):
@@ -25,6 +33,7 @@ class CountingRemote(Remote):
     def __init__(self) -> None:
         self.commit: str | None = OLD
         self.resolves = 0
+        self.manifests: dict[str, Manifest] = {}  # commit -> its files (none when absent)
 
     async def resolve(self, repo: RepoRef, revision: str, *, auth: str | None = None) -> str:
         self.resolves += 1
@@ -34,7 +43,7 @@ class CountingRemote(Remote):
         return self.commit
 
     async def manifest(self, repo: RepoRef, commit: str, *, auth: str | None = None) -> Manifest:
-        return Manifest(repo, commit, ())
+        return self.manifests.get(commit, Manifest(repo, commit, ()))
 
     async def fetch_chunk(self, source: FileSource, index: int, *, auth: str | None = None) -> FetchedChunk:
         raise AssertionError("no chunk is read here")
@@ -49,6 +58,13 @@ async def setup(tmp_path: Path):
     engine = FetchEngine([], remote, MetadataStore(tmp_path / "meta"), EngineConfig(ref_ttl=10.0, holder="test"))
     async with engine:
         yield engine, remote, RefWatcher(engine, interval=10.0)
+
+
+def one_chunk_file(path: str, seed: int) -> tuple[FileEntry, Chunk]:
+    """A file of one :data:`CHUNK`-byte chunk, and that chunk as a tier holds it."""
+    data = hashlib.shake_256(seed.to_bytes(4, "big")).digest(CHUNK)
+    entry = FileEntry(path, CHUNK, SHA256, hashlib.sha256(data).hexdigest(), chunk_size=CHUNK)
+    return entry, Chunk(data, block_digests(data), True)
 
 
 async def test_one_upstream_check_per_interval_however_many_readers(setup, autojump_clock) -> None:
@@ -124,8 +140,6 @@ async def test_a_move_told_twice_at_once_is_recorded_once(setup) -> None:
 
 async def test_a_commit_in_use_is_not_retired_while_no_ref_points_at_it(setup) -> None:
     """A client reading a commit by its hash keeps it for the grace period after each use."""
-    from mmfs.retention import Retention
-
     engine, remote, watcher = setup
     retention = Retention(engine, grace=3600.0)
     retention._started = 0.0  # long ago: only use keeps a commit now
@@ -137,3 +151,36 @@ async def test_a_commit_in_use_is_not_retired_while_no_ref_points_at_it(setup) -
     engine.commit_used[(REPO, OLD)] = 0.0
     live, _, in_grace, retired = retention.classify(())
     assert retired == {(REPO, OLD)}
+
+
+@pytest.mark.parametrize("kind", ["disk", "memory"])
+async def test_under_space_pressure_a_retired_commits_own_content_is_evicted_first(tmp_path: Path, kind: str) -> None:
+    """Between two gc sweeps, a full cache makes room by dropping what only a retired
+    commit uses, however recently it was read; content the current commit shares with it
+    and the current commit's own stay (plain LRU would drop the least recently used)."""
+    old_only, old_chunk = one_chunk_file("weights-v1.bin", 1)
+    shared, shared_chunk = one_chunk_file("tokenizer.json", 2)
+    new_only, new_chunk = one_chunk_file("weights-v2.bin", 3)
+    extra, extra_chunk = one_chunk_file("weights-v2-extra.bin", 4)
+    remote = CountingRemote()
+    remote.manifests = {OLD: Manifest(REPO, OLD, (old_only, shared)),
+                        NEW: Manifest(REPO, NEW, (new_only, shared, extra))}
+    tier = DiskTier(tmp_path / "cache", 3 * CHUNK) if kind == "disk" else MemoryTier(3 * CHUNK)
+    engine = FetchEngine([tier], remote, MetadataStore(tmp_path / "meta"), EngineConfig(ref_ttl=10.0, holder="test"))
+    async with engine:
+        await engine.manifest(REPO, "main")  # main is OLD
+        remote.commit = NEW
+        assert await engine.check_ref(REPO, "main") == NEW
+        await engine.manifest(REPO, "main")
+        retention = Retention(engine, grace=3600.0)
+        retention._started = engine.commit_used[(REPO, OLD)] = 0.0  # OLD's grace period is over
+        assert retention.classify(())[3] == {(REPO, OLD)}
+        assert await retention.mark(()) == 1  # only weights-v1.bin: tokenizer.json is NEW's too
+        # Least recently used first: the shared file, the current weights, the retired weights.
+        for entry, chunk in ((shared, shared_chunk), (new_only, new_chunk), (old_only, old_chunk)):
+            await tier.put(entry.chunk_key(0), chunk)
+        assert all(tier.contains(e.chunk_key(0)) for e in (shared, new_only, old_only))
+        await tier.put(extra.chunk_key(0), extra_chunk)  # the cache is full: one must go
+        assert not tier.contains(old_only.chunk_key(0))
+        assert all(tier.contains(e.chunk_key(0)) for e in (shared, new_only, extra))
+        assert (await tier.get(shared.chunk_key(0))).data == shared_chunk.data

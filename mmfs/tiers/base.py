@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Collection, Iterable, Iterator
 
 from ..chunkmap import ChunkMap, fingerprint
 from ..manifest import ChunkKey
@@ -58,6 +59,25 @@ class ChunkTier(ABC):
     """A bounded store of chunks keyed by :class:`~mmfs.manifest.ChunkKey`."""
 
     name: str
+    #: Contents only retired commits use (:meth:`retire`): evicted first under pressure.
+    retired: frozenset[str] = frozenset()
+
+    def retire(self, content_ids: Iterable[str]) -> None:
+        """Mark the contents only retired commits use (:mod:`mmfs.retention`, which never
+        marks content a live commit shares), replacing the previous marks: when room is
+        needed, their chunks go before any other, whatever their recency, so a cache under
+        pressure between two gc sweeps drops yesterday's model before today's."""
+        self.retired = frozenset(content_ids)
+
+    def _eviction_order(self, keys: Collection[ChunkKey]) -> Iterator[ChunkKey]:
+        """``keys`` (least recently used first) in the order to evict them: the chunks of
+        retired contents first, then the rest, each in their given order."""
+        retired = self.retired
+        if not retired:  # the common case costs nothing more than plain LRU
+            yield from keys
+            return
+        yield from (key for key in keys if key.content_id in retired)
+        yield from (key for key in keys if key.content_id not in retired)
 
     @abstractmethod
     async def get(self, key: ChunkKey) -> Chunk | None:

@@ -120,7 +120,8 @@ _FileId = tuple[str, int]
 
 
 class DiskTier(ChunkTier):
-    """A bounded, crash-safe chunk store in ``root``, evicting least recently used chunks."""
+    """A bounded, crash-safe chunk store in ``root``, evicting retired contents' chunks
+    (:meth:`~mmfs.tiers.base.ChunkTier.retire`), then the least recently used."""
 
     name = "disk"
 
@@ -471,17 +472,19 @@ class DiskTier(ChunkTier):
             self._forget([(key, size)])
 
     def _make_room(self, size: int) -> list[tuple[ChunkKey, int]] | None:
-        """Take least recently used chunks until ``size`` more bytes fit (``_lock`` held);
-        chunks of files in use by passthrough readers are skipped: pinned here, or held by
-        a reader of an earlier daemon (:func:`hold_for_reader`). ``None``, taking nothing,
-        when even every other chunk would not make room."""
+        """Take chunks until ``size`` more bytes fit (``_lock`` held): retired contents'
+        first, then the least recently used; chunks of files in use by passthrough readers
+        are skipped: pinned here, or held by a reader of an earlier daemon
+        (:func:`hold_for_reader`). ``None``, taking nothing, when even every other chunk
+        would not make room."""
         if self._used + size <= self._limit:
             return []
         in_use: dict[_FileId, bool] = {}
         chosen, freed = [], 0
-        for key, entry in self._index.items():
+        for key in self._eviction_order(self._index):
             if self._used - freed + size <= self._limit:
                 break
+            entry = self._index[key]
             file_id = (key.content_id, key.chunk_size)
             if file_id not in in_use:
                 in_use[file_id] = file_id in self._pins or _held_by_reader(self._path(*file_id))

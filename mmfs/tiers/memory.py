@@ -61,8 +61,8 @@ class MemoryTier(ChunkTier):
         self._entries[key] = (chunk, self._clock())
         self._used += len(chunk.data)
         self._expire()
-        while self._used > self._limit:
-            self._remove(next(iter(self._entries)))
+        while self._used > self._limit:  # never the chunk just stored (it fits on its own)
+            self._remove(next(k for k in self._eviction_order(self._entries) if k != key))
             self._evictions += 1
 
     async def discard(self, content_id: str) -> int:

@@ -264,13 +264,14 @@ class SharedTier(ChunkTier):
         self._evict()
 
     def _evict(self) -> None:
-        """Remove the least recently used objects this replica knows while over the limit."""
+        """Remove objects this replica knows while over the limit: retired contents' first,
+        then the least recently used."""
         while True:
             with self._lock:
                 if self._used <= self._limit or not self._known:
                     return
-                key, size = self._known.popitem(last=False)
-                self._used -= size
+                key = next(self._eviction_order(self._known))
+                self._used -= self._known.pop(key)
                 self._evictions += 1
             self._object_path(key).unlink(missing_ok=True)
 
