@@ -164,6 +164,8 @@ class Figures:
     wrong_bytes: int = 0
     wrong_reads: list[str] = field(default_factory=list)
     hung_readers: int = 0
+    #: What each hung read was reading (``mount ...`` or ``http ...``) and the last fault before it.
+    hung_reads: list[str] = field(default_factory=list)
     recoveries: int = 0
     not_recovered: list[str] = field(default_factory=list)
     recovery_seconds: list[float] = field(default_factory=list)
@@ -179,7 +181,8 @@ class Figures:
             f"({sum(self.read_errors.values())} reads failed cleanly: "
             + (", ".join(f"{e} {n}" for e, n in sorted(self.read_errors.items())) or "none") + ")",
             f"  wrong bytes served: {self.wrong_bytes}",
-            f"  readers hung past {READ_BOUND:.0f} s: {self.hung_readers}",
+            f"  readers hung past {READ_BOUND:.0f} s: {self.hung_readers}"
+            + (f" ({'; '.join(self.hung_reads)})" if self.hung_reads else ""),
             f"  recoveries after the fault cleared: {self.recoveries} of {sum(self.faults.values())} "
             f"(slowest {slowest:.1f} s)" + (f"; not recovered: {', '.join(self.not_recovered)}"
                                             if self.not_recovered else ""),
@@ -276,7 +279,8 @@ class Readers:
         self.cluster = cluster
         self.figures = figures
         self.stop = threading.Event()
-        self._started: dict[int, float] = {}  # thread id -> when its read in progress began
+        self._started: dict[int, tuple[float, str]] = {}  # thread id -> (when its read began, what it reads)
+        self.last_fault = "none yet"
         self._hung: set[tuple[int, float]] = set()
         self.threads = [threading.Thread(target=self._loop, args=(self._mount_read, i), daemon=True)
                         for i in range(mount_readers)]
@@ -290,23 +294,25 @@ class Readers:
 
     def close(self) -> None:
         self.stop.set()
-        self._check_hung(final=True)
+        self._check_hung()
 
     def _loop(self, read: Callable[[random.Random], None], seed: int) -> None:
         rng = random.Random(seed)
         me = threading.get_ident()
         while not self.stop.is_set():
-            self._started[me] = time.monotonic()
             try:
                 read(rng)
             finally:
                 self._started.pop(me, None)
 
-    def _pick(self, rng: random.Random) -> tuple[str, int, int]:
+    def _pick(self, rng: random.Random, how: str) -> tuple[str, int, int]:
         name = rng.choice(list(FILES))
         size = FILES[name]
         offset = rng.randrange(size)
-        return name, offset, min(size - offset, rng.choice([4096, 65536, 1 << 20, 3 << 20]))
+        length = min(size - offset, rng.choice([4096, 65536, 1 << 20, 3 << 20]))
+        self._started[threading.get_ident()] = (time.monotonic(), f"{how} {name}@{offset}+{length} after "
+                                                                  f"{self.last_fault}")
+        return name, offset, length
 
     def _check(self, what: str, expected: bytes, got: bytes) -> None:
         wrong = sum(a != b for a, b in zip(expected, got)) + max(0, len(got) - len(expected))
@@ -323,7 +329,7 @@ class Readers:
         time.sleep(0.2)
 
     def _mount_read(self, rng: random.Random) -> None:
-        name, offset, length = self._pick(rng)
+        name, offset, length = self._pick(rng, "mount")
         try:
             with open(self.cluster.path(name), "rb") as f:
                 f.seek(offset)
@@ -334,7 +340,7 @@ class Readers:
         self._check(f"mount {name}@{offset}", self.cluster.source[name][offset:offset + length], got)
 
     def _http_read(self, rng: random.Random) -> None:
-        name, offset, length = self._pick(rng)
+        name, offset, length = self._pick(rng, "http")
         url = f"{self.cluster.nodes.url}/v1/file/huggingface/{REPO}/main/{name}"
         got = bytearray()
         try:
@@ -354,13 +360,14 @@ class Readers:
         while not self.stop.wait(1.0):
             self._check_hung()
 
-    def _check_hung(self, final: bool = False) -> None:
+    def _check_hung(self) -> None:
         now = time.monotonic()
-        for thread, began in list(self._started.items()):
+        for thread, (began, what) in list(self._started.items()):
             if now - began > READ_BOUND and (thread, began) not in self._hung:
                 self._hung.add((thread, began))
                 with self.figures.lock:
                     self.figures.hung_readers += 1
+                    self.figures.hung_reads.append(what)
 
 
 # -- faults ----------------------------------------------------------------------------------
@@ -468,6 +475,7 @@ def run(duration: float, work: Path, seed: int = 1, log: Callable[[str], None] =
         while time.monotonic() - started < duration:
             kind = kinds.pop() if kinds else rng.choice(KINDS)
             log(f"  fault: {kind}")
+            readers.last_fault = kind
             inject(cluster, kind, rng)
             with figures.lock:
                 figures.faults[kind] += 1
