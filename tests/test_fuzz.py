@@ -66,15 +66,17 @@ def test_accepted_revisions_name_no_directory_of_their_own(revision: str) -> Non
     assert posixpath.normpath(posixpath.join("/repo", revision)) == f"/repo/{revision}"
 
 
-@given(st.one_of(TEXT, NAME_CHARS), st.sampled_from(PROVIDERS + ("s3", "")))
+@given(st.one_of(TEXT, NAME_CHARS), st.sampled_from(PROVIDERS + ("github", "")))
 def test_repo_ids_parse_into_safe_parts_or_are_refused(repo_id: str, provider: str) -> None:
     try:
         ref = parse_repo_id(repo_id, provider)
     except InvalidName:
         return
-    assert ref.repo_id == repo_id and ref.provider in PROVIDERS
-    for part in (ref.org, ref.name):
-        assert check_repo_part(part) == part and "/" not in part and part not in (".", "..")
+    assert ref.provider == provider in PROVIDERS
+    path = f"/{ref.provider}/{ref.org}/{ref.name}"  # where the repo shows on a mount
+    assert posixpath.normpath(path) == path and "\0" not in path and ref.org and ref.name
+    if provider.startswith("huggingface"):  # Hub repos: exactly <org>/<name>, each part checked
+        assert ref.repo_id == repo_id and check_repo_part(ref.org) == ref.org and check_repo_part(ref.name)
 
 
 # -- ranges, query values, request paths --------------------------------------------------
