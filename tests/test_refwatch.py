@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import hashlib
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import AsyncIterator
 
 import pytest
 import trio
 
-from mmfs.chunkmap import BLOCK_SIZE, block_digests
+from mmfs.chunkmap import BLOCK_SIZE, ChunkMap, block_digests
 
 from mmfs.engine import EngineConfig, FetchEngine
 from mmfs.errors import NotFound, RevisionNotFound
-from mmfs.manifest import SHA256, FileEntry, Manifest
+from mmfs.manifest import SHA256, ChunkKey, FileEntry, Manifest
 from mmfs.metadata import MetadataStore
 from mmfs.names import RepoRef, parse_repo_id
 from mmfs.refwatch import RefWatcher, parse_ref_key
 from mmfs.remote.base import FetchedChunk, FileSource, Remote
-from mmfs.retention import Retention
-from mmfs.tiers.base import Chunk
+from mmfs.retention import MARK_EVERY, Retention
+from mmfs.tiers.base import Chunk, ChunkTier
 from mmfs.tiers.disk import DiskTier
 from mmfs.tiers.memory import MemoryTier
+from mmfs.tiers.shared import SharedTier
 
 REPO = parse_repo_id("acme/tiny")
 OLD, NEW = "a" * 40, "b" * 40
@@ -153,19 +156,17 @@ async def test_a_commit_in_use_is_not_retired_while_no_ref_points_at_it(setup) -
     assert retired == {(REPO, OLD)}
 
 
-@pytest.mark.parametrize("kind", ["disk", "memory"])
-async def test_under_space_pressure_a_retired_commits_own_content_is_evicted_first(tmp_path: Path, kind: str) -> None:
-    """Between two gc sweeps, a full cache makes room by dropping what only a retired
-    commit uses, however recently it was read; content the current commit shares with it
-    and the current commit's own stay (plain LRU would drop the least recently used)."""
-    old_only, old_chunk = one_chunk_file("weights-v1.bin", 1)
-    shared, shared_chunk = one_chunk_file("tokenizer.json", 2)
-    new_only, new_chunk = one_chunk_file("weights-v2.bin", 3)
-    extra, extra_chunk = one_chunk_file("weights-v2-extra.bin", 4)
+@asynccontextmanager
+async def old_commit_retired(tmp_path: Path, tier: ChunkTier) -> AsyncIterator[tuple[Retention, dict[str, FileEntry]]]:
+    """An engine over ``tier`` whose ``main`` moved from OLD to NEW, OLD's grace period
+    over: OLD is retired; its ``tokenizer.json`` is NEW's too. Yields the retention and
+    the files by name (one chunk each)."""
+    files = {path: one_chunk_file(path, seed)[0] for seed, path in
+             enumerate(("weights-v1.bin", "tokenizer.json", "weights-v2.bin", "weights-v2-extra.bin"))}
     remote = CountingRemote()
-    remote.manifests = {OLD: Manifest(REPO, OLD, (old_only, shared)),
-                        NEW: Manifest(REPO, NEW, (new_only, shared, extra))}
-    tier = DiskTier(tmp_path / "cache", 3 * CHUNK) if kind == "disk" else MemoryTier(3 * CHUNK)
+    remote.manifests = {OLD: Manifest(REPO, OLD, (files["weights-v1.bin"], files["tokenizer.json"])),
+                        NEW: Manifest(REPO, NEW, tuple(files[p] for p in ("weights-v2.bin", "tokenizer.json",
+                                                                             "weights-v2-extra.bin")))}
     engine = FetchEngine([tier], remote, MetadataStore(tmp_path / "meta"), EngineConfig(ref_ttl=10.0, holder="test"))
     async with engine:
         await engine.manifest(REPO, "main")  # main is OLD
@@ -175,12 +176,48 @@ async def test_under_space_pressure_a_retired_commits_own_content_is_evicted_fir
         retention = Retention(engine, grace=3600.0)
         retention._started = engine.commit_used[(REPO, OLD)] = 0.0  # OLD's grace period is over
         assert retention.classify(())[3] == {(REPO, OLD)}
+        yield retention, files
+
+
+def chunk_of(files: dict[str, FileEntry], path: str) -> tuple[ChunkKey, Chunk]:
+    return files[path].chunk_key(0), one_chunk_file(path, list(files).index(path))[1]
+
+
+@pytest.mark.parametrize("kind", ["disk", "memory", "shared"])
+async def test_under_space_pressure_a_retired_commits_own_content_is_evicted_first(tmp_path: Path, kind: str) -> None:
+    """Between two gc sweeps, a full cache makes room by dropping what only a retired
+    commit uses, however recently it was read; content the current commit shares with it
+    and the current commit's own stay (plain LRU would drop the least recently used)."""
+    tier = {"disk": lambda: DiskTier(tmp_path / "cache", 3 * CHUNK),
+            "memory": lambda: MemoryTier(3 * CHUNK),
+            "shared": lambda: SharedTier(tmp_path / "shared", 3 * CHUNK + 3 * 64, compression="none")}[kind]()
+    async with old_commit_retired(tmp_path, tier) as (retention, files):
         assert await retention.mark(()) == 1  # only weights-v1.bin: tokenizer.json is NEW's too
         # Least recently used first: the shared file, the current weights, the retired weights.
-        for entry, chunk in ((shared, shared_chunk), (new_only, new_chunk), (old_only, old_chunk)):
-            await tier.put(entry.chunk_key(0), chunk)
-        assert all(tier.contains(e.chunk_key(0)) for e in (shared, new_only, old_only))
-        await tier.put(extra.chunk_key(0), extra_chunk)  # the cache is full: one must go
-        assert not tier.contains(old_only.chunk_key(0))
-        assert all(tier.contains(e.chunk_key(0)) for e in (shared, new_only, extra))
-        assert (await tier.get(shared.chunk_key(0))).data == shared_chunk.data
+        for path in ("tokenizer.json", "weights-v2.bin", "weights-v1.bin", "weights-v2-extra.bin"):
+            key, chunk = chunk_of(files, path)
+            await tier.settle(ChunkMap(key.content_id, CHUNK, CHUNK, chunk.digests))  # (shared: publishes)
+            await tier.put(key, chunk)
+            if path == "weights-v1.bin":  # the cache is full now: the next put makes room
+                assert all(tier.contains(files[p].chunk_key(0)) for p in files if p != "weights-v2-extra.bin")
+        assert not tier.contains(files["weights-v1.bin"].chunk_key(0))
+        assert all(tier.contains(files[p].chunk_key(0)) for p in files if p != "weights-v1.bin")
+        assert (await tier.get(files["tokenizer.json"].chunk_key(0))).data == chunk_of(files, "tokenizer.json")[1].data
+        await tier.aclose()
+
+
+async def test_the_sweep_marks_retired_content_each_minute_and_reclaims_it_later(tmp_path: Path,
+                                                                                 autojump_clock) -> None:
+    tier = MemoryTier(1 << 30)
+    async with old_commit_retired(tmp_path, tier) as (retention, files):
+        for path in files:
+            await tier.put(*chunk_of(files, path))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(retention.sweep, lambda: ())
+            await trio.sleep(MARK_EVERY + 1)
+            assert tier.retired == {files["weights-v1.bin"].content_id}
+            assert tier.contains(files["weights-v1.bin"].chunk_key(0))  # marked, not yet dropped
+            await trio.sleep(retention.grace / 4)  # a gc sweep has run
+            assert not tier.contains(files["weights-v1.bin"].chunk_key(0))
+            assert all(tier.contains(files[p].chunk_key(0)) for p in files if p != "weights-v1.bin")
+            nursery.cancel_scope.cancel()
