@@ -14,6 +14,7 @@ before its Python code runs is the same for both and left out.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -40,9 +41,7 @@ def run(ctx: Context) -> list[Scenario]:
     layers = 1 if ctx.cfg.quick else 6
     s = Scenario("artifacts", f"11. Compile once per cluster: torch.compile of all-MiniLM-L6-v2 ({layers} of 6 "
                               "layers), first node compiles and pushes, second node starts from its cache")
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("torch") is None:
         return [s.unavailable("torch is not installed (pip install -e '.[compile]')")]
     if not ctx.harness.tools.backend_ok or not ctx.harness.tools.mount_ok:
         raise Unavailable(ctx.harness.tools.missing() or "mmfs mount or backend not available")

@@ -450,6 +450,11 @@ def _artifact(args: argparse.Namespace) -> int:
     from .artifacts import artifact_dir
     from .warm import find_mount
 
+    command = getattr(args, "builder_command", [])
+    command = command[1:] if command[:1] == ["--"] else command
+    if args.action == "build" and not command:
+        return options.usage_error("mmfs artifact build",
+                                   "give the builder after --: mmfs artifact build ... -- COMMAND [ARGS...]")
     needs_mount = args.action != "push" or args.mount is not None
     mountpoint = find_mount(args.mount) if needs_mount else None
     backend = getattr(args, "backend", None) or os.environ.get("MMFS_BACKEND")
@@ -475,12 +480,6 @@ def _artifact(args: argparse.Namespace) -> int:
             print(f"{key.id} {state}: {pushed.files} files, {format_size(pushed.bytes)} "
                   f"({format_size(pushed.sent_bytes)} sent)")
             return 0
-        command = args.builder_command
-        command = command[1:] if command[:1] == ["--"] else command
-        if not command:
-            print("mmfs artifact build: give the builder after --: mmfs artifact build ... -- COMMAND [ARGS...]",
-                  file=sys.stderr)
-            return EXIT_USAGE
         assert mountpoint is not None
         print(build(client, key, command, mountpoint=mountpoint, lease_ttl=args.lease_ttl, timeout=args.timeout),
               flush=True)

@@ -7,7 +7,6 @@ import errno
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -139,6 +138,12 @@ def test_scan_dir_refuses_symlinks_and_empty_dirs(tmp_path: Path) -> None:
     (made / "link").symlink_to(made / "a")
     with pytest.raises(InvalidName, match="symbolic link"):
         scan_dir(made)
+
+
+def test_build_without_a_builder_command_is_a_usage_error(tmp_path: Path) -> None:
+    result = run("artifact", "build", "--kind", "k", "--model", MODEL, "--target", "cpu", "--mount", str(tmp_path))
+    assert result.returncode == 2 and "give the builder after --" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # -- a cluster: hub, backend with the publish token, one node --------------------------------
