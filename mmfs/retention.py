@@ -128,27 +128,31 @@ class Retention:
             found = self.engine.metadata.get_manifest(repo, sha)
         return found
 
-    async def _retired_only(self, live: set[Commit], retired: set[Commit]) -> tuple[list[FileEntry], set[str]]:
-        """The files of retired commits no live commit shares, and the content ids of those
-        it does share."""
+    async def _split_retired(self, live: set[Commit], retired: set[Commit]) -> tuple[list[FileEntry], set[str]]:
+        """The files of retired commits that no live commit uses, and the content ids of
+        retired commits' files that a live commit uses too (those stay)."""
         keep: set[str] = set()
         for commit in live:
             manifest = await self._manifest(commit)
             if manifest is not None:
                 keep.update(entry.content_id for entry in manifest.files)
         only: list[FileEntry] = []
+        shared: set[str] = set()
         for commit in retired:
             manifest = await self._manifest(commit)
-            only.extend(entry for entry in (manifest.files if manifest is not None else ())
-                        if entry.content_id not in keep)
-        return only, keep
+            for entry in manifest.files if manifest is not None else ():
+                if entry.content_id in keep:
+                    shared.add(entry.content_id)
+                else:
+                    only.append(entry)
+        return only, shared
 
     async def mark(self, pinned: Iterable[Commit]) -> int:
         """Tell every tier which contents only retired commits use (:meth:`ChunkTier.retire`):
         under space pressure they go first, before the next :meth:`collect` drops them.
         Returns how many contents are marked."""
         live, _, _, retired = self.classify(pinned)
-        only, _ = await self._retired_only(live, retired)
+        only, _ = await self._split_retired(live, retired)
         content_ids = {entry.content_id for entry in only}
         for tier in self.engine.tiers:
             tier.retire(content_ids)
@@ -158,17 +162,12 @@ class Retention:
         """Drop from every tier the content only retired commits use (``dry_run``: say what)."""
         started = time.perf_counter()
         live, pinned_set, grace, retired = self.classify(pinned)
-        only, keep = await self._retired_only(live, retired)
+        only, shared = await self._split_retired(live, retired)
         doomed: dict[str, int] = {}  # content id -> bytes held
         for entry in only:
             held = sum(entry.chunk_span(i)[1] - entry.chunk_span(i)[0] for i in range(entry.chunk_count)
                        if any(tier.contains(entry.chunk_key(i)) for tier in self.engine.tiers))
             doomed[entry.content_id] = max(doomed.get(entry.content_id, 0), held)
-        shared = set()
-        for commit in retired:
-            manifest = await self._manifest(commit)
-            shared.update(entry.content_id for entry in (manifest.files if manifest is not None else ())
-                          if entry.content_id in keep)
         if not dry_run:
             for tier in self.engine.tiers:
                 tier.retire(doomed)  # fetched again before the next sweep: evicted first
@@ -190,12 +189,12 @@ class Retention:
         """Until cancelled: mark retired commits' content every :data:`MARK_EVERY` seconds
         (tiers evict it first when they need room) and reclaim it every quarter of the
         grace period (between one minute and an hour)."""
-        collect_every = min(max(self.grace / 4, MARK_EVERY), 3600.0)
+        collect_every = min(max(self.grace / 4, 60.0), 3600.0)
         next_collect = trio.current_time() + collect_every
         while True:
-            await trio.sleep(MARK_EVERY)
+            await trio.sleep(min(MARK_EVERY, next_collect - trio.current_time()))
             if trio.current_time() >= next_collect:
-                next_collect += collect_every
+                next_collect = trio.current_time() + collect_every
                 await self.collect(pinned())
             else:
                 await self.mark(pinned())
