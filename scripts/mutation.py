@@ -104,7 +104,8 @@ MUTATIONS = [
     Mutation("chunk map check always passes", "mmfs/chunkmap.py",
              "    def matches(self, index: int, digests: bytes) -> bool:\n",
              "    def matches(self, index: int, digests: bytes) -> bool:\n        return True\n",
-             ("tests/test_nixl.py::test_corrupted_bytes_are_still_an_error",
+             ("tests/test_backend.py::test_a_node_checks_every_chunk_it_gets_over_plain_http",
+              "tests/test_nixl.py::test_corrupted_bytes_are_still_an_error",
               "tests/test_peers.py::test_a_peer_serving_corrupt_bytes_is_caught_reported_and_avoided")),
 ]
 

@@ -21,7 +21,7 @@ from huggingface_hub.errors import GatedRepoError
 
 from backend_server.testing import BackendProcess
 from mmfs.engine import FetchEngine
-from mmfs.errors import EntryNotFound, RepoNotFound, RevisionNotFound
+from mmfs.errors import EntryNotFound, IntegrityError, RepoNotFound, RevisionNotFound
 from mmfs.names import parse_repo_id
 from mmfs.remote._http import RetryPolicy
 from mmfs.chunkmap import ChunkMap, block_digests
@@ -442,3 +442,59 @@ def test_memory_and_disk_tiers_keep_their_bounds_and_the_memory_ttl(hub: TestHub
     time.sleep(ttl + max(1.0, ttl / 4))
     assert json.loads(backend.get("/healthz"))["tiers"]["memory"]["used_bytes"] == 0
     assert httpx.get(url, timeout=60).content == data  # and the file reads as before
+
+
+async def flipping_proxy(backend_port: int, client: trio.SocketStream, stride: int = 64 << 10) -> None:
+    """Forward a connection to the backend, flipping every ``stride``-th byte it answers
+    (from the ``stride``-th on): JSON control answers stay whole, chunk bodies do not."""
+    try:
+        server = await trio.open_tcp_stream("127.0.0.1", backend_port)
+    except OSError:
+        await client.aclose()
+        return
+
+    async def up() -> None:
+        async for data in client:
+            await server.send_all(data)
+
+    async def down() -> None:
+        sent = 0
+        async for data in server:
+            block = bytearray(data)
+            first = -sent % stride if sent else stride  # the next multiple of stride, never byte 0
+            for offset in range(first, len(block), stride):
+                block[offset] ^= 0xFF
+            await client.send_all(block)
+            sent += len(block)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for direction in (up, down):
+                nursery.start_soon(direction)
+    except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        await server.aclose()
+        await client.aclose()
+
+
+async def test_a_node_checks_every_chunk_it_gets_over_plain_http(hub: TestHub, hub_root: Path,
+                                                                  start_backend) -> None:
+    """Bytes damaged between backend and node (TCP, no NIXL) fail the node's blake3 check
+    against the file's chunk map: an error, never a wrong file."""
+    data = (synthetic(hub_root, "wire", 2 << 20) / SHARD).read_bytes()
+    backend = start_backend(chunk_size="256KiB")
+    assert httpx.post(f"{backend.url}/v1/prefetch/huggingface/org/wire/main", timeout=60).status_code == 200
+    backend_port = int(backend.url.rsplit(":", 1)[1])
+    repo = parse_repo_id("org/wire")
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        nursery.start_soon(trio.serve_listeners, lambda s: flipping_proxy(backend_port, s), listeners)
+        remote = BackendRemote(f"http://127.0.0.1:{port}", policy=RetryPolicy(attempts=1))
+        async with FetchEngine([MemoryTier(64 << 20)], remote) as engine:
+            manifest = await engine.manifest(repo, "main")
+            source = FileSource(repo, manifest.commit, manifest.file(SHARD))
+            with pytest.raises(IntegrityError):
+                await engine.read(source, 0, len(data))
+        nursery.cancel_scope.cancel()
