@@ -112,6 +112,7 @@ class TestFs(pyfuse3.Operations):
 
     async def lookup(self, parent_inode, name, ctx=None):
         if parent_inode in self.slow_dirs:
+            print("slow lookup", flush=True)  # tests wait for this instead of guessing with a sleep
             await trio.sleep(self.slow_seconds)
         child = self.nodes[parent_inode].children.get(name)
         if child is None:

@@ -496,7 +496,7 @@ def test_concurrent_operation_on_same_volume_is_aborted(env):
 
     thread = threading.Thread(target=publish_slow)
     thread.start()
-    time.sleep(0.3)
+    assert env["fs"].proc.stdout.readline().strip() == "slow lookup"  # the first publish holds the volume now
     other = target_in(env, "slow2")
     assert code_of(node.NodePublishVolume, publish_request(other, "vol-slow", {"repo": "acme/slow"})) == grpc.StatusCode.ABORTED
     unpub = pb.NodeUnpublishVolumeRequest(volume_id="vol-slow", target_path=target)
