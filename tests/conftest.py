@@ -12,7 +12,7 @@
 - ``overlay_dir``: the merged folder of a fresh overlayfs mount (unmounted afterwards), for
   the fallback from passthrough; the same CI rule.
 - Hypothesis profiles (``tests/test_fuzz.py``): ``ci`` (the default: 60 examples per
-  property, a few seconds in all) and ``long`` (``HYPOTHESIS_PROFILE=long``: 5,000).
+  property, a few seconds in all) and ``long`` (``HYPOTHESIS_PROFILE=long``: 1,000, minutes).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from mmfs.testing.models import populate_hub_root
 
 
 settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("long", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

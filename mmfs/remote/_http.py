@@ -59,9 +59,11 @@ def error_from_response(response: _AnyResponse) -> MmfsError:
     message = response.headers.get("X-Error-Message", "")
     if not message:
         try:
-            message = str(response.json().get("error", ""))
+            body = response.json()
         except ValueError:
-            message = response.text[:200]
+            body = None
+        # An error page may be any JSON (``0``, a list) or none: only an object has our field.
+        message = str(body.get("error", "")) if isinstance(body, dict) else response.text[:200]
     return from_http(response.status_code, message or f"HTTP {response.status_code} from {response.url}",
                      response.headers.get("X-Error-Code"))
 
