@@ -142,7 +142,8 @@ class BackendApp:
         self.versions: VersionRoutes | None = None
         self.artifacts = ArtifactApi(artifacts, check_reader=self._check_artifact_reader,
                                      is_restricted=access.is_restricted,
-                                     publish_token=publish_token) if artifacts is not None else None
+                                     publish_token=publish_token,
+                                     replica_count=self._replica_count) if artifacts is not None else None
         self.passthrough = Passthrough(upstream) if upstream else None
 
     async def aclose(self) -> None:
@@ -493,6 +494,11 @@ class BackendApp:
             summary["error"] = f"{len(errors)} of {len(chosen)} files failed; first: {errors[0]}"
             return Response.json(summary, err.status, [("X-Error-Code", err.code())])
         return Response.json(summary)
+
+    def _replica_count(self) -> int:
+        """Replicas of this backend now (DNS may add some later), 1 without ``--replicas``."""
+        remote = self.engine.remote
+        return len(remote.replicas.members) if isinstance(remote, ReplicaRemote) else 1
 
     def _upstream_bytes(self) -> int:
         """Bytes this process fetched from the upstream (not from other replicas)."""

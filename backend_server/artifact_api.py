@@ -12,7 +12,11 @@ commit's (``/v1/manifest|chunk|map/artifacts/mmfs/published/<id>/...``, see
 * ``POST /v1/artifacts/publish`` ``{key, files}``: make it visible, whole;
 * ``POST /v1/artifacts/lease|renew|release``: build leases (:mod:`.builds`).
 
-Everything but the two ``GET`` needs the publish token (:func:`.access.check_publisher`).
+Everything but the two ``GET`` needs the publish token (:func:`.access.check_publisher`),
+and a backend of one replica: each replica keeps its own artifact records, blobs and
+leases, so with several an artifact would be published on one and looked for on another.
+Such a backend refuses pushes and builds with 501 (:class:`~mmfs.errors.NotSupported`)
+rather than publish what its nodes cannot read (docs/artifacts.md, "Replicas").
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from mmfs.artifacts import PUBLISH_TOKEN_HEADER, ArtifactKey
-from mmfs.errors import InvalidName, MmfsError
+from mmfs.errors import InvalidName, MmfsError, NotSupported
 from mmfs.names import RepoRef
 
 from .access import check_publisher
@@ -40,11 +44,12 @@ UPLOAD_PIECE = MAX_BODY_BYTES
 class ArtifactApi:
     def __init__(self, store: ArtifactStore, *, check_reader: Callable[[ArtifactKey, str | None], Awaitable[None]],
                  is_restricted: Callable[[RepoRef], bool], publish_token: str | None = None,
-                 leases: BuildLeases | None = None) -> None:
+                 leases: BuildLeases | None = None, replica_count: Callable[[], int] = lambda: 1) -> None:
         self.store = store
         self.leases = leases or BuildLeases()
         self._check_reader = check_reader
         self._is_restricted = is_restricted
+        self._replica_count = replica_count
         self._publish_token = publish_token if publish_token is not None else os.environ.get("MMFS_PUBLISH_TOKEN")
         self.pushes: dict[str, int] = {"published": 0, "refused": 0}
 
@@ -98,6 +103,13 @@ class ArtifactApi:
         return True
 
     def _publisher(self, request: Request) -> None:
+        """The caller may push and lease here: one replica, and the publish token."""
+        replicas = self._replica_count()
+        if replicas > 1:
+            self.pushes["refused"] += 1
+            raise NotSupported(f"this backend runs {replicas} replicas and artifacts need exactly one (each "
+                               "replica keeps its own artifacts); run the artifact-enabled backend with "
+                               "replicas: 1 (deploy/README.md, docs/artifacts.md)")
         try:
             check_publisher(request.header(PUBLISH_TOKEN_HEADER), self._publish_token)
         except MmfsError:

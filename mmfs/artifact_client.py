@@ -35,7 +35,7 @@ from urllib.parse import quote
 import httpx
 
 from .artifacts import PUBLISH_TOKEN_HEADER, ArtifactKey, artifact_dir, scan_dir
-from .errors import InvalidName, MmfsError, TransientError, UpstreamError, from_http
+from .errors import InvalidName, MmfsError, NotSupported, TransientError, UpstreamError, from_http
 from .names import is_commit
 from .remote.wire import proxy_url
 
@@ -81,7 +81,8 @@ class ArtifactClient:
 
     def call(self, method: str, path: str, *, json: Any = None, content: bytes | None = None,
              params: dict[str, Any] | None = None) -> Any:
-        """One request, retried on connection errors and 5xx; the answer's JSON, or the
+        """One request, retried on connection errors and 5xx (but 501: asking again changes
+        nothing); the answer's JSON, or the
         :class:`MmfsError` the backend named."""
         for attempt in range(self._retries):
             try:
@@ -94,7 +95,7 @@ class ArtifactClient:
                 message = response.headers.get("X-Error-Message") or response.text[:500]
                 error = from_http(response.status_code, message, response.headers.get("X-Error-Code"))
                 error.status = response.status_code  # the exact status (push resumes on a 409)
-                if response.status_code < 500:
+                if response.status_code < 500 or isinstance(error, NotSupported):
                     raise error
             if attempt + 1 < self._retries:
                 time.sleep(min(0.5 * 2 ** attempt, 5.0))

@@ -15,6 +15,7 @@ into a one-line message and a non-zero exit::
     ├── UpstreamError        upstream or backend failed for good       EIO    / 502
     │   └── TransientError   timeouts, resets, 5xx, 429: worth a retry EAGAIN / 503
     ├── IntegrityError       bytes that fail their hash                EIO    / 502
+    ├── NotSupported         a feature this deployment cannot serve    EOPNOTSUPP / 501
     └── CacheError           the local cache cannot store or read      EIO    / 500
 """
 
@@ -92,6 +93,13 @@ class IntegrityError(MmfsError):
     status = 502
 
 
+class NotSupported(MmfsError):
+    """A request this deployment cannot serve as configured (not worth a retry)."""
+
+    errno = _errno.EOPNOTSUPP
+    status = 501
+
+
 class CacheError(MmfsError):
     errno = _errno.EIO
     status = 500
@@ -100,7 +108,7 @@ class CacheError(MmfsError):
 _BY_CODE: dict[str, type[MmfsError]] = {
     cls.code(): cls
     for cls in (MmfsError, InvalidName, NotFound, RepoNotFound, RevisionNotFound, StaleRevision, EntryNotFound,
-                AccessDenied, UpstreamError, TransientError, IntegrityError, CacheError)
+                AccessDenied, UpstreamError, TransientError, IntegrityError, NotSupported, CacheError)
 }
 
 

@@ -415,3 +415,34 @@ def test_gc_unpublishes_the_artifacts_of_retired_commits_only(tmp_path: Path, hu
         assert [a["id"] for a in httpx.get(f"{backend.url}/v1/artifacts").json()["artifacts"]] == [new]
         blobs = {p.name for p in (backend.data_dir / "artifacts" / "blobs").glob("*/*")}
         assert blobs == {hashlib.sha256(b"built for the second commit").hexdigest()}
+
+
+@pytest.mark.fuse
+def test_a_backend_of_several_replicas_refuses_pushes_and_builds_in_one_line(tmp_path: Path, hub: TestHub) -> None:
+    """Each replica keeps its own artifacts, so a set of two would publish on one and be
+    read from another: it refuses with 501 at once (no retries, the builder never runs).
+    A replica set of one (deploy/overlays/artifacts) takes the same push."""
+    out = make_dir(tmp_path / "out", {"engine.bin": os.urandom(64 << 10)})
+    model = ["--model", f"huggingface/{REAL_REPO_ID}@{hub.commit(REAL_REPO_ID)}", "--target", "cpu"]
+    ports = [free_port("127.0.0.2"), free_port("127.0.0.3")]
+    replicas = ",".join(f"http://127.0.0.{i + 2}:{port}" for i, port in enumerate(ports))
+    marker = tmp_path / "builder-ran"
+    with backend_testing.BackendProcess(tmp_path / "two", hub_url=hub.url, listen=f"127.0.0.2:{ports[0]}",
+                                        extra_args=["--replicas", replicas],
+                                        env={"MMFS_PUBLISH_TOKEN": TOKEN}) as backend, \
+            MountProcess(tmp_path / "mnt", tmp_path / "cache", backend=backend.url) as mount:
+        pushed = run("artifact", "push", str(out), "--kind", "engine", *model, "--backend", backend.url)
+        built = run("artifact", "build", "--kind", "engine", *model, "--backend", backend.url,
+                    "--mount", str(mount.mountpoint), "--", sys.executable, "-c", f"open({str(marker)!r}, 'w')")
+        listed = ArtifactClient(backend.url).listing()
+    for refused in (pushed, built):
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert "2 replicas" in refused.stderr and "replicas: 1" in refused.stderr
+    assert not marker.exists() and listed["artifacts"] == []
+    with backend_testing.BackendProcess(tmp_path / "one", hub_url=hub.url, listen=f"127.0.0.2:{ports[0]}",
+                                        extra_args=["--replicas", replicas.split(",")[0]],
+                                        env={"MMFS_PUBLISH_TOKEN": TOKEN}) as backend:
+        accepted = run("artifact", "push", str(out), "--kind", "engine", *model, "--backend", backend.url)
+        assert accepted.returncode == 0, accepted.stderr
+        assert [a["key"]["kind"] for a in ArtifactClient(backend.url).listing()["artifacts"]] == ["engine"]
