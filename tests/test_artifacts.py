@@ -435,6 +435,8 @@ def test_a_backend_of_several_replicas_refuses_pushes_and_builds_in_one_line(tmp
         built = run("artifact", "build", "--kind", "engine", *model, "--backend", backend.url,
                     "--mount", str(mount.mountpoint), "--", sys.executable, "-c", f"open({str(marker)!r}, 'w')")
         listed = ArtifactClient(backend.url).listing()
+        health = json.loads(backend.get("/healthz"))
+    assert health["artifacts"]["pushes"]["refused"] == 2  # one ask each: a 501 is not retried
     for refused in (pushed, built):
         assert refused.returncode == 1 and "Traceback" not in refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
