@@ -302,6 +302,21 @@ def test_backend_replicas_share_a_cold_tier_but_never_an_index(rendered):
     assert pdb["spec"]["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
 
 
+def test_artifacts_overlay_runs_one_backend_replica_with_the_publish_token(rendered):
+    """Artifacts need one replica (a backend of several refuses pushes with 501); the
+    overlay changes only that."""
+    overlay = kustomize(DEPLOY / "overlays" / "artifacts")
+    backend = one(overlay, "StatefulSet", "mmfs-backend")
+    base_replicas = one(rendered, "StatefulSet", "mmfs-backend")["spec"]["replicas"]
+    assert backend["spec"]["replicas"] == 1 < base_replicas
+    env = {e["name"] for e in backend["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "MMFS_PUBLISH_TOKEN" in env
+    for doc in overlay:
+        validate_k8s(doc)
+    backend["spec"]["replicas"] = base_replicas
+    assert overlay == rendered  # nothing else differs
+
+
 def test_fluid_overlay_replaces_the_plain_pvc(rendered, rendered_fluid):
     assert not [d for d in rendered_fluid if d["kind"] == "PersistentVolumeClaim"]
     claim = one(rendered, "PersistentVolumeClaim")["metadata"]["name"]
