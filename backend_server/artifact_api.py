@@ -16,7 +16,7 @@ Everything but the two ``GET`` needs the publish token (:func:`.access.check_pub
 and a backend of one replica: each replica keeps its own artifact records, blobs and
 leases, so with several an artifact would be published on one and looked for on another.
 Such a backend refuses pushes and builds with 501 (:class:`~mmfs.errors.NotSupported`)
-rather than publish what its nodes cannot read (docs/artifacts.md, "Replicas").
+rather than publish what its nodes cannot read (docs/artifacts.md, "Limits").
 """
 
 from __future__ import annotations
