@@ -3,7 +3,7 @@
     mmfs-backend serve --listen 0.0.0.0:3000 --data-dir /data \\
         [--memory-cache 8GiB] [--memory-ttl 600] [--chunk-size 4MiB] \\
         [--max-upstream-fetches 16] [--disk-cache 500GiB] [--stream-memory 32MiB] \\
-        [--max-connections 1024] [--send-timeout 30] \\
+        [--max-connections 1024] [--send-timeout 30] [--upstream-timeout 60] \\
         [--peer-ttl 10] [--peer-max-load 4] \\
         [--nixl [--nixl-pool 256MiB] [--nixl-lease-timeout 10]] \\
         [--replicas URL[,URL…] [--advertise HOST:PORT]] [--shared-dir DIR [--cold-compression zstd|none]] \\
@@ -47,6 +47,7 @@ from mmfs.engine import EngineConfig, FetchEngine
 from mmfs.errors import CacheError, MmfsError
 from mmfs.manifest import DEFAULT_CHUNK_SIZE
 from mmfs.metadata import MetadataStore
+from mmfs.remote._http import policy_within
 from mmfs.remote.base import Remote
 from mmfs.refwatch import DEFAULT_REF_TTL, RefWatcher
 from mmfs.retention import DEFAULT_GRACE, Retention
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long a slot stays leased to a node that never releases it (default 10)")
     serve.add_argument("--max-connections", type=options.positive_int, default=MAX_CONNECTIONS, metavar="N",
                        help=f"client connections served at once; more are answered 503 (default {MAX_CONNECTIONS})")
+    serve.add_argument("--upstream-timeout", type=options.seconds, default=60.0, metavar="SECONDS",
+                       help="longest one upstream fetch may stay silent, retries included, before its "
+                            "readers get an error (default: 60)")
     serve.add_argument("--send-timeout", type=options.seconds, default=SEND_TIMEOUT, metavar="SECONDS",
                        help="drop a client that takes no MiB of a response for this long (default 30); "
                             "streams wait up to twice this for --stream-memory")
@@ -184,7 +188,7 @@ async def serve(args: argparse.Namespace) -> int:
     # Each fetch holds up to twice its chunk while the body arrives: bound them in bytes.
     fetches = args.max_upstream_fetches or max(4, min(16, (32 << 20) // args.chunk_size))
     config = EngineConfig.from_env(max_concurrent_fetches=fetches, ref_ttl=args.ref_ttl)
-    hub = HubRemote(chunk_size=args.chunk_size)
+    hub = HubRemote(chunk_size=args.chunk_size, policy=policy_within(args.upstream_timeout))
     tiers: list[ChunkTier] = [MemoryTier(args.memory_cache, ttl_seconds=args.memory_ttl)]
     shared: SharedTier | None = None
     try:

@@ -51,7 +51,7 @@ from .peer_server import PeerOptions, PeerServer
 from .prefetch import ReadAheadConfig
 from .refwatch import DEFAULT_REF_TTL, RefFollower, RefWatcher, parse_ref_key
 from .retention import DEFAULT_GRACE, Retention
-from .remote._http import RetryPolicy
+from .remote._http import policy_within
 from .remote.backend import BackendRemote
 from .remote.base import FileSource, Remote
 from .remote.hub import HubRemote
@@ -124,12 +124,6 @@ class MountOptions:
     debug: bool = False
 
 
-def retry_policy(remote_timeout: float) -> RetryPolicy:
-    """Retries that fit well inside the per-call bound the VFS enforces."""
-    return RetryPolicy(attempts=4, backoff=0.25, connect_timeout=min(5.0, max(remote_timeout / 4, 0.5)),
-                       read_timeout=min(30.0, max(remote_timeout / 2, 1.0)))
-
-
 @dataclass(frozen=True, slots=True)
 class TransportChoice:
     """How a mount with ``--backend`` gets chunk bytes, decided at start: ``kind`` is
@@ -189,7 +183,7 @@ def replica_set(backend: str) -> ReplicaSet | None:
 
 
 def make_remote(options: MountOptions, transport: TransportChoice | None = None) -> Remote:
-    policy = retry_policy(options.remote_timeout)
+    policy = policy_within(options.remote_timeout)
     if options.backend:
         transport = transport or choose_transport(options)
         replicas = replica_set(options.backend)

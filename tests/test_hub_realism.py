@@ -10,7 +10,6 @@ waited for, and no Xet header passed on to clients of the backend.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import trio
 
 import backend_server.testing as backend_testing
 from backend_server.datadir import filesystem_of, is_network_filesystem

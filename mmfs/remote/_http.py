@@ -36,6 +36,14 @@ class RetryPolicy:
     max_retry_after: float = 30.0
 
 
+def policy_within(timeout: float) -> RetryPolicy:
+    """Retries that fit well inside a caller's bound of ``timeout`` seconds (the node's
+    ``--remote-timeout``, the backend's ``--upstream-timeout``): a silent peer is given up
+    on after half of it, so a retry still fits."""
+    return RetryPolicy(attempts=4, backoff=0.25, connect_timeout=min(5.0, max(timeout / 4, 0.5)),
+                       read_timeout=min(30.0, max(timeout / 2, 1.0)))
+
+
 def make_client(policy: RetryPolicy) -> WireClient:
     return WireClient(connect_timeout=policy.connect_timeout, read_timeout=policy.read_timeout,
                       request_timeout=policy.request_timeout)

@@ -246,7 +246,8 @@ class Cluster:
         self.backend = BackendProcess(self.backend_disk / "data", hub_url=self.upstream.url, chunk_size="256KiB",
                                       log_path=self.work / "backend.log",
                                       extra_args=["--memory-cache", "4MiB", "--disk-cache", "12MiB",
-                                                  "--send-timeout", str(REMOTE_TIMEOUT)])
+                                                  "--send-timeout", str(REMOTE_TIMEOUT),
+                                                  "--upstream-timeout", str(REMOTE_TIMEOUT)])
         self.backend.start(60)
         self.backend_url = self.backend.url
         if hasattr(self, "nodes"):
