@@ -261,7 +261,7 @@ def test_unknown_names_are_enoent(hub: TestHub, mounts) -> None:
     assert stat_errno(root / REAL_REPO_ID / ("0" * 40)) == errno.ENOENT
     assert stat_errno(root / REAL_REPO_ID / "main" / "no-such-file") == errno.ENOENT
     assert stat_errno(root / REAL_REPO_ID / "main" / "1_Pooling" / "nope") == errno.ENOENT
-    assert stat_errno(mount.mountpoint / "s3") == errno.ENOENT
+    assert stat_errno(mount.mountpoint / "gcs") == errno.ENOENT  # no such provider
     # malformed names: ENOENT (FUSE passes components up to 1024 bytes; the daemon refuses them)
     assert stat_errno(root / "a..b" / "c") == errno.ENOENT
     assert stat_errno(root / "-bad" / "c") == errno.ENOENT

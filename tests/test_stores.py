@@ -29,7 +29,8 @@ from mmfs.remote.base import FileSource
 from mmfs.remote.router import StoreConfig
 from mmfs.testing.models import make_synthetic_model
 from mmfs.testing.mount import MountProcess
-from mmfs.testing.stores import Azurite, CountingProxy, MotoS3, azurite_command
+from mmfs.testing.net import TcpProxy
+from mmfs.testing.stores import Azurite, MotoS3, azurite_command
 from mmfs.tiers.memory import MemoryTier
 
 CHUNK = 64 << 10
@@ -168,9 +169,10 @@ def test_four_nodes_read_a_store_model_once_and_the_client_gets_the_same_bytes(
         store: Store, model: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     upload(store, model)
     total = sum(len(d) for d in model.values())
-    with CountingProxy(store.url) as proxy, \
+    proxy, store_url = TcpProxy.in_front_of(store.url)
+    with proxy, \
             BackendProcess(tmp_path / "backend", hub_url="http://127.0.0.1:9", chunk_size=str(CHUNK),
-                           extra_args=["--store", store.spec], env=store.through(proxy.url)) as backend:
+                           extra_args=["--store", store.spec], env=store.through(store_url)) as backend:
         mounts = [MountProcess(tmp_path / f"mnt{i}", tmp_path / f"cache{i}", backend=backend.url) for i in range(4)]
         try:
             for mount in mounts:

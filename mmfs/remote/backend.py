@@ -139,7 +139,7 @@ class BackendRemote(Remote):
     async def check_access(self, source: FileSource, *, auth: str | None = None) -> str:
         """``HEAD /v1/file/...``: the backend checks the token as for any content request
         and names the repo's kind in ``X-Mmfs-Access``."""
-        url = f"{self.url}/v1/file/{source.repo}/{source.commit}/{quote(source.entry.path)}"
+        url = f"{self.url}/v1/file/{source.repo.url_path}/{source.commit}/{quote(source.entry.path)}"
         response = await request(self._client, self._policy, "HEAD", url, headers=self._headers(auth))
         return response.headers.get(ACCESS_HEADER) or "open"
 

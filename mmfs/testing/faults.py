@@ -32,7 +32,6 @@ import errno
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -47,6 +46,7 @@ import httpx
 from ..sizes import format_size
 from .hub import TestHub
 from .mount import MountProcess, force_unmount
+from .net import TcpProxy
 
 REPO = "org/faults"
 #: Files of the repo: LFS ones come through the hub's CDN, the others through the proxy.
@@ -60,95 +60,6 @@ REMOTE_TIMEOUT = 5.0
 READ_BOUND = 3 * REMOTE_TIMEOUT + 10.0
 #: How long the suite waits for every file to read right again after a fault cleared.
 RECOVERY_BOUND = 60.0
-
-
-# -- a fault-injecting TCP proxy -------------------------------------------------------------
-
-
-class FaultProxy:
-    """Forwards loopback TCP connections to ``target`` (changeable: a restarted backend has
-    a new port); :meth:`reset` kills every open connection with an RST, :meth:`stall` stops
-    forwarding in both directions for a while (connections stay open, bytes wait)."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._flowing = threading.Event()
-        self._flowing.set()
-        self._lock = threading.Lock()
-        self._open: set[socket.socket] = set()
-        self._closed = False
-        threading.Thread(target=self._accept, name="fault-proxy", daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-                upstream.settimeout(None)
-            except OSError:
-                _reset(client)
-                continue
-            with self._lock:
-                self._open |= {client, upstream}
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while True:
-                data = source.recv(1 << 16)
-                if not data:
-                    sink.shutdown(socket.SHUT_WR)
-                    return
-                self._flowing.wait()
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with self._lock:
-                gone = source not in self._open
-            if gone:
-                return
-            for s in (source, sink):
-                _reset(s)
-            with self._lock:
-                self._open -= {source, sink}
-
-    def reset(self) -> int:
-        """RST every open connection; return how many were cut."""
-        with self._lock:
-            doomed, self._open = self._open, set()
-        for s in doomed:
-            _reset(s)
-        return len(doomed) // 2
-
-    def stall(self, seconds: float) -> None:
-        self._flowing.clear()
-        time.sleep(seconds)
-        self._flowing.set()
-
-    def close(self) -> None:
-        self._closed = True
-        self._listener.close()
-        self._flowing.set()
-        self.reset()
-
-
-def _reset(s: socket.socket) -> None:
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        s.close()
-    except OSError:
-        pass
 
 
 # -- the figures -------------------------------------------------------------------------------
@@ -219,12 +130,12 @@ class Cluster:
         self.hub = TestHub(self.hub_root, lfs_threshold=LFS_THRESHOLD).start()
         self._undo.append(self.hub.stop)
         hub_port = int(self.hub.url.rsplit(":", 1)[1])
-        self.upstream = FaultProxy(("127.0.0.1", hub_port))
+        self.upstream = TcpProxy(("127.0.0.1", hub_port))
         self._undo.append(self.upstream.close)
         self.backend_url = ""
         self.start_backend()
         self._undo.append(lambda: self.backend.stop())
-        self.nodes = FaultProxy(_address(self.backend_url))
+        self.nodes = TcpProxy(_address(self.backend_url))
         self._undo.append(self.nodes.close)
         self.mount = MountProcess(work / "mnt", self.node_disk / "cache", backend=self.nodes.url,
                                   args=["--cache-size", "16MiB", "--memory-cache", "4MiB", "--remote-timeout",

@@ -1,11 +1,10 @@
 """Real object stores on loopback for tests: moto's S3 server and Microsoft's Azurite, each
-a child process, plus a TCP proxy that counts the bytes a store sends.
+a child process (count what a store sends with :class:`mmfs.testing.net.TcpProxy`).
 
     with MotoS3() as s3:                      # S3 API at s3.url, IAM auth enforced
         s3.env                                # AWS_* variables of a valid key
     with Azurite(tmp / "azurite") as azure:   # Blob API at azure.url
         azure.env                             # AZURE_STORAGE_CONNECTION_STRING
-    with CountingProxy(s3.url) as proxy:      # proxy.url in front; proxy.sent_bytes
 
 Both stores check credentials: moto is started with IAM authentication on (a user, a policy
 and an access key are made first), Azurite checks Shared Key signatures, so a wrong key is
@@ -19,11 +18,9 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import urlsplit
 
 from .net import free_port
 from .process import SOURCE_ROOT, stop
@@ -159,56 +156,3 @@ class Azurite(_ChildServer):
         return BlobServiceClient.from_connection_string(self.connection_string(key))
 
 
-class CountingProxy:
-    """A TCP proxy on loopback in front of ``target`` (an ``http://host:port[/path]`` URL):
-    ``url`` is the same URL through the proxy; ``sent_bytes`` counts what the target sent
-    (status lines, headers and bodies), which is what a store bills as egress."""
-
-    def __init__(self, target: str) -> None:
-        parts = urlsplit(target)
-        self._target = (parts.hostname or "127.0.0.1", parts.port or 80)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        port = self._listener.getsockname()[1]
-        self.url = f"{parts.scheme}://127.0.0.1:{port}{parts.path}"
-        self.sent_bytes = 0
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def __enter__(self) -> "CountingProxy":
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._closed = True
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self._target)
-            except OSError:
-                client.close()
-                continue
-            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
-
-    def _pipe(self, source: socket.socket, sink: socket.socket, count: bool) -> None:
-        try:
-            while data := source.recv(1 << 16):
-                if count:
-                    with self._lock:
-                        self.sent_bytes += len(data)
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            source.close()
