@@ -527,7 +527,7 @@ def test_unpublish_cleans_target_of_dead_fuse_daemon(up):
 
 def test_probe_not_ready_while_mount_down(up):
     fs, p = up["fs"], up["plugin"]
-    assert p.probe() is True
+    wait_for(p.probe, what="probe ready with the mount up")  # a loaded machine may need a moment
     fs.kill()  # dead FUSE connection: stat fails with ENOTCONN
     assert p.probe() is False  # an answer, not a hang (probe's gRPC deadline is the guard)
     subprocess.run(["umount", "-l", str(fs.root)], check=True)  # no mount at all
@@ -536,7 +536,7 @@ def test_probe_not_ready_while_mount_down(up):
     assert code_of(p.node.NodePublishVolume, publish_request(target)) == grpc.StatusCode.UNAVAILABLE
     assert_nothing_left(up, target)
     fs.start()
-    assert p.probe() is True
+    wait_for(p.probe, what="probe ready again once the mount is back")
 
 
 def test_targets_are_rebound_after_daemon_restart(up):
