@@ -417,9 +417,6 @@ class Harness:
                            "--memory-cache", str(memory_cache)]
         if nixl:
             argv.append("--nixl")
-        help_text = self.tools.backend_help or ""
-        if "--upstream" in help_text:
-            argv += ["--upstream", hub_url]
         child = self.spawn(name, argv, env=env_for_children({"HF_ENDPOINT": hub_url, **(env or {})}))
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -462,8 +459,6 @@ class Harness:
         help_text = self.tools.mount_help or ""
         if "--foreground" in help_text:
             argv.append("--foreground")
-        if not backend and "--upstream" in help_text:
-            argv += ["--upstream", hub_url]
         child = self.spawn(name, argv, env=env_for_children({"HF_ENDPOINT": hub_url}))
         handle = MountHandle(mountpoint, child, cache_dir, cache_size, memory_cache, backend, list(extra))
         self.mounts.append(handle)
