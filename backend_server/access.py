@@ -75,8 +75,13 @@ def check_publisher(presented: str | None, expected: str | None) -> None:
     if not presented:
         raise PublishRefused(f"publishing needs the publish token ({PUBLISH_TOKEN_HEADER} header; "
                              "mmfs reads it from MMFS_PUBLISH_TOKEN)")
-    if not hmac.compare_digest(presented.encode(), expected.encode()):
+    if not _same_token(presented, expected):
         raise PublishRefused("the publish token is wrong")
+
+
+def _same_token(presented: str, expected: str) -> bool:
+    """Constant-time comparison of a presented token with the configured one."""
+    return hmac.compare_digest(presented.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
 
 
 _MAX_CALLER_ENTRIES = 10_000
@@ -107,7 +112,7 @@ def check_admin(admin_token: str | None, presented: str | None) -> None:
     """Raise :class:`AdminRequired` unless no admin token is set or ``presented`` is it."""
     if not admin_token:
         return
-    if presented is None or not hmac.compare_digest(presented.encode("latin-1", "replace"), admin_token.encode()):
+    if presented is None or not _same_token(presented, admin_token):
         raise AdminRequired(f"this action needs the backend's admin token in the {ADMIN_HEADER} header "
                             "(MMFS_ADMIN_TOKEN; mmfs prefetch reads it from MMFS_ADMIN_TOKEN too)")
 
